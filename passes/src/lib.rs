@@ -1,0 +1,186 @@
+//! Graph IR, ViT matcher and Token Merging rewrites for tome-compile.
+//! No file I/O and no runtime: the caller parses ONNX and infers types.
+//!
+//! The pipeline, in order (`compile`):
+//! 1. `Graph::take_from`: ONNX nodes into a `StableGraph`, weights moved, not copied.
+//! 2. `matcher::match_vit`: blocks, prefix tokens and head, or a reason to refuse.
+//! 3. `schedule::plan`: r per block, clamped as tokens shrink.
+//! 4. Per block, in order, since each needs the sizes the previous merge left:
+//!    `tome::proportional_attention` (reads the incoming sizes), then `tome::merge`.
+//! 5. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
+//! 6. `tome::retarget_token_constants` last, once every merge tells how many
+//!    tokens reach each node.
+//! 7. `Graph::write_into`: topologically sorted nodes back into the model.
+
+pub mod graph;
+pub mod matcher;
+pub mod patch;
+pub mod schedule;
+pub mod tome;
+
+use std::collections::{HashMap, HashSet};
+
+pub use graph::{Dim, Graph, TensorType};
+pub use matcher::{Head, VitModel};
+pub use schedule::{Schedule, Step};
+pub use tract_onnx::pb;
+
+/// Why a model cannot be compiled. Messages name the node and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the model has no graph")]
+    NoGraph,
+    #[error("no transformer block found: {0}. tome-compile needs a ViT whose blocks compute Softmax(Q·Kᵀ)")]
+    NoBlocks(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error(
+        "node {node} ({op}) reads the tokens after the last block in a way merging would break; \
+         supported heads read prefix tokens (cls, dist) or average over tokens"
+    )]
+    TokenConsumer { node: String, op: String },
+    #[error("bad --r {0}")]
+    BadSchedule(String),
+    #[error("tensor {0} has no inferred type")]
+    MissingType(String),
+    #[error("tensor name {0} is defined twice")]
+    DuplicateTensor(String),
+    #[error("the graph has a cycle through node {0}")]
+    Cycle(String),
+    #[error("internal error in patch '{label}': {detail}")]
+    BadPatch { label: String, detail: String },
+    #[error("opset {0} is too old: tome-compile needs the default ONNX domain at opset 13 or later; re-export with opset_version >= 13")]
+    OldOpset(i64),
+}
+
+/// What to do to the model.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub schedule: Schedule,
+    pub prop_attn: bool,
+}
+
+/// One block as compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockReport {
+    pub name: String,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub width: usize,
+    pub step: Step,
+}
+
+/// What the compiler found and did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub blocks: Vec<BlockReport>,
+    pub prefix: usize,
+    pub patches: usize,
+    pub head: String,
+    pub tokens_out: usize,
+    pub patch_labels: Vec<String>,
+}
+
+/// Rewrites `model` in place to apply ToMe; `types` holds every tensor's type.
+pub fn compile(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, PassError> {
+    let mut g = Graph::take_from(model, types)?;
+    let result = rewrite(&mut g, opts);
+    let changed = match &result {
+        Ok((_, changed)) => changed.clone(),
+        Err(_) => HashSet::new(),
+    };
+    g.write_into(model)?;
+    let (report, _) = result?;
+    if let Some(graph) = model.graph.as_mut() {
+        graph.value_info.retain(|v| !changed.contains(&v.name));
+    }
+    Ok(report)
+}
+
+/// Runs the passes; returns the report and the tensors whose shapes changed.
+fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), PassError> {
+    if g.opset < 13 {
+        return Err(PassError::OldOpset(g.opset));
+    }
+    let vit = matcher::match_vit(g)?;
+    let requested = opts.schedule.per_block(vit.blocks.len())?;
+    let steps = schedule::plan(&requested, vit.tokens, vit.prefix);
+    let original: HashSet<_> = g.nodes().collect();
+    let mut labels = vec![];
+    let mut merged: Vec<tome::Merged> = vec![];
+    for (block, step) in vit.blocks.iter().zip(&steps) {
+        let size = merged.last().map(|m| m.size.clone());
+        if let (true, Some(size)) = (opts.prop_attn, &size) {
+            let p = tome::proportional_attention(g, block, size)?;
+            labels.push(p.label.clone());
+            patch::apply(g, p)?;
+        }
+        if step.r > 0 {
+            let (p, m) = tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), vit.prefix)?;
+            labels.push(p.label.clone());
+            patch::apply(g, p)?;
+            merged.push(m);
+        }
+    }
+    if let (Head::AveragePool { reduce, slice, .. }, Some(m)) = (&vit.head, merged.last()) {
+        let p = tome::size_weighted_pool(g, *reduce, *slice, &m.size)?;
+        labels.push(p.label.clone());
+        patch::apply(g, p)?;
+    }
+    let per_node = tome::tokens_per_node(g, vit.tokens, &merged)?;
+    let original: HashSet<_> = original.into_iter().filter(|id| g.net.contains_node(*id)).collect();
+    for p in tome::retarget_token_constants(g, vit.tokens, &per_node, &original) {
+        labels.push(p.label.clone());
+        patch::apply(g, p)?;
+    }
+    let changed: HashSet<String> = per_node
+        .iter()
+        .filter(|(id, n)| **n != vit.tokens && g.net.contains_node(**id))
+        .flat_map(|(id, _)| g.node(*id).proto.output.clone())
+        .collect();
+    let blocks = vit
+        .blocks
+        .iter()
+        .zip(&steps)
+        .map(|(b, s)| BlockReport { name: b.name.clone(), heads: b.heads, head_dim: b.head_dim, width: b.width, step: *s })
+        .collect();
+    let report = Report {
+        blocks,
+        prefix: vit.prefix,
+        patches: vit.patches,
+        head: vit.head.describe(),
+        tokens_out: steps.last().map(|s| s.tokens_out).unwrap_or(vit.tokens),
+        patch_labels: labels,
+    };
+    Ok((report, changed))
+}
+
+/// A deterministic text dump of the nodes whose names start with `prefix`,
+/// in topological order: op, name, inputs, outputs, attributes, constants'
+/// shapes. Used for review snapshots.
+pub fn dump_nodes(model: &pb::ModelProto, prefix: &str) -> String {
+    let Some(graph) = model.graph.as_ref() else { return String::new() };
+    let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut out = String::new();
+    for node in graph.node.iter().filter(|n| n.name.starts_with(prefix)) {
+        let show = |t: &String| match inits.get(t.as_str()) {
+            Some(c) => match graph::tensor_i64(c) {
+                Some(v) if v.len() <= 8 => format!("{t}={v:?}"),
+                _ => format!("{t}:{}{:?}", graph::elem_name(c.data_type), c.dims),
+            },
+            None => t.clone(),
+        };
+        let ins: Vec<String> = node.input.iter().map(show).collect();
+        let attrs: Vec<String> = node
+            .attribute
+            .iter()
+            .map(|a| if a.r#type == 7 { format!("{}={:?}", a.name, a.ints) } else { format!("{}={}", a.name, a.i) })
+            .collect();
+        out += &format!("{} {}({}) -> {}", node.op_type, node.name, ins.join(", "), node.output.join(", "));
+        if !attrs.is_empty() {
+            out += &format!(" [{}]", attrs.join(", "));
+        }
+        out += "\n";
+    }
+    out
+}

@@ -1,0 +1,344 @@
+//! Finds the transformer blocks of a ViT, its prefix tokens and its head.
+//! Matchers only read the graph; they return typed structs or a reason.
+
+use std::collections::{HashSet, VecDeque};
+
+use petgraph::stable_graph::NodeIndex;
+use petgraph::Direction;
+
+use crate::graph::{Dim, Graph, TensorType};
+use crate::PassError;
+
+/// One pre-norm transformer block, anchored on its attention Softmax.
+#[derive(Clone, Debug)]
+pub struct VitBlock {
+    pub index: usize,
+    /// Prefix of every node the rewrite adds to this block.
+    pub name: String,
+    pub softmax: NodeIndex,
+    /// Kᵀ as it enters Q·Kᵀ, [B, H, D, N], with any scalar scale stripped.
+    pub keys: String,
+    pub block_input: String,
+    /// The `x + Attn(LN1(x))` node; its output is where tokens merge.
+    pub attn_residual: NodeIndex,
+    pub residual: String,
+    pub block_output: String,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub tokens: usize,
+    pub width: usize,
+}
+
+/// How the model reads its tokens after the last block.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Head {
+    /// Reads these prefix tokens (cls; DeiT's cls and dist), which never move.
+    Tokens(Vec<i64>),
+    /// A mean over the token axis (of the tokens a Slice keeps, from `start`),
+    /// which must become size-weighted.
+    AveragePool { reduce: NodeIndex, slice: Option<NodeIndex>, start: usize },
+}
+
+impl Head {
+    pub fn describe(&self) -> String {
+        match self {
+            Head::Tokens(ix) if ix.len() == 1 => format!("token {}", ix[0]),
+            Head::Tokens(ix) => format!("tokens {ix:?}"),
+            Head::AveragePool { start, .. } => format!("average pool over tokens {start}.. (size-weighted)"),
+        }
+    }
+}
+
+/// Everything the rewrite needs to know about the model.
+#[derive(Clone, Debug)]
+pub struct VitModel {
+    pub blocks: Vec<VitBlock>,
+    pub tokens: usize,
+    pub patches: usize,
+    pub prefix: usize,
+    pub head: Head,
+}
+
+/// Finds every block, the prefix tokens and the head, or says why not.
+pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
+    let order = g.topological_order()?;
+    let mut blocks = vec![];
+    let mut rejected = vec![];
+    for &id in order.iter().filter(|&&id| g.node(id).op() == "Softmax") {
+        match match_block(g, id, blocks.len()) {
+            Ok(b) => blocks.push(b),
+            Err(why) => rejected.push(format!("{}: {why}", g.node(id).name())),
+        }
+    }
+    if blocks.is_empty() {
+        let detail = if rejected.is_empty() { "the graph has no Softmax".to_string() } else { rejected.join("; ") };
+        return Err(PassError::NoBlocks(detail));
+    }
+    if let Some(why) = rejected.first() {
+        return Err(PassError::Unsupported(format!("an attention Softmax is not part of a ViT block ({why})")));
+    }
+    for pair in blocks.windows(2) {
+        if pair[1].block_input != pair[0].block_output {
+            return Err(PassError::Unsupported(format!(
+                "{} does not read the output of {} ({} vs {}): the blocks are not one chain",
+                pair[1].name, pair[0].name, pair[1].block_input, pair[0].block_output
+            )));
+        }
+    }
+    let tokens = blocks[0].tokens;
+    if let Some(b) = blocks.iter().find(|b| b.tokens != tokens) {
+        return Err(PassError::Unsupported(format!(
+            "{} has {} tokens but the first block has {tokens}: token counts must be equal before merging",
+            b.name, b.tokens
+        )));
+    }
+    let patches = patch_count(g, &blocks[0])?;
+    let prefix = tokens.checked_sub(patches).ok_or_else(|| {
+        PassError::Unsupported(format!("the patch embedding yields {patches} patches but blocks see {tokens} tokens"))
+    })?;
+    let last = blocks.last().map(|b| b.block_output.clone()).unwrap_or_default();
+    let head = match_head(g, &last, tokens, prefix)?;
+    Ok(VitModel { blocks, tokens, patches, prefix, head })
+}
+
+/// Matches one block around its Softmax.
+///
+/// ```text
+///  x ─┬─ LN1 ─ qkv ─ … ─ q ──┐
+///     │              … ─ kᵀ ─ MatMul ─ [scale, bias] ─ Softmax ─ MatMul(v) ─ … proj
+///     └──────────────────────────────────────────────────────────────── Add ─ x_mid
+///  x_mid ─┬─ LN2 ─ MLP ─ [LayerScale] ─┐
+///         └──────────────────────────── Add ─ x_out
+/// ```
+/// Seen in timm (classic and dynamo exporters, with and without the SDPA
+/// split scale) and DeiT exports.
+fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, String> {
+    let sm = g.node(softmax);
+    let logits = sm.input(0).ok_or("Softmax has no input")?;
+    let lt = g.ty(logits).ok_or("attention logits have no known shape")?;
+    if lt.rank() != 4 {
+        return Err(format!("attention logits {lt} are not [batch, heads, tokens, tokens]"));
+    }
+    let axis = sm.attr_int("axis").unwrap_or(-1);
+    if axis != -1 && axis != 3 {
+        return Err(format!("Softmax over axis {axis}, expected the last axis"));
+    }
+    let qk = walk_to_matmul(g, logits, lt)?;
+    let keys_raw = g.node(qk).input(1).ok_or("Q·Kᵀ MatMul has no second input")?;
+    let keys = strip_scalar_scale(g, keys_raw);
+    let kt = g.ty(&keys).ok_or("keys have no known shape")?;
+    let (heads, head_dim, tokens) = match kt.shape.as_slice() {
+        [_, Dim::Fixed(h), Dim::Fixed(d), Dim::Fixed(n)] => (*h as usize, *d as usize, *n as usize),
+        _ => return Err(format!("keys {kt} are not [batch, heads, head_dim, tokens] with static sizes")),
+    };
+    let upstream = g.reachable(softmax, Direction::Incoming);
+    let attn_residual = find_residual_add(g, softmax, &upstream)?;
+    let add = g.node(attn_residual);
+    let residual = add.output().to_string();
+    let rt = g.ty(&residual).ok_or("the attention residual has no known shape")?;
+    let width = match rt.shape.as_slice() {
+        [_, Dim::Fixed(n), Dim::Fixed(c)] if *n as usize == tokens => *c as usize,
+        _ => return Err(format!("the attention residual {residual} is {rt}, expected [batch, {tokens}, channels]")),
+    };
+    let block_input = add
+        .proto
+        .input
+        .iter()
+        .find(|i| g.producer(i).is_none_or(|p| upstream.contains(&p)) && !g.is_constant(i))
+        .cloned()
+        .ok_or("the residual Add does not read the block input")?;
+    let block_output = find_mlp_residual(g, attn_residual, &residual)?;
+    Ok(VitBlock {
+        index,
+        name: format!("blocks.{index}"),
+        softmax,
+        keys,
+        block_input,
+        attn_residual,
+        residual,
+        block_output,
+        heads,
+        head_dim,
+        tokens,
+        width,
+    })
+}
+
+/// Walks from the logits back through scale, bias and casts to Q·Kᵀ.
+fn walk_to_matmul(g: &Graph, logits: &str, lt: &TensorType) -> Result<NodeIndex, String> {
+    let mut tensor = logits.to_string();
+    for _ in 0..8 {
+        let id = g.producer(&tensor).ok_or_else(|| format!("{tensor} is not produced by a node"))?;
+        let node = g.node(id);
+        match node.op() {
+            "MatMul" => return Ok(id),
+            "Mul" | "Div" | "Add" | "Sub" | "Cast" => {
+                let same = node.proto.input.iter().find(|i| g.ty(i).is_some_and(|t| t.shape == lt.shape));
+                tensor = same.ok_or_else(|| format!("{} ({}) does not carry the logits", node.name(), node.op()))?.clone();
+            }
+            op => return Err(format!("{} ({op}) sits between Q·Kᵀ and the Softmax", node.name())),
+        }
+    }
+    Err("no Q·Kᵀ MatMul within 8 nodes of the Softmax".into())
+}
+
+/// SDPA exports scale kᵀ by √scale before Q·Kᵀ; the metric is scale-free,
+/// so read K before that multiply for the closest match to the reference.
+fn strip_scalar_scale(g: &Graph, keys: &str) -> String {
+    let Some(node) = g.producer_node(keys) else { return keys.to_string() };
+    if !matches!(node.op(), "Mul" | "Div") {
+        return keys.to_string();
+    }
+    let scalar = |t: &str| g.ty(t).is_some_and(|t| t.shape.iter().all(|d| *d == Dim::Fixed(1)));
+    match (node.input(0), node.input(1)) {
+        (Some(a), Some(b)) if scalar(b) && g.ty(a) == g.ty(keys) => a.to_string(),
+        (Some(a), Some(b)) if node.op() == "Mul" && scalar(a) && g.ty(b) == g.ty(keys) => b.to_string(),
+        _ => keys.to_string(),
+    }
+}
+
+/// The first Add after the Softmax that also reads a tensor from before it.
+fn find_residual_add(g: &Graph, softmax: NodeIndex, upstream: &HashSet<NodeIndex>) -> Result<NodeIndex, String> {
+    let mut queue = VecDeque::from([(softmax, 0)]);
+    let mut seen = HashSet::new();
+    while let Some((id, depth)) = queue.pop_front() {
+        for (next, _) in g.consumers(g.node(id).output()) {
+            if !seen.insert(next) || depth > 24 {
+                continue;
+            }
+            let node = g.node(next);
+            let reads_block_input = node.proto.input.iter().any(|i| {
+                !g.is_constant(i) && g.producer(i).is_none_or(|p| upstream.contains(&p) && p != id)
+            });
+            if node.op() == "Add" && reads_block_input {
+                return Ok(next);
+            }
+            queue.push_back((next, depth + 1));
+        }
+    }
+    Err("no residual Add after the attention".into())
+}
+
+/// The MLP residual: an Add reading `residual` and something computed from it.
+fn find_mlp_residual(g: &Graph, attn_residual: NodeIndex, residual: &str) -> Result<String, String> {
+    let downstream = g.reachable(attn_residual, Direction::Outgoing);
+    g.consumers(residual)
+        .into_iter()
+        .map(|(id, _)| g.node(id))
+        .find(|n| {
+            n.op() == "Add"
+                && n.proto.input.iter().any(|i| i != residual && g.producer(i).is_some_and(|p| downstream.contains(&p)))
+        })
+        .map(|n| n.output().to_string())
+        .ok_or_else(|| format!("no MLP residual Add reads {residual}"))
+}
+
+/// Patches from the patch-embedding convolution feeding the first block.
+fn patch_count(g: &Graph, first: &VitBlock) -> Result<usize, PassError> {
+    let start = g.producer(&first.block_input);
+    let upstream = match start {
+        Some(id) => {
+            let mut u = g.reachable(id, Direction::Incoming);
+            u.insert(id);
+            u
+        }
+        None => HashSet::new(),
+    };
+    let conv = g.nodes().filter(|id| upstream.contains(id) && g.node(*id).op() == "Conv").find_map(|id| {
+        let t = g.ty(g.node(id).output())?;
+        Some((t.dim(2)? * t.dim(3)?) as usize)
+    });
+    conv.ok_or_else(|| {
+        PassError::Unsupported(
+            "no patch-embedding Conv before the first block, so the prefix tokens (cls, dist, registers) are unknown"
+                .into(),
+        )
+    })
+}
+
+/// Follows the tokens after the last block to the head.
+fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Head, PassError> {
+    let is_token_tensor = |t: &str| {
+        g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64))
+    };
+    let mut read = vec![];
+    let mut pool = None;
+    let mut queue = VecDeque::from([last.to_string()]);
+    let mut seen = HashSet::new();
+    while let Some(tensor) = queue.pop_front() {
+        if g.outputs.contains(&tensor) {
+            return Err(PassError::Unsupported(format!(
+                "graph output {tensor} carries every token; merging would change its shape"
+            )));
+        }
+        for (id, _) in g.consumers(&tensor) {
+            if !seen.insert(id) {
+                continue;
+            }
+            let node = g.node(id);
+            let out = node.output();
+            let axis = node.attr_int("axis").or_else(|| node.attr_ints("axes").and_then(|a| a.first().copied()));
+            let index = node.input(1).and_then(|i| g.constant_i64(i));
+            match node.op() {
+                "Gather" if axis == Some(1) && index.as_ref().is_some_and(|v| v.len() == 1 && v[0] < prefix as i64) => {
+                    read.extend(index.unwrap_or_default());
+                }
+                "Slice" => {
+                    let start = slice_start_on_tokens(g, node).ok_or_else(|| refuse(node))?;
+                    for (next, _) in g.consumers(out) {
+                        let n = g.node(next);
+                        if n.op() != "ReduceMean" || !reduces_tokens(g, n) {
+                            return Err(refuse(n));
+                        }
+                        pool = Some(Head::AveragePool { reduce: next, slice: Some(id), start });
+                    }
+                }
+                "ReduceMean" if reduces_tokens(g, node) => {
+                    pool = Some(Head::AveragePool { reduce: id, slice: None, start: 0 });
+                }
+                _ if is_token_tensor(out) && !matches!(node.op(), "Reshape" | "Transpose" | "Gather" | "Slice") => {
+                    queue.push_back(out.to_string());
+                }
+                _ => return Err(refuse(node)),
+            }
+        }
+    }
+    match (pool, read.is_empty()) {
+        (Some(p), true) => Ok(p),
+        (None, false) => {
+            read.sort();
+            read.dedup();
+            Ok(Head::Tokens(read))
+        }
+        (Some(_), false) => Err(PassError::Unsupported("the head mixes prefix tokens and an average pool".into())),
+        (None, true) => Err(PassError::Unsupported("nothing reads the tokens after the last block".into())),
+    }
+}
+
+fn refuse(node: &crate::graph::Node) -> PassError {
+    PassError::TokenConsumer { node: node.name().to_string(), op: node.op().to_string() }
+}
+
+/// Start of a Slice on the token axis (axis 1), if that is all it slices.
+fn slice_start_on_tokens(g: &Graph, node: &crate::graph::Node) -> Option<usize> {
+    let starts = g.constant_i64(node.input(1)?)?;
+    let axes = match node.input(3) {
+        Some(a) => g.constant_i64(a)?,
+        None => vec![0],
+    };
+    let steps = match node.input(4) {
+        Some(s) => g.constant_i64(s)?,
+        None => vec![1],
+    };
+    match (starts.as_slice(), axes.as_slice(), steps.as_slice()) {
+        ([s], [1], [1]) if *s >= 0 => Some(*s as usize),
+        _ => None,
+    }
+}
+
+/// Whether a Reduce* node reduces exactly the token axis of a [B, N, C] tensor;
+/// axes come from the attribute (opset < 18) or the second input.
+fn reduces_tokens(g: &Graph, node: &crate::graph::Node) -> bool {
+    let axes = node.attr_ints("axes").map(<[i64]>::to_vec).or_else(|| node.input(1).and_then(|a| g.constant_i64(a)));
+    matches!(axes.as_deref(), Some([1]) | Some([-2]))
+}

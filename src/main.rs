@@ -1,0 +1,166 @@
+//! The `tome-compile` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tome_compile::run::{floats, image_tensor, top_k, Runner};
+use tome_compile::{Options, Report, Schedule};
+
+/// Applies Token Merging (ToMe) to an ONNX Vision Transformer.
+///
+/// `tome-compile in.onnx --r 16 -o out.onnx` writes a model that merges r
+/// similar tokens per block; `tome-compile run out.onnx --image cat.png`
+/// runs a model with tract on CPU.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    compile: CompileArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Rewrite a ViT to merge tokens (the default command).
+    Compile(CompileArgs),
+    /// Run a model with tract on CPU and print its outputs (top-5 for a classifier).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// The ONNX model to compile.
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Tokens merged per block: `16`, a list `16,16,8,0` (padded with 0), or
+    /// `R:INFLECT` like `8:-1` (the paper's decreasing schedule).
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required = true)]
+    r: Option<String>,
+    /// Where to write the compiled model (never the input).
+    #[arg(short, long, required = true)]
+    output: Option<PathBuf>,
+    /// Proportional attention: add log(size) to the attention logits.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    prop_attn: Switch,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The ONNX model to run.
+    model: PathBuf,
+    /// Inputs from a .npz archive: arrays named like the model's inputs, or
+    /// the only array for a one-input model.
+    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+    input: Option<PathBuf>,
+    /// An image file (PNG or JPEG), resized to the model's input size.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Per-channel mean for --image (ImageNet's by default; timm's augreg ViTs use 0.5,0.5,0.5).
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [0.485, 0.456, 0.406])]
+    mean: Vec<f32>,
+    /// Per-channel standard deviation for --image.
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [0.229, 0.224, 0.225])]
+    std: Vec<f32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Compile(args)) => compile(args),
+        Some(Command::Run(args)) => run(args),
+        None => compile(cli.compile),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compile(args: CompileArgs) -> Result<()> {
+    let (Some(input), Some(r), Some(output)) = (args.input, args.r, args.output) else {
+        bail!("compile needs a model, --r and -o");
+    };
+    let schedule: Schedule = r.parse()?;
+    let opts = Options { schedule: schedule.clone(), prop_attn: matches!(args.prop_attn, Switch::On) };
+    let report = tome_compile::compile_file(&input, &output, &opts)?;
+    print_report(&report, &schedule, opts.prop_attn);
+    println!("wrote {}", output.display());
+    Ok(())
+}
+
+fn print_report(report: &Report, schedule: &Schedule, prop_attn: bool) {
+    let first = &report.blocks[0];
+    println!(
+        "{} blocks ({} heads x {}, width {}), {} tokens = {} prefix + {} patches, head: {}",
+        report.blocks.len(),
+        first.heads,
+        first.head_dim,
+        first.width,
+        first.step.tokens_in,
+        report.prefix,
+        first.step.tokens_in - report.prefix,
+        report.head
+    );
+    println!("schedule --r {schedule}, proportional attention {}", if prop_attn { "on" } else { "off" });
+    println!("{:<10} {:>4} {:>6} {:>7}", "block", "r", "tokens", "merged");
+    for b in &report.blocks {
+        let clamp = if b.step.r < b.step.requested { format!(" (asked {})", b.step.requested) } else { String::new() };
+        println!("{:<10} {:>4} {:>6} {:>7}{clamp}", b.name, b.step.r, b.step.tokens_in, b.step.tokens_out);
+    }
+    println!("tokens leaving the last block: {}", report.tokens_out);
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let runner = Runner::load(&args.model)?;
+    let inputs = match (&args.input, &args.image) {
+        (Some(npz), _) => {
+            let mut arrays = tome_compile::npz::read(npz)?;
+            if arrays.len() == 1 && runner.input_names.len() == 1 {
+                arrays.into_values().collect()
+            } else {
+                runner
+                    .input_names
+                    .iter()
+                    .map(|n| arrays.remove(n).with_context(|| format!("{} has no array named {n}", npz.display())))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        }
+        (None, Some(image)) => {
+            let (h, w) = match runner.input_shape.as_slice() {
+                [_, 3, h, w] if *h > 0 && *w > 0 => (*h, *w),
+                s => bail!("--image needs a model input of shape [batch, 3, H, W], this model takes {s:?}"),
+            };
+            let mean = [args.mean[0], args.mean[1], args.mean[2]];
+            let std = [args.std[0], args.std[1], args.std[2]];
+            vec![image_tensor(image, h, w, mean, std)?]
+        }
+        (None, None) => bail!("give --input x.npz or --image file"),
+    };
+    let outputs = runner.run(inputs)?;
+    for (name, out) in runner.output_names.iter().zip(&outputs) {
+        println!("{name}: {:?}", out.shape());
+        match (out.shape(), floats(out)) {
+            ([batch, classes], Some(values)) if *classes > 1 => {
+                for (i, row) in values.chunks(*classes).enumerate().take(*batch) {
+                    let top: Vec<String> = top_k(row, 5).iter().map(|(c, v)| format!("{c}: {v:.4}")).collect();
+                    println!("  image {i} top-5: {}", top.join("  "));
+                }
+            }
+            (_, Some(values)) => println!("  {:?}", &values[..values.len().min(10)]),
+            _ => println!("  {out:?}"),
+        }
+    }
+    Ok(())
+}
