@@ -1,0 +1,91 @@
+//! Helpers shared by the integration tests: fixtures, references, tolerances.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tome_compile::run::{floats, Runner};
+use tome_compile::{onnx_io, Options, Report, Schedule};
+use tract_onnx::prelude::Tensor;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// The schedules of the fixtures' references, as `--r` spells them.
+pub const SCHEDULES: [(&str, &str); 5] = [("r4", "4"), ("r8", "8"), ("r16", "16"), ("r64", "64"), ("decr8", "8:-1")];
+
+pub fn options(r: &str, prop_attn: bool) -> Options {
+    Options { schedule: r.parse::<Schedule>().expect("schedule"), prop_attn }
+}
+
+/// Compiles `model` into `out` with the library API.
+pub fn compile_to(model: &Path, out: &Path, opts: &Options) -> Report {
+    let mut file = onnx_io::read(model).expect("read fixture");
+    let report = tome_compile::compile(&mut file.proto, &file.dir, opts).expect("compile");
+    onnx_io::write(&mut file.proto, &file.dir, out).expect("write");
+    report
+}
+
+pub fn references(case: &str) -> BTreeMap<String, Tensor> {
+    tome_compile::npz::read(&fixture(&format!("{case}/io.npz"))).expect("io.npz")
+}
+
+/// Runs `model` in tract on the fixture images.
+pub fn run_tract(model: &Path, refs: &BTreeMap<String, Tensor>) -> Tensor {
+    let runner = Runner::load(model).expect("tract load");
+    runner.run(vec![refs["pixel_values"].clone()]).expect("tract run").remove(0)
+}
+
+/// Largest per-image `max |y - ref| / max |ref|`.
+pub fn max_relative_error(y: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(y.shape(), reference.shape(), "output shape");
+    let (y, r) = (floats(y).expect("f32"), floats(reference).expect("f32"));
+    let per_image = r.len() / reference.shape()[0];
+    y.chunks(per_image)
+        .zip(r.chunks(per_image))
+        .map(|(a, b)| {
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            diff / b.iter().map(|v| v.abs()).fold(0f32, f32::max)
+        })
+        .fold(0f32, f32::max)
+}
+
+pub fn max_abs_error(y: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(y.shape(), reference.shape(), "output shape");
+    let (y, r) = (floats(y).expect("f32"), floats(reference).expect("f32"));
+    y.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+}
+
+/// `case.json`'s tokens entering each block then leaving the last, for `key`.
+pub fn expected_tokens(case: &str, key: &str) -> Vec<usize> {
+    let text = std::fs::read_to_string(fixture(&format!("{case}/case.json"))).expect("case.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    json["references"][key]["tokens"].as_array().expect("tokens").iter().map(|v| v.as_u64().unwrap() as usize).collect()
+}
+
+pub fn tokens_of(report: &Report) -> Vec<usize> {
+    let mut t: Vec<usize> = report.blocks.iter().map(|b| b.step.tokens_in).collect();
+    t.push(report.tokens_out);
+    t
+}
+
+/// Runs `tests/ort_check.py` (onnx.checker full check + onnxruntime against
+/// the references) on `cases` of (model, npz, key); panics with its output
+/// when any case fails.
+pub fn check_with_onnxruntime(dir: &Path, cases: &[(PathBuf, PathBuf, String)]) {
+    let manifest = dir.join("manifest.txt");
+    let lines: Vec<String> =
+        cases.iter().map(|(m, n, k)| format!("{} {} {k}", m.display(), n.display())).collect();
+    std::fs::write(&manifest, lines.join("\n")).expect("manifest");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_check.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&manifest)
+        .output()
+        .expect("python3 must be installed (see .ci/run for the packages)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "onnxruntime check failed (pip install onnx onnxruntime numpy):\n{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), cases.len(), "{text}");
+}

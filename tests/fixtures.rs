@@ -1,0 +1,55 @@
+//! Every fixture × every reference schedule, prop-attn on and off: the
+//! compiled model must match the reference ToMe logits in tract and in
+//! onnxruntime, with the reference's tokens per block; r = 0 must give the
+//! original model.
+
+mod common;
+
+use common::*;
+
+fn check_case(case: &str, model: &str) {
+    let refs = references(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = fixture(&format!("{case}/{model}"));
+    let npz = fixture(&format!("{case}/io.npz"));
+    let mut ort_cases = vec![];
+    for (key, r) in SCHEDULES {
+        for prop in [1, 0] {
+            let name = format!("{key}_prop{prop}");
+            let out = dir.path().join(format!("{name}.onnx"));
+            let report = compile_to(&source, &out, &options(r, prop == 1));
+            assert_eq!(tokens_of(&report), expected_tokens(case, &name), "{case}/{model} {name}: tokens per block");
+            let y = run_tract(&out, &refs);
+            let err = max_relative_error(&y, &refs[&format!("logits_{name}")]);
+            println!("tract {case}/{model} {name}: max relative error {err:.3e}");
+            assert!(err <= 1e-4, "{case}/{model} {name}: tract relative error {err:e} > 1e-4");
+            ort_cases.push((out, npz.clone(), format!("logits_{name}")));
+        }
+    }
+    let out = dir.path().join("r0.onnx");
+    compile_to(&source, &out, &options("0", true));
+    let err = max_abs_error(&run_tract(&out, &refs), &refs["logits_r0"]);
+    assert!(err <= 1e-5, "{case}/{model} r=0: tract abs error {err:e} > 1e-5");
+    ort_cases.push((out, npz.clone(), "logits_r0".to_string()));
+    check_with_onnxruntime(dir.path(), &ort_cases);
+}
+
+#[test]
+fn timm_vit_classic_export_matches_reference_tome() {
+    check_case("timm_vit", "model.onnx");
+}
+
+#[test]
+fn timm_vit_dynamo_export_matches_reference_tome() {
+    check_case("timm_vit", "model_dynamo.onnx");
+}
+
+#[test]
+fn deit_keeps_cls_and_dist_tokens_in_front() {
+    check_case("timm_deit_distilled", "model.onnx");
+}
+
+#[test]
+fn average_pool_head_becomes_size_weighted() {
+    check_case("timm_vit_gap", "model.onnx");
+}
