@@ -65,10 +65,10 @@ struct RunArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// Per-channel mean for --image (ImageNet's by default; timm's augreg ViTs use 0.5,0.5,0.5).
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [0.485, 0.456, 0.406])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.485, 0.456, 0.406])]
     mean: Vec<f32>,
     /// Per-channel standard deviation for --image.
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [0.229, 0.224, 0.225])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.229, 0.224, 0.225])]
     std: Vec<f32>,
 }
 
@@ -142,8 +142,9 @@ fn run(args: RunArgs) -> Result<()> {
                 [_, 3, h, w] if *h > 0 && *w > 0 => (*h, *w),
                 s => bail!("--image needs a model input of shape [batch, 3, H, W], this model takes {s:?}"),
             };
-            let mean = [args.mean[0], args.mean[1], args.mean[2]];
-            let std = [args.std[0], args.std[1], args.std[2]];
+            let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
+                bail!("--mean and --std take three comma-separated values, one per RGB channel");
+            };
             vec![image_tensor(image, h, w, mean, std)?]
         }
         (None, None) => bail!("give --input x.npz or --image file"),

@@ -91,10 +91,17 @@ pub fn merge(
     let metric_b = e.slice("metric_b", &metric, 1, 1, n, 2);
     let metric_b_t = e.transpose("metric_b_t", &metric_b, &[0, 2, 1]);
     let mut scores = e.op("MatMul", "scores", &[&metric_a, &metric_b_t], vec![]);
-    if prefix > 0 {
-        let mask = protect_prefix(na, nb, pa, pb);
-        let mask = e.const_f32("protect", &[na, nb], &mask);
-        scores = e.op("Add", "scores_protected", &[&scores, &mask], vec![]);
+    // -inf where a protected A token would move or a token would merge into a protected B token.
+    let blocked = |i: i64, p: i64| if i < p { f32::NEG_INFINITY } else { 0.0 };
+    if pa > 0 {
+        let rows: Vec<f32> = (0..na).map(|i| blocked(i, pa)).collect();
+        let rows = e.const_f32("protect_a", &[na, 1], &rows);
+        scores = e.op("Add", "scores_protect_a", &[&scores, &rows], vec![]);
+    }
+    if pb > 0 {
+        let columns: Vec<f32> = (0..nb).map(|j| blocked(j, pb)).collect();
+        let columns = e.const_f32("protect_b", &[1, nb], &columns);
+        scores = e.op("Add", "scores_protect_b", &[&scores, &columns], vec![]);
     }
     let best = e.reduce("ReduceMax", "best", &scores, &[2], false);
     let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 0)]);
@@ -150,14 +157,6 @@ pub fn merge(
         patch.rewires.push(Rewire { node, slot, tensor: x_out.clone() });
     }
     Ok((patch, Merged { x: x_out, size: size_out, tokens: out_tokens }))
-}
-
-/// `-inf` where a protected A token (rows < pa) would move or a token would
-/// merge into a protected B token (columns < pb); zero elsewhere.
-fn protect_prefix(na: i64, nb: i64, pa: i64, pb: i64) -> Vec<f32> {
-    (0..na)
-        .flat_map(|i| (0..nb).map(move |j| if i < pa || j < pb { f32::NEG_INFINITY } else { 0.0 }))
-        .collect()
 }
 
 /// Turns a mean over tokens into `sum(x·size) / sum(size)` over the same tokens.

@@ -1,0 +1,214 @@
+//! The command line: the main job, `run`, and bad input. Every bad input must
+//! give a one-line error, a non-zero exit, no panic and no output file.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::fixture;
+use prost::Message;
+use tome_compile::onnx_io;
+use tome_passes::pb;
+
+fn tome(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+/// Runs a compile that must fail; returns its error line.
+fn refused(input: &Path, r: &str, out: &Path) -> String {
+    let o = tome(&[input.to_str().unwrap(), "--r", r, "-o", out.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected failure, got success: {}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(o.status.code(), Some(1), "exit code for: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.lines().count(), 1, "error must be one line: {err}");
+    assert!(!out.exists(), "no output file may be written on error");
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
+    err
+}
+
+#[test]
+fn compiles_and_prints_the_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vit_r16.onnx");
+    let model = fixture("timm_vit/model.onnx");
+    let o = tome(&[model.to_str().unwrap(), "--r", "16", "-o", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("197 tokens = 1 prefix + 196 patches, head: token 0"), "{text}");
+    assert!(text.contains("blocks.5     16    117     101"), "{text}");
+    assert!(text.contains("tokens leaving the last block: 101"), "{text}");
+    assert!(out.exists());
+}
+
+#[test]
+fn run_prints_top5_from_npz_and_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vit.onnx");
+    let model = fixture("timm_vit/model.onnx");
+    assert!(tome(&["compile", model.to_str().unwrap(), "--r", "8", "-o", out.to_str().unwrap()]).status.success());
+    let npz = fixture("timm_vit/io.npz");
+    let o = tome(&["run", out.to_str().unwrap(), "--input", npz.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("logits: [4, 10]") && text.contains("image 3 top-5:"), "{text}");
+
+    let png = dir.path().join("gradient.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 128])).save(&png).unwrap();
+    let o = tome(&["run", out.to_str().unwrap(), "--image", png.to_str().unwrap(), "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("logits: [1, 10]") && text.contains("image 0 top-5:"), "{text}");
+}
+
+#[test]
+fn a_file_that_is_not_onnx_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("notes.onnx");
+    std::fs::write(&input, "this is not a model\n").unwrap();
+    let err = refused(&input, "16", &dir.path().join("out.onnx"));
+    assert!(err.contains("is not a readable ONNX model"), "{err}");
+}
+
+#[test]
+fn a_truncated_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("timm_vit/model.onnx")).unwrap();
+    let input = dir.path().join("truncated.onnx");
+    std::fs::write(&input, &bytes[..bytes.len() / 2]).unwrap();
+    let err = refused(&input, "16", &dir.path().join("out.onnx"));
+    assert!(err.contains("truncated.onnx"), "{err}");
+}
+
+/// A small CNN: Conv → Relu → GlobalAveragePool → Flatten → Gemm.
+fn small_cnn() -> pb::ModelProto {
+    let f32s = |name: &str, dims: &[i64]| {
+        let n: i64 = dims.iter().product();
+        tome_passes::graph::float_tensor(name, dims, &vec![0.1; n as usize])
+    };
+    let node = |op: &str, ins: &[&str], out: &str| pb::NodeProto {
+        name: out.into(),
+        op_type: op.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let value = |name: &str, dims: &[i64]| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(pb::GraphProto {
+            name: "cnn".into(),
+            node: vec![
+                node("Conv", &["x", "w", "b"], "conv"),
+                node("Relu", &["conv"], "relu"),
+                node("GlobalAveragePool", &["relu"], "pool"),
+                node("Flatten", &["pool"], "flat"),
+                node("Gemm", &["flat", "fc_w", "fc_b"], "y"),
+            ],
+            initializer: vec![f32s("w", &[4, 3, 3, 3]), f32s("b", &[4]), f32s("fc_w", &[4, 2]), f32s("fc_b", &[2])],
+            input: vec![value("x", &[1, 3, 8, 8])],
+            output: vec![value("y", &[1, 2])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_model_without_transformer_blocks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("cnn.onnx");
+    std::fs::write(&input, small_cnn().encode_to_vec()).unwrap();
+    // The model itself is valid: tract runs it.
+    assert!(tome(&["run", input.to_str().unwrap(), "--image", "/nonexistent.png"]).status.code() == Some(1));
+    let err = refused(&input, "16", &dir.path().join("out.onnx"));
+    assert!(err.contains("no transformer block found") && err.contains("no Softmax"), "{err}");
+}
+
+#[test]
+fn negative_r_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("timm_vit/model.onnx"), "-1", &dir.path().join("out.onnx"));
+    assert!(err.contains("'-1'") && err.contains("0 or more"), "{err}");
+}
+
+#[test]
+fn a_schedule_longer_than_the_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("timm_vit/model.onnx"), "1,1,1,1,1,1,1", &dir.path().join("out.onnx"));
+    assert!(err.contains("7 entries") && err.contains("6 blocks"), "{err}");
+}
+
+#[test]
+fn the_input_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("model.onnx");
+    std::fs::copy(fixture("timm_vit/model.onnx"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let o = tome(&[input.to_str().unwrap(), "--r", "16", "-o", input.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is the input model"), "{}", stderr(&o));
+    // The same file named another way is caught too.
+    let other = dir.path().join(".").join("model.onnx");
+    assert!(!tome(&[input.to_str().unwrap(), "--r", "16", "-o", other.to_str().unwrap()]).status.success());
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}
+
+#[test]
+fn external_data_is_read_and_written() {
+    // Move every large initializer of a fixture into an external file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let mut data = vec![];
+    for t in file.proto.graph.as_mut().unwrap().initializer.iter_mut().filter(|t| t.raw_data.len() > 1024) {
+        let raw = std::mem::take(&mut t.raw_data);
+        t.data_location = Some(1);
+        t.external_data = vec![
+            pb::StringStringEntryProto { key: "location".into(), value: "weights.bin".into() },
+            pb::StringStringEntryProto { key: "offset".into(), value: data.len().to_string() },
+            pb::StringStringEntryProto { key: "length".into(), value: raw.len().to_string() },
+        ];
+        data.extend(raw);
+    }
+    let input = dir.path().join("external.onnx");
+    std::fs::write(dir.path().join("weights.bin"), &data).unwrap();
+    std::fs::write(&input, file.proto.encode_to_vec()).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("compiled.onnx");
+    let o = tome(&[input.to_str().unwrap(), "--r", "16", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = std::fs::read(out_dir.join("compiled.onnx.data")).unwrap();
+    assert!(written.len() >= data.len(), "weights stay external");
+    let size = std::fs::metadata(&out).unwrap().len();
+    assert!(size < 200_000, "weights are not inlined: {size} bytes");
+    // Same numbers as the inline fixture.
+    let refs = common::references("timm_vit");
+    let err = common::max_relative_error(&common::run_tract(&out, &refs), &refs["logits_r16_prop1"]);
+    assert!(err <= 1e-4, "relative error {err:e}");
+}

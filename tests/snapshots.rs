@@ -1,0 +1,71 @@
+//! Review snapshots: a deterministic dump of one rewritten block per family,
+//! so any change to the rewrite shows as a diff. Plus the negative case: with
+//! r = 0 nothing may change.
+
+mod common;
+
+use common::*;
+use tome_compile::onnx_io;
+
+fn compiled(case_model: &str, r: &str) -> tome_passes::pb::ModelProto {
+    let mut file = onnx_io::read(&fixture(case_model)).unwrap();
+    tome_compile::compile(&mut file.proto, &file.dir, &options(r, true)).unwrap();
+    file.proto
+}
+
+/// Block 1 merges after block 0 did, so it shows proportional attention too.
+fn block_dump(case_model: &str) -> String {
+    tome_passes::dump_nodes(&compiled(case_model, "8"), "blocks.1.tome")
+}
+
+#[test]
+fn timm_classic_block_rewrite() {
+    insta::assert_snapshot!(block_dump("timm_vit/model.onnx"));
+}
+
+#[test]
+fn timm_dynamo_block_rewrite() {
+    let model = compiled("timm_vit/model_dynamo.onnx", "8");
+    let mut dump = tome_passes::dump_nodes(&model, "blocks.1.tome");
+    // The token count baked into dynamo's Reshape constants, re-spelled per block.
+    dump += &tome_passes::dump_nodes(&model, "node_Reshape_4");
+    insta::assert_snapshot!(dump);
+}
+
+#[test]
+fn deit_block_rewrite() {
+    insta::assert_snapshot!(block_dump("timm_deit_distilled/model.onnx"));
+}
+
+#[test]
+fn average_pool_head_rewrite() {
+    let model = compiled("timm_vit_gap/model.onnx", "8");
+    insta::assert_snapshot!(tome_passes::dump_nodes(&model, "/ReduceMean"));
+}
+
+#[test]
+fn r0_leaves_the_graph_unchanged() {
+    let original = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
+    let model = compiled("timm_vit/model.onnx", "0");
+    let names = |m: &tome_passes::pb::ModelProto| -> Vec<String> {
+        let mut v: Vec<String> = m.graph.as_ref().unwrap().node.iter().map(|n| n.name.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&model), names(&original));
+    assert!(!names(&model).iter().any(|n| n.contains(".tome.")));
+}
+
+#[test]
+fn output_is_deterministic_and_keeps_what_was_not_touched() {
+    let a = compiled("timm_vit/model_dynamo.onnx", "16");
+    let b = compiled("timm_vit/model_dynamo.onnx", "16");
+    use prost::Message;
+    assert_eq!(a.encode_to_vec(), b.encode_to_vec());
+    let original = onnx_io::read(&fixture("timm_vit/model_dynamo.onnx")).unwrap().proto;
+    assert_eq!(a.opset_import, original.opset_import);
+    assert_eq!(a.producer_name, original.producer_name);
+    assert_eq!(a.metadata_props, original.metadata_props);
+    assert_eq!(a.graph.as_ref().unwrap().input, original.graph.as_ref().unwrap().input);
+    assert_eq!(a.graph.as_ref().unwrap().output, original.graph.as_ref().unwrap().output);
+}
