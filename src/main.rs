@@ -156,7 +156,7 @@ fn run(args: RunArgs) -> Result<()> {
             ([batch, classes], Some(values)) if *classes > 1 => {
                 for (i, row) in values.chunks(*classes).enumerate().take(*batch) {
                     let top: Vec<String> = top_k(row, 5).iter().map(|(c, v)| format!("{c}: {v:.4}")).collect();
-                    println!("  image {i} top-5: {}", top.join("  "));
+                    println!("  image {i} top-5 (class: logit): {}", top.join("  "));
                 }
             }
             (_, Some(values)) => println!("  {:?}", &values[..values.len().min(10)]),
