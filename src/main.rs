@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tome_compile::run::{floats, image_tensor, top_k, Runner};
-use tome_compile::{Options, Report, Schedule};
+use tome_compile::{verify, ErrorKind, Options, PassError, Report, Schedule};
 
 /// Applies Token Merging (ToMe) to an ONNX Vision Transformer.
 ///
@@ -45,6 +45,21 @@ struct CompileArgs {
     /// Proportional attention: add log(size) to the attention logits.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     prop_attn: Switch,
+    /// Run original and compiled model once in tract and refuse a wrong
+    /// result; `auto` does it when the model is cheap (at most 5 G
+    /// multiply-accumulates at batch 1).
+    #[arg(long, value_enum, default_value_t = VerifyArg::Auto)]
+    verify: VerifyArg,
+    /// Report errors as one JSON object on stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerifyArg {
+    On,
+    Off,
+    Auto,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,22 +85,96 @@ struct RunArgs {
     /// Per-channel standard deviation for --image.
     #[arg(long, value_delimiter = ',', default_values_t = [0.229, 0.224, 0.225])]
     std: Vec<f32>,
+    /// Report errors as one JSON object on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Compile(args)) => compile(args),
-        Some(Command::Run(args)) => run(args),
-        None => compile(cli.compile),
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if std::env::args_os().any(|a| a == "--json") => {
+            let text = e.render().to_string();
+            return fail(ErrorKind::Usage, text.trim().trim_start_matches("error: "), true);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(ErrorKind::Usage.exit_code());
+        }
+    };
+    let (json, result) = match cli.command {
+        Some(Command::Compile(args)) => (args.json, compile(args)),
+        Some(Command::Run(args)) => (args.json, run(args)),
+        None => (cli.compile.json, compile(cli.compile)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Err(e) => fail(error_kind(&e), &one_line(&e), json),
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// line already holds (an I/O error names its source in its own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain().map(|c| c.to_string().replace('\n', " ")) {
+        if !line.contains(&cause) {
+            line += if line.is_empty() { "" } else { ": " };
+            line += &cause;
         }
     }
+    line
+}
+
+/// Exit codes, by `ErrorKind`: 0 ok, 1 usage, 2 invalid or unsupported
+/// model, 3 I/O, 4 verification failed or internal error. Errors the
+/// command line raises itself (missing or conflicting arguments) are usage.
+fn error_kind(e: &anyhow::Error) -> ErrorKind {
+    e.chain()
+        .find_map(|cause| match (cause.downcast_ref::<tome_compile::Error>(), cause.downcast_ref::<PassError>()) {
+            (Some(e), _) => Some(e.kind()),
+            (_, Some(e)) => Some(ErrorKind::of_pass(e)),
+            _ => cause.is::<std::io::Error>().then_some(ErrorKind::Io),
+        })
+        .unwrap_or(ErrorKind::Usage)
+}
+
+/// Prints the error (one line, or one JSON object with `--json`) on stderr
+/// and returns its exit code.
+fn fail(kind: ErrorKind, message: &str, json: bool) -> ExitCode {
+    if json {
+        eprintln!(
+            "{{\"error\": {{\"kind\": {}, \"message\": {}, \"exit_code\": {}}}}}",
+            json_string(kind.name()),
+            json_string(message),
+            kind.exit_code()
+        );
+    } else {
+        eprintln!("error: {message}");
+    }
+    ExitCode::from(kind.exit_code())
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn compile(args: CompileArgs) -> Result<()> {
@@ -94,8 +183,14 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     let schedule: Schedule = r.parse()?;
     let opts = Options { schedule: schedule.clone(), prop_attn: matches!(args.prop_attn, Switch::On) };
-    let report = tome_compile::compile_file(&input, &output, &opts)?;
-    print_report(&report, &schedule, opts.prop_attn);
+    let mode = match args.verify {
+        VerifyArg::On => verify::Mode::On,
+        VerifyArg::Off => verify::Mode::Off,
+        VerifyArg::Auto => verify::Mode::Auto,
+    };
+    let compiled = tome_compile::compile_file_with(&input, &output, &opts, mode)?;
+    print_report(&compiled.report, &schedule, opts.prop_attn);
+    println!("{}", compiled.verification);
     println!("wrote {}", output.display());
     Ok(())
 }
