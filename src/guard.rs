@@ -24,13 +24,22 @@ fn install_hook() {
         panic::set_hook(Box::new(move |info| {
             if QUIET.with(Cell::get) {
                 let message = payload_text(info.payload());
-                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                let at = info.location().map(|l| format!(" at {}:{}", short_path(l.file()), l.line())).unwrap_or_default();
                 CAUGHT.with(|c| *c.borrow_mut() = Some(format!("{message}{at}")));
             } else {
                 previous(info);
             }
         }));
     });
+}
+
+/// A dependency's source path from its crate folder on
+/// (`smallvec-1.16.6/src/lib.rs`), not the build machine's registry path.
+fn short_path(file: &str) -> &str {
+    match file.split_once("/registry/src/") {
+        Some((_, rest)) => rest.split_once('/').map_or(rest, |(_, crate_path)| crate_path),
+        None => file,
+    }
 }
 
 fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {

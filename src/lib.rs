@@ -3,10 +3,10 @@
 //! does file I/O, type inference (with tract) and execution.
 
 pub mod guard;
-pub mod limits;
 pub mod npz;
 pub mod onnx_io;
 pub mod run;
+pub mod validate;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -33,6 +33,8 @@ pub enum Error {
     OutputIsInputData(PathBuf),
     #[error("{what}: {why}; the model is probably corrupt")]
     TooLarge { what: String, why: String },
+    #[error("invalid graph: {0}")]
+    Graph(String),
     #[error("tract cannot infer the model's shapes: {0}")]
     Shapes(String),
     #[error(transparent)]
@@ -101,7 +103,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Usage(_) | Error::OutputIsInput(_) | Error::OutputIsInputData(_) => ErrorKind::Usage,
-            Error::NotOnnx { .. } | Error::ExternalData { .. } | Error::TooLarge { .. } | Error::Shapes(_) => {
+            Error::NotOnnx { .. } | Error::ExternalData { .. } | Error::TooLarge { .. } | Error::Graph(_) | Error::Shapes(_) => {
                 ErrorKind::InvalidModel
             }
             Error::Run(_) => ErrorKind::InvalidModel,
@@ -177,9 +179,9 @@ pub fn compile_file_with(input: &Path, output: &Path, opts: &Options, mode: veri
 
 /// Element type and shape of every tensor, from tract's analysis; the batch
 /// axis stays symbolic. Declared sizes are bounded before tract reads them
-/// and inferred sizes after (`limits`).
+/// and inferred sizes after (`validate`).
 pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String, TensorType>, Error> {
-    limits::check_declared(proto)?;
+    validate::check_declared(proto)?;
     let types = guard::catch_panics("analysing the model with tract", || {
         let dir = dir.to_str();
         let parsed = tract_onnx::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
@@ -200,7 +202,7 @@ pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String,
         }
         Ok(types)
     })?;
-    limits::check_inferred(&types)?;
+    validate::check_inferred(&types)?;
     Ok(types)
 }
 

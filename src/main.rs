@@ -113,21 +113,21 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(error_kind(&e), &one_line(&e), json),
+        Err(e) => fail(error_kind(&e), &message(&e), json),
     }
 }
 
-/// The error and its causes on one line, skipping a cause whose text the
-/// line already holds (an I/O error names its source in its own message).
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain().map(|c| c.to_string().replace('\n', " ")) {
-        if !line.contains(&cause) {
-            line += if line.is_empty() { "" } else { ": " };
-            line += &cause;
+/// The error and its causes, skipping a cause whose text the message
+/// already holds (an I/O error names its source in its own text).
+fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !text.contains(&cause) {
+            text += if text.is_empty() { "" } else { ": " };
+            text += &cause;
         }
     }
-    line
+    text
 }
 
 /// Exit codes, by `ErrorKind`: 0 ok, 1 usage, 2 invalid or unsupported
@@ -143,8 +143,8 @@ fn error_kind(e: &anyhow::Error) -> ErrorKind {
         .unwrap_or(ErrorKind::Usage)
 }
 
-/// Prints the error (one line, or one JSON object with `--json`) on stderr
-/// and returns its exit code.
+/// Prints the error on stderr, as one line or, with `--json`, as one JSON
+/// object `{"error": {"kind", "message", "exit_code"}}`; returns its exit code.
 fn fail(kind: ErrorKind, message: &str, json: bool) -> ExitCode {
     if json {
         eprintln!(
@@ -154,7 +154,7 @@ fn fail(kind: ErrorKind, message: &str, json: bool) -> ExitCode {
             kind.exit_code()
         );
     } else {
-        eprintln!("error: {message}");
+        eprintln!("error: {}", message.replace('\n', " "));
     }
     ExitCode::from(kind.exit_code())
 }

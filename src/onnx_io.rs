@@ -75,16 +75,19 @@ pub fn write(proto: &mut pb::ModelProto, src_dir: &Path, out: &Path) -> Result<(
         Some(tmp)
     };
     let tmp = temp_path(out);
+    let mut data_in_place = false;
     let written = write_synced(&tmp, &proto.encode_to_vec()).map_err(|e| Error::io(out, e)).and_then(|()| {
         if let Some(d) = &data_tmp {
             fs::rename(d, &data_path).map_err(|e| Error::io(&data_path, e))?;
+            data_in_place = true;
         }
         fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
     });
     if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-        if let Some(d) = &data_tmp {
-            let _ = fs::remove_file(d);
+        // Nothing of this write may stay: a data file without its model is useless.
+        let renamed = data_in_place.then_some(&data_path);
+        for leftover in [Some(&tmp), data_tmp.as_ref(), renamed].into_iter().flatten() {
+            let _ = fs::remove_file(leftover);
         }
     }
     written
@@ -168,8 +171,11 @@ fn entry(key: &str, value: &str) -> pb::StringStringEntryProto {
     pb::StringStringEntryProto { key: key.into(), value: value.into() }
 }
 
-/// Refuses to write over the input model or its data file.
+/// Refuses to write over the input model or a directory.
 pub fn check_output_path(input: &Path, output: &Path) -> Result<(), Error> {
+    if output.is_dir() {
+        return Err(Error::io(output, std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory")));
+    }
     let canon = |p: &Path| -> Option<PathBuf> {
         let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         Some(parent.canonicalize().ok()?.join(p.file_name()?))

@@ -31,9 +31,9 @@ impl Runner {
     }
 
     /// Plans a model whose external data lives under `dir`. Sizes are bounded
-    /// first (`limits`), and a panic in tract comes back as an error.
+    /// first (`validate`), and a panic in tract comes back as an error.
     pub fn from_proto(proto: &pb::ModelProto, dir: &Path) -> Result<Runner, Error> {
-        crate::limits::check_declared(proto)?;
+        crate::validate::check_declared(proto)?;
         crate::guard::catch_panics("loading the model with tract", || {
             let parsed = tract_onnx::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
             let model = parsed.model;
@@ -79,7 +79,7 @@ impl Runner {
 /// Loads an image, resizes it (bicubic) to `height`×`width` and normalises
 /// each channel: `(v / 255 - mean) / std`, as [1, 3, H, W] float32.
 pub fn image_tensor(path: &Path, height: usize, width: usize, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor, Error> {
-    let pixels = height.checked_mul(width).filter(|&p| p > 0 && p as u64 <= crate::limits::MAX_AXIS && height <= u32::MAX as usize && width <= u32::MAX as usize);
+    let pixels = height.checked_mul(width).filter(|&p| p > 0 && p as u64 <= crate::validate::MAX_AXIS && height <= u32::MAX as usize && width <= u32::MAX as usize);
     if pixels.is_none() {
         return Err(Error::Usage(format!("--image needs a model input of a sensible size, this model takes {height}x{width}")));
     }

@@ -157,7 +157,7 @@ fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, Error> {
                 (axis, None) => Err(Error::Verification(format!("input {name} axis {axis} is symbolic; only the batch axis may be"))),
             })
             .collect::<Result<_, _>>()?;
-        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= crate::limits::MAX_ELEMENTS);
+        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= crate::validate::MAX_ELEMENTS);
         let count = count.ok_or_else(|| Error::TooLarge { what: format!("input {name}"), why: format!("shape {shape:?}") })?;
         let data: Vec<f32> = (0..count).map(|_| next()).collect();
         out.push(Tensor::from_shape(&shape, &data).map_err(|e| Error::Verification(e.to_string()))?);
