@@ -53,3 +53,8 @@ fn deit_keeps_cls_and_dist_tokens_in_front() {
 fn average_pool_head_becomes_size_weighted() {
     check_case("timm_vit_gap", "model.onnx");
 }
+
+#[test]
+fn torchvision_sequence_first_attention_matches_reference_tome() {
+    check_case("torchvision_vit", "model.onnx");
+}

@@ -119,6 +119,7 @@ pub struct Graph {
     producer: HashMap<String, NodeIndex>,
     initializers: Vec<pb::TensorProto>,
     initializer_index: HashMap<String, usize>,
+    dropped: HashSet<String>,
     pub types: HashMap<String, TensorType>,
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
@@ -143,6 +144,7 @@ impl Graph {
             producer: HashMap::new(),
             initializers,
             initializer_index,
+            dropped: HashSet::new(),
             types,
             inputs: graph.input.iter().map(|i| i.name.clone()).collect(),
             outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
@@ -159,24 +161,33 @@ impl Graph {
         Ok(g)
     }
 
-    /// Puts nodes (topologically sorted) and live initializers back into `model`.
+    /// Puts nodes (topologically sorted) and initializers back into `model`.
     pub fn write_into(mut self, model: &mut pb::ModelProto) -> Result<(), PassError> {
         let order = self.topological_order()?;
-        let used: HashSet<&str> = self
-            .net
-            .node_weights()
-            .flat_map(|n| n.proto.input.iter().map(String::as_str))
-            .chain(self.outputs.iter().map(String::as_str))
-            .collect();
-        let keep: Vec<bool> = self.initializers.iter().map(|t| used.contains(t.name.as_str())).collect();
         let nodes: Vec<pb::NodeProto> = order.iter().map(|&id| self.net[id].proto.clone()).collect();
+        let dropped = std::mem::take(&mut self.dropped);
         let mut inits = std::mem::take(&mut self.initializers);
-        let mut k = keep.into_iter();
-        inits.retain(|_| k.next().unwrap_or(true));
+        inits.retain(|t| !dropped.contains(&t.name));
         let graph = model.graph.as_mut().ok_or(PassError::NoGraph)?;
         graph.node = nodes;
         graph.initializer = inits;
         Ok(())
+    }
+
+    /// Drops the constant `tensor` (an initializer or a `Constant` node) once
+    /// nothing reads it any more.
+    pub(crate) fn drop_if_orphaned(&mut self, tensor: &str) {
+        if self.outputs.iter().any(|o| o == tensor) || !self.consumers(tensor).is_empty() {
+            return;
+        }
+        match self.producer(tensor) {
+            Some(id) if self.net[id].op() == "Constant" => self.remove(id),
+            Some(_) => {}
+            None if self.initializer_index.remove(tensor).is_some() => {
+                self.dropped.insert(tensor.to_string());
+            }
+            None => {}
+        }
     }
 
     fn add_node(&mut self, proto: pb::NodeProto, order: (usize, usize)) -> Result<NodeIndex, PassError> {

@@ -68,7 +68,9 @@ pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
     }
     g.types.extend(patch.types);
     for rw in patch.rewires {
+        let old = g.node(rw.node).input(rw.slot).unwrap_or_default().to_string();
         g.set_input(rw.node, rw.slot, &rw.tensor);
+        g.drop_if_orphaned(&old);
     }
     Ok(())
 }

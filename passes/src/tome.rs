@@ -217,7 +217,9 @@ pub fn tokens_per_node(g: &Graph, tokens: usize, merged: &[Merged]) -> Result<Ha
 
 /// Shape constants (Reshape, Expand, ConstantOfShape) that spell the original
 /// token count, re-spelled with the count of tokens that reach them. Dynamo
-/// exports bake N into these; classic exports compute it with Shape ops.
+/// exports bake N into these; torchvision's attention concatenates a baked N
+/// with computed dims (`Concat([N], B·H, D)`); classic exports compute N with
+/// Shape ops and need nothing.
 pub fn retarget_token_constants(
     g: &Graph,
     tokens: usize,
@@ -226,10 +228,10 @@ pub fn retarget_token_constants(
 ) -> Vec<Patch> {
     let mut ids: Vec<NodeIndex> = original.iter().copied().collect();
     ids.sort_by_key(|id| g.node(*id).order);
-    let n0 = tokens as i64;
     let mut patches = vec![];
+    let mut seen = HashSet::new();
     for id in ids {
-        let now = per_node.get(&id).copied().unwrap_or(tokens) as i64;
+        let now = per_node.get(&id).copied().unwrap_or(tokens);
         let node = g.node(id);
         let slot = match node.op() {
             "Reshape" | "Expand" => 1,
@@ -237,26 +239,40 @@ pub fn retarget_token_constants(
             _ => continue,
         };
         let (Some(shape_in), Some(out_ty)) = (node.input(slot), g.ty(node.output())) else { continue };
-        let Some(mut values) = g.constant_i64(shape_in) else { continue };
-        if now == n0 {
+        if now == tokens {
             continue;
         }
-        let mut changed = false;
-        for (axis, v) in values.iter_mut().enumerate() {
-            if *v == n0 && out_ty.shape.get(axis) == Some(&Dim::Fixed(n0)) {
-                *v = now;
-                changed = true;
+        // (node, slot) holding a constant piece of the shape, and its offset in the shape.
+        let mut pieces = vec![(id, slot, shape_in.to_string(), 0usize)];
+        if let Some(concat) = g.producer(shape_in).filter(|c| g.node(*c).op() == "Concat" && !g.is_constant(shape_in)) {
+            let mut offset = 0;
+            pieces.clear();
+            for (k, input) in g.node(concat).proto.input.iter().enumerate() {
+                let Some(len) = g.ty(input).and_then(|t| t.dim(0)) else { break };
+                pieces.push((concat, k, input.clone(), offset));
+                offset += len as usize;
             }
         }
-        if !changed {
-            continue;
+        for (holder, slot, tensor, offset) in pieces {
+            let Some(mut values) = g.constant_i64(&tensor) else { continue };
+            let mut changed = false;
+            for (k, v) in values.iter_mut().enumerate() {
+                if *v == tokens as i64 && out_ty.shape.get(offset + k) == Some(&Dim::Fixed(tokens as i64)) {
+                    *v = now as i64;
+                    changed = true;
+                }
+            }
+            if !changed || !seen.insert((holder, slot)) {
+                continue;
+            }
+            let holder_name = g.node(holder).name();
+            let mut patch = Patch::new(format!("{holder_name}: {now} tokens"), holder);
+            let name = format!("{holder_name}.tome.tokens{slot}");
+            patch.initializers.push(crate::graph::int64_tensor(&name, &[values.len() as i64], &values));
+            patch.types.insert(name.clone(), TensorType::new(INT64, vec![Dim::Fixed(values.len() as i64)]));
+            patch.rewires.push(Rewire { node: holder, slot, tensor: name });
+            patches.push(patch);
         }
-        let mut patch = Patch::new(format!("{}: {now} tokens", node.name()), id);
-        let name = format!("{}.tome.tokens", node.name());
-        patch.initializers.push(crate::graph::int64_tensor(&name, &[values.len() as i64], &values));
-        patch.types.insert(name.clone(), TensorType::new(INT64, vec![Dim::Fixed(values.len() as i64)]));
-        patch.rewires.push(Rewire { node: id, slot, tensor: name });
-        patches.push(patch);
     }
     patches
 }
