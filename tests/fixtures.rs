@@ -11,7 +11,6 @@ fn check_case(case: &str, model: &str) {
     let refs = references(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let source = fixture(&format!("{case}/{model}"));
-    let npz = fixture(&format!("{case}/io.npz"));
     let mut ort_cases = vec![];
     for (key, r) in SCHEDULES {
         for prop in [1, 0] {
@@ -23,14 +22,14 @@ fn check_case(case: &str, model: &str) {
             let err = max_relative_error(&y, &refs[&format!("logits_{name}")]);
             println!("tract {case}/{model} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case}/{model} {name}: tract relative error {err:e} > 1e-4");
-            ort_cases.push((out, npz.clone(), format!("logits_{name}")));
+            ort_cases.push((out, case.to_string(), format!("logits_{name}")));
         }
     }
     let out = dir.path().join("r0.onnx");
     compile_to(&source, &out, &options("0", true));
     let err = max_abs_error(&run_tract(&out, &refs), &refs["logits_r0"]);
     assert!(err <= 1e-5, "{case}/{model} r=0: tract abs error {err:e} > 1e-5");
-    ort_cases.push((out, npz.clone(), "logits_r0".to_string()));
+    ort_cases.push((out, case.to_string(), "logits_r0".to_string()));
     check_with_onnxruntime(dir.path(), &ort_cases);
 }
 
@@ -57,4 +56,29 @@ fn average_pool_head_becomes_size_weighted() {
 #[test]
 fn torchvision_sequence_first_attention_matches_reference_tome() {
     check_case("torchvision_vit", "model.onnx");
+}
+
+#[test]
+fn hugging_face_vit_eager_matches_reference_tome() {
+    check_case("hf_vit_eager", "model.onnx");
+}
+
+#[test]
+fn hugging_face_vit_sdpa_matches_reference_tome() {
+    check_case("hf_vit_sdpa", "model.onnx");
+}
+
+#[test]
+fn dinov2_registers_stay_in_front_with_layerscale() {
+    check_case("dinov2_registers", "model.onnx");
+}
+
+#[test]
+fn clip_vision_tower_matches_reference_tome() {
+    check_case("clip_vision", "model.onnx");
+}
+
+#[test]
+fn opset23_attention_op_takes_the_bias_as_its_mask() {
+    check_case("timm_vit_opset23", "model.onnx");
 }

@@ -1,7 +1,8 @@
 """Checks compiled models outside the project: onnx.checker (full check) and
 onnxruntime's outputs against the reference logits.
 
-Usage: python3 ort_check.py MANIFEST, one case per line: MODEL NPZ KEY.
+Usage: python3 ort_check.py MANIFEST, one case per line: MODEL NPZ KEY PIXELS,
+PIXELS being the .npz whose `pixel_values` are the inputs.
 Prints one line per case; exits 1 if any case fails the spec's tolerance
 (max |y - ref| / max |ref| <= 1e-4 per image; 1e-5 absolute for logits_r0).
 """
@@ -13,11 +14,11 @@ import onnxruntime as ort
 
 failed = 0
 for line in open(sys.argv[1]):
-    model, npz, key = line.split()
+    model, npz, key, pixels = line.split()
     onnx.checker.check_model(onnx.load(model), full_check=True)
     data = np.load(npz)
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    y = sess.run(None, {sess.get_inputs()[0].name: data["pixel_values"]})[0]
+    y = sess.run(None, {sess.get_inputs()[0].name: np.load(pixels)["pixel_values"]})[0]
     ref = data[key]
     if key == "logits_r0":
         err, ok = float(np.abs(y - ref).max()), float(np.abs(y - ref).max()) <= 1e-5

@@ -27,8 +27,22 @@ pub fn compile_to(model: &Path, out: &Path, opts: &Options) -> Report {
     report
 }
 
+/// The reference logits of `case`, and `pixel_values` (from `timm_vit`,
+/// where a case shares its four images).
 pub fn references(case: &str) -> BTreeMap<String, Tensor> {
-    tome_compile::npz::read(&fixture(&format!("{case}/io.npz"))).expect("io.npz")
+    let mut refs = tome_compile::npz::read(&fixture(&format!("{case}/io.npz"))).expect("io.npz");
+    if !refs.contains_key("pixel_values") {
+        let pixels = tome_compile::npz::read(&pixels_npz(case)).expect("pixels");
+        refs.insert("pixel_values".into(), pixels["pixel_values"].clone());
+    }
+    refs
+}
+
+/// The archive holding the input images of `case`.
+pub fn pixels_npz(case: &str) -> PathBuf {
+    let own = fixture(&format!("{case}/io.npz"));
+    let has_pixels = tome_compile::npz::read(&own).map(|a| a.contains_key("pixel_values")).unwrap_or(false);
+    if has_pixels { own } else { fixture("timm_vit/io.npz") }
 }
 
 /// Runs `model` in tract on the fixture images.
@@ -71,12 +85,17 @@ pub fn tokens_of(report: &Report) -> Vec<usize> {
 }
 
 /// Runs `tests/ort_check.py` (onnx.checker full check + onnxruntime against
-/// the references) on `cases` of (model, npz, key); panics with its output
+/// the references) on `cases` of (model, case, key); panics with its output
 /// when any case fails.
-pub fn check_with_onnxruntime(dir: &Path, cases: &[(PathBuf, PathBuf, String)]) {
+pub fn check_with_onnxruntime(dir: &Path, cases: &[(PathBuf, String, String)]) {
     let manifest = dir.join("manifest.txt");
-    let lines: Vec<String> =
-        cases.iter().map(|(m, n, k)| format!("{} {} {k}", m.display(), n.display())).collect();
+    let lines: Vec<String> = cases
+        .iter()
+        .map(|(m, case, k)| {
+            let refs = fixture(&format!("{case}/io.npz"));
+            format!("{} {} {k} {}", m.display(), refs.display(), pixels_npz(case).display())
+        })
+        .collect();
     std::fs::write(&manifest, lines.join("\n")).expect("manifest");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_check.py");
     let out = std::process::Command::new("python3")
