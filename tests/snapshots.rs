@@ -78,3 +78,9 @@ fn torchvision_block_rewrite() {
     dump += &tome_passes::dump_nodes(&model, "/encoder/layers/encoder_layer_1/self_attention/Concat_3");
     insta::assert_snapshot!(dump);
 }
+
+#[test]
+fn fused_attention_op_block_rewrite() {
+    let model = compiled("timm_vit_opset23/model.onnx", "8");
+    insta::assert_snapshot!(tome_passes::dump_nodes(&model, "blocks.1.tome.prop_attn"));
+}

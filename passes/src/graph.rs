@@ -237,8 +237,13 @@ impl Graph {
         Ok(())
     }
 
-    /// Points input `slot` of `id` at `tensor`, keeping edges in step.
+    /// Points input `slot` of `id` at `tensor` (appending optional inputs as
+    /// needed), keeping edges in step.
     pub(crate) fn set_input(&mut self, id: NodeIndex, slot: usize, tensor: &str) {
+        let inputs = &mut self.net[id].proto.input;
+        if inputs.len() <= slot {
+            inputs.resize(slot + 1, String::new());
+        }
         let old = std::mem::replace(&mut self.net[id].proto.input[slot], tensor.to_string());
         let still_used = self.net[id].proto.input.contains(&old);
         if !still_used {

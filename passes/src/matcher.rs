@@ -9,15 +9,18 @@ use petgraph::Direction;
 use crate::graph::{Dim, Graph, TensorType};
 use crate::PassError;
 
-/// One pre-norm transformer block, anchored on its attention Softmax.
+/// One pre-norm transformer block, anchored on its attention: a Softmax
+/// between two MatMuls, or the fused `Attention` op (opset 23).
 #[derive(Clone, Debug)]
 pub struct VitBlock {
     pub index: usize,
     /// Prefix of every node the rewrite adds to this block.
     pub name: String,
-    pub softmax: NodeIndex,
-    /// Kᵀ as it enters Q·Kᵀ, [B, H, D, N], with any scalar scale stripped.
+    pub attention: NodeIndex,
+    /// K with any scalar scale stripped: Kᵀ [B, H, D, N] as it enters Q·Kᵀ,
+    /// or K [B, H, N, D] as the `Attention` op takes it.
     pub keys: String,
+    pub keys_transposed: bool,
     pub block_input: String,
     /// The `x + Attn(LN1(x))` node; its output is where tokens merge.
     pub attn_residual: NodeIndex,
@@ -64,7 +67,7 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
     let order = g.topological_order()?;
     let mut blocks = vec![];
     let mut rejected = vec![];
-    for &id in order.iter().filter(|&&id| g.node(id).op() == "Softmax") {
+    for &id in order.iter().filter(|&&id| matches!(g.node(id).op(), "Softmax" | "Attention")) {
         match match_block(g, id, blocks.len()) {
             Ok(b) => blocks.push(b),
             Err(why) => rejected.push(format!("{}: {why}", g.node(id).name())),
@@ -111,28 +114,23 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
 ///         └──────────────────────────── Add ─ x_out
 /// ```
 /// Seen in timm (classic and dynamo exporters, with and without the SDPA
-/// split scale) and DeiT exports.
-fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, String> {
-    let sm = g.node(softmax);
-    let logits = sm.input(0).ok_or("Softmax has no input")?;
-    let lt = g.ty(logits).ok_or("attention logits have no known shape")?;
-    if lt.rank() != 4 {
-        return Err(format!("attention logits {lt} are not [batch, heads, tokens, tokens]"));
-    }
-    let axis = sm.attr_int("axis").unwrap_or(-1);
-    if axis != -1 && axis != 3 {
-        return Err(format!("Softmax over axis {axis}, expected the last axis"));
-    }
-    let qk = walk_to_matmul(g, logits, lt)?;
-    let keys_raw = g.node(qk).input(1).ok_or("Q·Kᵀ MatMul has no second input")?;
-    let keys = strip_scalar_scale(g, keys_raw);
+/// split scale, and the opset-23 `Attention` op), DeiT, torchvision
+/// (sequence-first MultiheadAttention), Hugging Face ViT (eager and SDPA),
+/// DINOv2-style (registers, LayerScale) and CLIP-style exports.
+fn match_block(g: &Graph, attention: NodeIndex, index: usize) -> Result<VitBlock, String> {
+    let (keys, keys_transposed) = match g.node(attention).op() {
+        "Attention" => (fused_attention_keys(g, attention)?, false),
+        _ => (softmax_keys(g, attention)?, true),
+    };
     let kt = g.ty(&keys).ok_or("keys have no known shape")?;
-    let (heads, head_dim, tokens) = match kt.shape.as_slice() {
-        [_, Dim::Fixed(h), Dim::Fixed(d), Dim::Fixed(n)] => (*h as usize, *d as usize, *n as usize),
+    let (heads, head_dim, tokens) = match (kt.shape.as_slice(), keys_transposed) {
+        ([_, Dim::Fixed(h), Dim::Fixed(d), Dim::Fixed(n)], true) | ([_, Dim::Fixed(h), Dim::Fixed(n), Dim::Fixed(d)], false) => {
+            (*h as usize, *d as usize, *n as usize)
+        }
         _ => return Err(format!("keys {kt} are not [batch, heads, head_dim, tokens] with static sizes")),
     };
-    let upstream = g.reachable(softmax, Direction::Incoming);
-    let attn_residual = find_residual_add(g, softmax, &upstream)?;
+    let upstream = g.reachable(attention, Direction::Incoming);
+    let attn_residual = find_residual_add(g, attention, &upstream)?;
     let add = g.node(attn_residual);
     let residual = add.output().to_string();
     let rt = g.ty(&residual).ok_or("the attention residual has no known shape")?;
@@ -151,8 +149,9 @@ fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, 
     Ok(VitBlock {
         index,
         name: format!("blocks.{index}"),
-        softmax,
+        attention,
         keys,
+        keys_transposed,
         block_input,
         attn_residual,
         residual,
@@ -164,9 +163,45 @@ fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, 
     })
 }
 
+/// Kᵀ of a Softmax(Q·Kᵀ) attention.
+fn softmax_keys(g: &Graph, softmax: NodeIndex) -> Result<String, String> {
+    let sm = g.node(softmax);
+    let logits = sm.input(0).ok_or("Softmax has no input")?;
+    let lt = g.ty(logits).ok_or("attention logits have no known shape")?;
+    if lt.rank() != 4 {
+        return Err(format!("attention logits {lt} are not [batch, heads, tokens, tokens]"));
+    }
+    let axis = sm.attr_int("axis").unwrap_or(-1);
+    if axis != -1 && axis != 3 {
+        return Err(format!("Softmax over axis {axis}, expected the last axis"));
+    }
+    let qk = walk_to_matmul(g, logits, lt)?;
+    let keys_raw = g.node(qk).input(1).ok_or("Q·Kᵀ MatMul has no second input")?;
+    Ok(strip_scalar_scale(g, keys_raw))
+}
+
+/// K of the opset-23 `Attention` op: 4-D, no causal mask, no KV cache.
+fn fused_attention_keys(g: &Graph, id: NodeIndex) -> Result<String, String> {
+    let node = g.node(id);
+    if node.attr_int("is_causal").unwrap_or(0) != 0 || node.input(4).is_some() {
+        return Err("a causal or cached Attention is not a ViT's attention".into());
+    }
+    if let Some(mask) = node.input(3) {
+        if g.ty(mask).is_none_or(|t| t.elem != crate::graph::FLOAT) {
+            return Err(format!("Attention mask {mask} is not float32; only additive float masks are supported"));
+        }
+    }
+    let keys = node.input(1).ok_or("Attention has no K input")?;
+    if g.ty(keys).is_none_or(|t| t.rank() != 4) {
+        return Err("Attention takes 3-D Q/K/V; only the 4-D [batch, heads, tokens, head_dim] form is supported".into());
+    }
+    Ok(strip_scalar_scale(g, keys))
+}
+
 /// Walks from the logits back through scale, bias and casts to Q·Kᵀ.
 fn walk_to_matmul(g: &Graph, logits: &str, lt: &TensorType) -> Result<NodeIndex, String> {
     let mut tensor = logits.to_string();
+    let tokens = lt.shape.last().cloned();
     for _ in 0..8 {
         let id = g.producer(&tensor).ok_or_else(|| format!("{tensor} is not produced by a node"))?;
         let node = g.node(id);
@@ -174,7 +209,18 @@ fn walk_to_matmul(g: &Graph, logits: &str, lt: &TensorType) -> Result<NodeIndex,
             "MatMul" => return Ok(id),
             "Mul" | "Div" | "Add" | "Sub" | "Cast" => {
                 let same = node.proto.input.iter().find(|i| g.ty(i).is_some_and(|t| t.shape == lt.shape));
-                tensor = same.ok_or_else(|| format!("{} ({}) does not carry the logits", node.name(), node.op()))?.clone();
+                let same = same.ok_or_else(|| format!("{} ({}) does not carry the logits", node.name(), node.op()))?;
+                let position_bias = node.proto.input.iter().filter(|i| *i != same).any(|i| {
+                    g.ty(i).is_some_and(|t| t.rank() >= 2 && t.shape[t.rank() - 2..].iter().all(|d| Some(d) == tokens.as_ref()))
+                });
+                if node.op() == "Add" && position_bias {
+                    return Err(format!(
+                        "{} adds a token-by-token bias to the logits (a relative position bias, as in BEiT or Swin); \
+                         merged tokens would misindex it",
+                        node.name()
+                    ));
+                }
+                tensor = same.clone();
             }
             op => return Err(format!("{} ({op}) sits between Q·Kᵀ and the Softmax", node.name())),
         }

@@ -43,6 +43,9 @@ impl Patch {
 pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
     for rw in &patch.rewires {
         let old = g.node(rw.node).input(rw.slot).unwrap_or_default().to_string();
+        if old.is_empty() {
+            continue; // a new optional input: nothing to stay compatible with
+        }
         let new_ty = patch.types.get(&rw.tensor).or_else(|| g.ty(&rw.tensor));
         if let (Some(old_ty), Some(new_ty)) = (g.ty(&old), new_ty) {
             check_compatible(old_ty, new_ty, patch.resized_axis).map_err(|why| PassError::BadPatch {

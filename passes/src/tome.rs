@@ -20,19 +20,33 @@ pub struct Merged {
 }
 
 /// Adds `log(size)` to the attention logits before the Softmax:
-/// `logits[b, h, i, j] += log(size[b, j])`.
-pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result<Patch, PassError> {
-    let logits = g.node(block.softmax).input(0).unwrap_or_default().to_string();
-    let ty = g.ty(&logits).cloned().ok_or_else(|| PassError::MissingType(logits.clone()))?;
-    let anchor = g.producer(&logits).unwrap_or(block.softmax);
+/// `logits[b, h, i, j] += log(size[b, j])`. A fused `Attention` op takes the
+/// bias as (or added to) its additive mask, spelled out over the `tokens`
+/// query rows as onnxruntime and tract require.
+pub fn proportional_attention(g: &Graph, block: &VitBlock, tokens: usize, size: &str) -> Result<Patch, PassError> {
+    let attention = g.node(block.attention);
+    let fused = attention.op() == "Attention";
+    let logits = if fused { attention.input(3) } else { attention.input(0) }.map(str::to_string);
+    let anchor = logits.as_deref().and_then(|l| g.producer(l)).unwrap_or(block.attention);
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
     let log_size = e.op("Log", "log_size", &[size], vec![]);
     let row = e.transpose("log_size_row", &log_size, &[0, 2, 1]);
-    let bias = e.unsqueeze("bias", &row, &[1]);
-    let biased = e.op("Add", "logits", &[&logits, &bias], vec![]);
-    patch.types.insert(biased.clone(), ty);
-    patch.rewires.push(Rewire { node: block.softmax, slot: 0, tensor: biased });
+    let mut bias = e.unsqueeze("bias", &row, &[1]);
+    if fused {
+        let n = tokens as i64;
+        let rows = e.const_i64("bias_rows", &[4], &[1, 1, n, n]);
+        bias = e.op("Expand", "bias_expanded", &[&bias, &rows], vec![]);
+    }
+    let biased = match &logits {
+        Some(l) => e.op("Add", "logits", &[l, &bias], vec![]),
+        None => bias,
+    };
+    if let Some(ty) = logits.as_deref().and_then(|l| g.ty(l)) {
+        patch.types.insert(biased.clone(), ty.clone());
+    }
+    let slot = if fused { 3 } else { 0 };
+    patch.rewires.push(Rewire { node: block.attention, slot, tensor: biased });
     Ok(patch)
 }
 
@@ -84,7 +98,10 @@ pub fn merge(
 
     // Bipartite soft matching.
     let key_mean = e.reduce("ReduceMean", "key_mean", &block.keys, &[1], false);
-    let metric_raw = e.transpose("metric_raw", &key_mean, &[0, 2, 1]);
+    let metric_raw = match block.keys_transposed {
+        true => e.transpose("metric_raw", &key_mean, &[0, 2, 1]),
+        false => key_mean,
+    };
     let norm = e.reduce("ReduceL2", "metric_norm", &metric_raw, &[2], true);
     let metric = e.op("Div", "metric", &[&metric_raw, &norm], vec![]);
     let metric_a = e.slice("metric_a", &metric, 1, 0, n, 2);
