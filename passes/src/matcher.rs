@@ -40,6 +40,9 @@ pub enum Head {
     /// A mean over the token axis (of the tokens a Slice keeps, from `start`),
     /// which must become size-weighted.
     AveragePool { reduce: NodeIndex, slice: Option<NodeIndex>, start: usize },
+    /// `reader` uses `tensor` as a sequence of every patch (a Reshape back to
+    /// an H×W grid, say): it needs the full sequence back (`--unmerge`).
+    Grid { tensor: String, reader: String, op: String },
 }
 
 impl Head {
@@ -48,6 +51,7 @@ impl Head {
             Head::Tokens(ix) if ix.len() == 1 => format!("token {}", ix[0]),
             Head::Tokens(ix) => format!("tokens {ix:?}"),
             Head::AveragePool { start, .. } => format!("average pool over tokens {start}.. (size-weighted)"),
+            Head::Grid { reader, op, .. } => format!("{reader} ({op}) reads every patch token (unmerged)"),
         }
     }
 }
@@ -302,11 +306,12 @@ fn patch_count(g: &Graph, first: &VitBlock) -> Result<usize, PassError> {
     })
 }
 
-/// Follows the tokens after the last block to the head.
+/// Follows the tokens after the last block to the head. A reader that is
+/// neither a prefix-token read nor a mean over tokens (a Reshape back to a
+/// patch grid, say) makes the head a `Grid`: merging breaks it unless the
+/// full token sequence is restored first.
 fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Head, PassError> {
-    let is_token_tensor = |t: &str| {
-        g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64))
-    };
+    let is_token_tensor = |t: &str| g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64));
     let mut read = vec![];
     let mut pool = None;
     let mut queue = VecDeque::from([last.to_string()]);
@@ -317,24 +322,34 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
                 "graph output {tensor} carries every token; merging would change its shape"
             )));
         }
+        let grid = |node: &crate::graph::Node| Head::Grid {
+            tensor: tensor.clone(),
+            reader: node.name().to_string(),
+            op: node.op().to_string(),
+        };
         for (id, _) in g.consumers(&tensor) {
             if !seen.insert(id) {
                 continue;
             }
             let node = g.node(id);
             let out = node.output();
-            let axis = node.attr_int("axis").or_else(|| node.attr_ints("axes").and_then(|a| a.first().copied()));
+            let axis = node.attr_int("axis");
             let index = node.input(1).and_then(|i| g.constant_i64(i));
             match node.op() {
+                // Reads no token values; whatever uses the shape is checked where it meets the tokens.
+                "Shape" => {}
                 "Gather" if axis == Some(1) && index.as_ref().is_some_and(|v| v.len() == 1 && v[0] < prefix as i64) => {
                     read.extend(index.unwrap_or_default());
                 }
                 "Slice" => {
-                    let start = slice_start_on_tokens(g, node).ok_or_else(|| refuse(node))?;
+                    let Some(start) = slice_start_on_tokens(g, node) else { return Ok(grid(node)) };
                     for (next, _) in g.consumers(out) {
                         let n = g.node(next);
+                        if n.op() == "Shape" {
+                            continue;
+                        }
                         if n.op() != "ReduceMean" || !reduces_tokens(g, n) {
-                            return Err(refuse(n));
+                            return Ok(grid(n));
                         }
                         pool = Some(Head::AveragePool { reduce: next, slice: Some(id), start });
                     }
@@ -345,7 +360,7 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
                 _ if is_token_tensor(out) && !matches!(node.op(), "Reshape" | "Transpose" | "Gather" | "Slice") => {
                     queue.push_back(out.to_string());
                 }
-                _ => return Err(refuse(node)),
+                _ => return Ok(grid(node)),
             }
         }
     }
@@ -359,10 +374,6 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
         (Some(_), false) => Err(PassError::Unsupported("the head mixes prefix tokens and an average pool".into())),
         (None, true) => Err(PassError::Unsupported("nothing reads the tokens after the last block".into())),
     }
-}
-
-fn refuse(node: &crate::graph::Node) -> PassError {
-    PassError::TokenConsumer { node: node.name().to_string(), op: node.op().to_string() }
 }
 
 /// Start of a Slice on the token axis (axis 1), if that is all it slices.

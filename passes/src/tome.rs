@@ -17,6 +17,9 @@ pub struct Merged {
     /// Tokens each token stands for, [B, N - r, 1].
     pub size: String,
     pub tokens: usize,
+    /// For each original token, the index of the token now standing for it,
+    /// [B, N0] int64; kept only when the head needs the full sequence back.
+    pub source: Option<String>,
 }
 
 /// Adds `log(size)` to the attention logits before the Softmax:
@@ -66,6 +69,7 @@ pub fn merge(
     tokens: usize,
     r: usize,
     size: Option<&str>,
+    source: Option<Option<&str>>,
     prefix: usize,
 ) -> Result<(Patch, Merged), PassError> {
     let (n, c) = (tokens as i64, block.width as i64);
@@ -166,6 +170,7 @@ pub fn merge(
     let sums = e.slice("sums", &merged, 2, 0, c, 1);
     let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
     let x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
 
     let out_tokens = (n - r) as usize;
     patch.types.insert(x_out.clone(), tokens_type(&x_ty, out_tokens, block.width));
@@ -173,7 +178,74 @@ pub fn merge(
     for (node, slot) in readers {
         patch.rewires.push(Rewire { node, slot, tensor: x_out.clone() });
     }
-    Ok((patch, Merged { x: x_out, size: size_out, tokens: out_tokens }))
+    Ok((patch, Merged { x: x_out, size: size_out, tokens: out_tokens, source }))
+}
+
+/// Where each token of this block lands after the merge, composed with the
+/// sources so far. In the output `concat(unm[:pa], b[:pb], unm[pa:], b[pb:])`
+/// the p-th unmerged A token sits at `p + (p >= pa ? pb : 0)`, B token j at
+/// `j < pb ? pa + j : nu + j`, and a merged A token where its dst B token is.
+/// Positions are one-hot sums in float32, exact below 2^24.
+fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, dst: &str, sizes: [i64; 5]) -> String {
+    let [na, nb, nu, pa, pb] = sizes;
+    let a_positions = e.const_i64("a_positions", &[na], &(0..na).collect::<Vec<_>>());
+    // Unmerged A tokens: one-hot [B, nu, na] weighted by their output position.
+    let unm_column = e.unsqueeze("unm_column", unm, &[2]);
+    let unm_hits = e.op("Equal", "unm_one_hot_bool", &[&unm_column, &a_positions], vec![]);
+    let unm_one_hot = e.cast("unm_one_hot", &unm_hits, FLOAT);
+    let unm_place: Vec<f32> = (0..nu).map(|p| (p + if p >= pa { pb } else { 0 }) as f32).collect();
+    let unm_place = e.const_f32("unm_place", &[nu, 1], &unm_place);
+    let unm_weighted = e.op("Mul", "unm_placed", &[&unm_one_hot, &unm_place], vec![]);
+    let from_unm = e.reduce("ReduceSum", "a_from_unm", &unm_weighted, &[1], false);
+    // Merged A tokens: one-hot [B, r, na] weighted by where their dst landed.
+    let src_column = e.unsqueeze("src_column", src, &[2]);
+    let src_hits = e.op("Equal", "src_one_hot_bool", &[&src_column, &a_positions], vec![]);
+    let src_one_hot = e.cast("src_one_hot", &src_hits, FLOAT);
+    let b_place: Vec<f32> = (0..nb).map(|j| if j < pb { pa + j } else { nu + j } as f32).collect();
+    let b_place = e.const_f32("b_place", &[nb], &b_place);
+    let dst_place = e.op("Gather", "dst_place", &[&b_place, dst], vec![int_attr("axis", 0)]);
+    let dst_place = e.unsqueeze("dst_place_column", &dst_place, &[2]);
+    let src_weighted = e.op("Mul", "src_placed", &[&src_one_hot, &dst_place], vec![]);
+    let from_src = e.reduce("ReduceSum", "a_from_src", &src_weighted, &[1], false);
+    let a_place = e.op("Add", "a_place", &[&from_unm, &from_src], vec![]);
+    // Interleave A (even) and B (odd) positions back into this block's token order.
+    let a_paired = e.slice("a_place_paired", &a_place, 1, 0, nb, 1);
+    let zeros = e.op("Sub", "b_zeros", &[&a_paired, &a_paired], vec![]);
+    let b_place_row = e.op("Add", "b_place_row", &[&zeros, &b_place], vec![]);
+    let a_column = e.unsqueeze("a_place_pair", &a_paired, &[2]);
+    let b_column = e.unsqueeze("b_place_pair", &b_place_row, &[2]);
+    let pairs = e.op("Concat", "place_pairs", &[&a_column, &b_column], vec![int_attr("axis", 2)]);
+    let flat = e.const_i64("place_flat_shape", &[2], &[0, 2 * nb]);
+    let mut place = e.op("Reshape", "place_interleaved", &[&pairs, &flat], vec![]);
+    if na > nb {
+        let last = e.slice("a_place_last", &a_place, 1, nb, na, 1);
+        place = e.op("Concat", "place_all", &[&place, &last], vec![int_attr("axis", 1)]);
+    }
+    let place = e.cast("place", &place, INT64);
+    match previous {
+        Some(prev) => e.op("GatherElements", "source", &[&place, prev], vec![int_attr("axis", 1)]),
+        None => place,
+    }
+}
+
+/// Gives every original token the value of the token it was merged into:
+/// `full[b, j] = tokens[b, source[b, j]]`, read by all readers of `tensor`.
+pub fn unmerge(g: &Graph, tensor: &str, source: &str, tokens: usize) -> Result<(Patch, String), PassError> {
+    let missing = || PassError::MissingType(tensor.to_string());
+    let readers = g.consumers(tensor);
+    let anchor = g.producer(tensor).or(readers.first().map(|r| r.0)).ok_or_else(missing)?;
+    let ty = g.ty(tensor).cloned().ok_or_else(missing)?;
+    let mut patch = Patch::new(format!("{tensor}: unmerge"), anchor);
+    patch.resized_axis = Some(1);
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.unmerge", g.node(anchor).name()), g.opset);
+    let index = e.unsqueeze("source_index", source, &[2]);
+    let full = e.op("GatherND", "tokens", &[tensor, &index], vec![int_attr("batch_dims", 1)]);
+    let width = ty.dim(2).unwrap_or(0) as usize;
+    patch.types.insert(full.clone(), tokens_type(&ty, tokens, width));
+    for (node, slot) in readers {
+        patch.rewires.push(Rewire { node, slot, tensor: full.clone() });
+    }
+    Ok((patch, full))
 }
 
 /// Turns a mean over tokens into `sum(x·size) / sum(size)` over the same tokens.
@@ -212,10 +284,11 @@ pub fn size_weighted_pool(
 }
 
 /// Token count seen by each node once merges are in: the count left by the
-/// last merge upstream of it, or `tokens` before the first merge.
-pub fn tokens_per_node(g: &Graph, tokens: usize, merged: &[Merged]) -> Result<HashMap<NodeIndex, usize>, PassError> {
-    let stage_of: HashMap<&str, usize> = merged.iter().enumerate().map(|(i, m)| (m.x.as_str(), i + 1)).collect();
-    let count = |stage: usize| if stage == 0 { tokens } else { merged[stage - 1].tokens };
+/// last stage boundary upstream of it (a merge, or the unmerge), or `tokens`
+/// before the first. `stages` lists each boundary's tensor and count, in order.
+pub fn tokens_per_node(g: &Graph, tokens: usize, stages: &[(String, usize)]) -> Result<HashMap<NodeIndex, usize>, PassError> {
+    let stage_of: HashMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.0.as_str(), i + 1)).collect();
+    let count = |stage: usize| if stage == 0 { tokens } else { stages[stage - 1].1 };
     let mut stage: HashMap<NodeIndex, usize> = HashMap::new();
     for id in g.topological_order()? {
         let s = g
