@@ -36,6 +36,10 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, tokens: usize, size: 
     let log_size = e.op("Log", "log_size", &[size], vec![]);
     let row = e.transpose("log_size_row", &log_size, &[0, 2, 1]);
     let mut bias = e.unsqueeze("bias", &row, &[1]);
+    let elem = logits.as_deref().and_then(|l| g.ty(l)).map(|t| t.elem).unwrap_or(FLOAT);
+    if elem != FLOAT {
+        bias = e.cast("bias_cast", &bias, elem);
+    }
     if fused {
         let n = tokens as i64;
         let rows = e.const_i64("bias_rows", &[4], &[1, 1, n, n]);
@@ -76,13 +80,18 @@ pub fn merge(
     let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
     let nu = na - r;
     let (pa, pb) = ((prefix as i64 + 1) / 2, prefix as i64 / 2);
-    let x = block.residual.as_str();
-    let x_ty = g.ty(x).cloned().ok_or_else(|| PassError::MissingType(x.to_string()))?;
-    let readers = g.consumers(x);
+    let x_ty = g.ty(&block.residual).cloned().ok_or_else(|| PassError::MissingType(block.residual.clone()))?;
+    let readers = g.consumers(&block.residual);
 
     let mut patch = Patch::new(format!("{}: merge r={r}", block.name), block.attn_residual);
     patch.resized_axis = Some(1);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), g.opset);
+    // Matching and merging run in float32 whatever the model's type.
+    let (x, keys) = match x_ty.elem {
+        FLOAT => (block.residual.clone(), block.keys.clone()),
+        _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
+    };
+    let x = x.as_str();
 
     // Tokens start out standing for one patch each.
     let (size, weighted) = match size {
@@ -101,7 +110,7 @@ pub fn merge(
     let b = e.slice("b", &stacked, 1, 1, n, 2);
 
     // Bipartite soft matching.
-    let key_mean = e.reduce("ReduceMean", "key_mean", &block.keys, &[1], false);
+    let key_mean = e.reduce("ReduceMean", "key_mean", &keys, &[1], false);
     let metric_raw = match block.keys_transposed {
         true => e.transpose("metric_raw", &key_mean, &[0, 2, 1]),
         false => key_mean,
@@ -169,7 +178,10 @@ pub fn merge(
     let merged = e.op("Concat", "tokens", &refs, vec![int_attr("axis", 1)]);
     let sums = e.slice("sums", &merged, 2, 0, c, 1);
     let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
-    let x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    let mut x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    if x_ty.elem != FLOAT {
+        x_out = e.cast("x_cast", &x_out, x_ty.elem);
+    }
     let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
 
     let out_tokens = (n - r) as usize;
@@ -270,14 +282,23 @@ pub fn size_weighted_pool(
         }
         None => size.to_string(),
     };
+    let elem = g.ty(&x).map(|t| t.elem).unwrap_or(FLOAT);
+    let x = if elem == FLOAT { x } else { e.cast("x_float", &x, FLOAT) };
     let weighted = e.op("Mul", "weighted", &[&x, &kept], vec![]);
     let sum = e.reduce("ReduceSum", "weighted_sum", &weighted, &[1], keepdims);
     let total = e.reduce("ReduceSum", "size_sum", &kept, &[1], keepdims);
+    let mut mean = vec![sum, total];
+    let mut op = "Div";
+    if elem != FLOAT {
+        mean = vec![e.op("Div", "mean_float", &[&mean[0], &mean[1]], vec![])];
+        op = "Cast";
+    }
     patch.nodes.push(crate::pb::NodeProto {
         name: format!("{}.tome.pool.mean", node.name()),
-        op_type: "Div".into(),
-        input: vec![sum, total],
+        op_type: op.into(),
+        input: mean,
         output: vec![output],
+        attribute: if elem == FLOAT { vec![] } else { vec![int_attr("to", elem as i64)] },
         ..Default::default()
     });
     Ok(patch)

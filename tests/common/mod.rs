@@ -45,10 +45,12 @@ pub fn pixels_npz(case: &str) -> PathBuf {
     if has_pixels { own } else { fixture("timm_vit/io.npz") }
 }
 
-/// Runs `model` in tract on the fixture images.
+/// Runs `model` in tract on the fixture images, cast to the model's input type.
 pub fn run_tract(model: &Path, refs: &BTreeMap<String, Tensor>) -> Tensor {
     let runner = Runner::load(model).expect("tract load");
-    runner.run(vec![refs["pixel_values"].clone()]).expect("tract run").remove(0)
+    let pixels = refs["pixel_values"].cast_to_dt(runner.input_type).expect("cast").into_owned();
+    let y = runner.run(vec![pixels]).expect("tract run").remove(0);
+    y.cast_to_dt(tract_onnx::prelude::DatumType::F32).expect("cast").into_owned()
 }
 
 /// Largest per-image `max |y - ref| / max |ref|`.
@@ -90,12 +92,18 @@ pub fn tokens_of(report: &Report) -> Vec<usize> {
 /// the references) on `cases` of (model, case, key); panics with its output
 /// when any case fails.
 pub fn check_with_onnxruntime(dir: &Path, cases: &[(PathBuf, String, String)]) {
+    check_with_onnxruntime_within(dir, cases, None)
+}
+
+/// As `check_with_onnxruntime`, with a relative tolerance replacing the spec's.
+pub fn check_with_onnxruntime_within(dir: &Path, cases: &[(PathBuf, String, String)], tolerance: Option<f32>) {
     let manifest = dir.join("manifest.txt");
+    let tol = tolerance.map(|t| format!(" {t}")).unwrap_or_default();
     let lines: Vec<String> = cases
         .iter()
         .map(|(m, case, k)| {
             let refs = fixture(&format!("{case}/io.npz"));
-            format!("{} {} {k} {}", m.display(), refs.display(), pixels_npz(case).display())
+            format!("{} {} {k} {}{tol}", m.display(), refs.display(), pixels_npz(case).display())
         })
         .collect();
     std::fs::write(&manifest, lines.join("\n")).expect("manifest");
