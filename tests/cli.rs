@@ -223,3 +223,11 @@ fn a_head_reading_the_patch_grid_is_refused_without_unmerge() {
     let o = tome(&[model.to_str().unwrap(), "--r", "8", "--unmerge", "-o", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn windowed_attention_with_relative_position_bias_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("swin_refused/model.onnx"), "8", &dir.path().join("out.onnx"));
+    assert!(err.contains("no transformer block found") && err.contains("relative position bias"), "{err}");
+    assert!(err.contains("/layers/layers.0/blocks/blocks.0/attn/Add"), "names the node: {err}");
+}

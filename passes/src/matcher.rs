@@ -78,7 +78,11 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
         }
     }
     if blocks.is_empty() {
-        let detail = if rejected.is_empty() { "the graph has no Softmax".to_string() } else { rejected.join("; ") };
+        let detail = match rejected.as_slice() {
+            [] => "the graph has no Softmax".to_string(),
+            [one] => one.clone(),
+            [first, ..] => format!("{} attention nodes were rejected, the first: {first}", rejected.len()),
+        };
         return Err(PassError::NoBlocks(detail));
     }
     if let Some(why) = rejected.first() {
