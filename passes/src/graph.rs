@@ -213,11 +213,36 @@ impl Graph {
         }
     }
 
-    /// Adds a node wired to existing producers; used by the patch driver.
+    /// Adds a node wired to its producers and to any nodes already reading
+    /// its outputs; used by the patch driver.
     pub(crate) fn insert(&mut self, proto: pb::NodeProto, order: (usize, usize)) -> Result<NodeIndex, PassError> {
+        let outputs = proto.output.clone();
         let id = self.add_node(proto, order)?;
         self.connect_inputs(id);
+        for out in outputs.iter().filter(|o| !o.is_empty()) {
+            for (reader, _) in self.consumers(out) {
+                self.net.add_edge(id, reader, out.clone());
+            }
+        }
         Ok(id)
+    }
+
+    /// Renames what `id` produces as `old` to `new`, leaving the readers of
+    /// `old` (and a graph output of that name) waiting for a new producer.
+    pub(crate) fn rename_output(&mut self, id: NodeIndex, old: &str, new: &str) -> Result<(), PassError> {
+        if self.producer.contains_key(new) || self.initializer_index.contains_key(new) {
+            return Err(PassError::DuplicateTensor(new.to_string()));
+        }
+        for out in self.net[id].proto.output.iter_mut().filter(|o| *o == old) {
+            *out = new.to_string();
+        }
+        self.producer.remove(old);
+        self.producer.insert(new.to_string(), id);
+        let stale: Vec<_> = self.net.edges_directed(id, Direction::Outgoing).filter(|e| *e.weight() == old).map(|e| e.id()).collect();
+        for e in stale {
+            self.net.remove_edge(e);
+        }
+        Ok(())
     }
 
     pub(crate) fn remove(&mut self, id: NodeIndex) {

@@ -35,7 +35,7 @@ pub enum PassError {
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error(
-        "node {node} ({op}) reads every patch token after the last block (as an image grid, say), which merging \
+        "{node} ({op}) reads every patch token after the last block (as an image grid, say), which merging \
          breaks; pass --unmerge to restore the full token sequence before it"
     )]
     TokenConsumer { node: String, op: String },

@@ -31,6 +31,9 @@ pub struct Patch {
     pub removals: Vec<NodeIndex>,
     /// Which token axis may change size on a rewire (the merge shrinks it).
     pub resized_axis: Option<usize>,
+    /// (node, old, new): the node's output `old` is renamed `new`, so that a
+    /// new node can take over `old` for all its readers and graph outputs.
+    pub renames: Vec<(NodeIndex, String, String)>,
 }
 
 impl Patch {
@@ -62,6 +65,9 @@ pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
     let base = patch.anchor.map(|a| g.node(a).order).unwrap_or((usize::MAX, 0));
     for id in &patch.removals {
         g.remove(*id);
+    }
+    for (id, old, new) in &patch.renames {
+        g.rename_output(*id, old, new)?;
     }
     for t in patch.initializers {
         g.add_initializer(t)?;

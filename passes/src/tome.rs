@@ -241,23 +241,30 @@ fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, 
 }
 
 /// Gives every original token the value of the token it was merged into:
-/// `full[b, j] = tokens[b, source[b, j]]`, read by all readers of `tensor`.
+/// `full[b, j] = tokens[b, source[b, j]]`. The producer of `tensor` is
+/// renamed so that every reader, graph outputs included, gets `full` under
+/// the old name.
 pub fn unmerge(g: &Graph, tensor: &str, source: &str, tokens: usize) -> Result<(Patch, String), PassError> {
     let missing = || PassError::MissingType(tensor.to_string());
-    let readers = g.consumers(tensor);
-    let anchor = g.producer(tensor).or(readers.first().map(|r| r.0)).ok_or_else(missing)?;
+    let producer = g.producer(tensor).ok_or_else(missing)?;
     let ty = g.ty(tensor).cloned().ok_or_else(missing)?;
-    let mut patch = Patch::new(format!("{tensor}: unmerge"), anchor);
-    patch.resized_axis = Some(1);
-    let mut e = Emitter::new(&mut patch, format!("{}.tome.unmerge", g.node(anchor).name()), g.opset);
+    let mut patch = Patch::new(format!("{tensor}: unmerge"), producer);
+    let prefix = format!("{}.tome.unmerge", g.node(producer).name());
+    let merged = format!("{prefix}.merged");
+    patch.renames.push((producer, tensor.to_string(), merged.clone()));
+    let mut e = Emitter::new(&mut patch, &prefix, g.opset);
     let index = e.unsqueeze("source_index", source, &[2]);
-    let full = e.op("GatherND", "tokens", &[tensor, &index], vec![int_attr("batch_dims", 1)]);
+    patch.nodes.push(crate::pb::NodeProto {
+        name: format!("{prefix}.tokens"),
+        op_type: "GatherND".into(),
+        input: vec![merged, index],
+        output: vec![tensor.to_string()],
+        attribute: vec![int_attr("batch_dims", 1)],
+        ..Default::default()
+    });
     let width = ty.dim(2).unwrap_or(0) as usize;
-    patch.types.insert(full.clone(), tokens_type(&ty, tokens, width));
-    for (node, slot) in readers {
-        patch.rewires.push(Rewire { node, slot, tensor: full.clone() });
-    }
-    Ok((patch, full))
+    patch.types.insert(tensor.to_string(), tokens_type(&ty, tokens, width));
+    Ok((patch, tensor.to_string()))
 }
 
 /// Turns a mean over tokens into `sum(x·size) / sum(size)` over the same tokens.
