@@ -29,6 +29,11 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Draw a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
+    /// Also time every node of the compiled model over this many runs (0: don't).
+    pub profile_runs: usize,
+    /// Time this model as the "compiled" side instead of compiling the input
+    /// (an earlier compile, another target, another exporter's ToMe graph).
+    pub against: Option<std::path::PathBuf>,
 }
 
 /// Latencies of one model.
@@ -63,9 +68,22 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub options: BenchOptions,
-    pub report: Report,
+    /// What the compiler did; `None` when timing `--against` a given file.
+    pub report: Option<Report>,
     pub original: Timing,
     pub compiled: Timing,
+    /// Per-op time in the compiled model, when profiled.
+    pub profile: Option<Profile>,
+}
+
+/// Where the compiled model's time goes, per op kind, over the profiled runs.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// (op name, milliseconds per run, nodes), largest first.
+    pub by_op: Vec<(String, f64, usize)>,
+    /// Milliseconds per run in nodes the ToMe rewrite added (`*.tome.*`).
+    pub tome_ms: f64,
+    pub total_ms: f64,
 }
 
 impl BenchReport {
@@ -78,7 +96,7 @@ impl BenchReport {
     }
     /// MACs of the original over those of the compiled model (merging included).
     pub fn ideal_speedup(&self) -> f64 {
-        self.original.macs.total() as f64 / self.compiled.macs.total().max(1) as f64
+        self.original.macs.total() as f64 / self.compiled.macs.total() as f64
     }
 }
 
@@ -93,12 +111,25 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
         return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
     }
     let file = onnx_io::read(path)?;
-    let mut compiled = file.proto.clone();
-    let report = crate::compile(&mut compiled, &file.dir, &opts.compile)?;
+    let (compiled, compiled_dir, report) = match &opts.against {
+        Some(other) => {
+            let other = onnx_io::read(other)?;
+            (other.proto, other.dir, None)
+        }
+        None => {
+            let mut compiled = file.proto.clone();
+            let report = crate::compile(&mut compiled, &file.dir, &opts.compile)?;
+            (compiled, file.dir.clone(), Some(report))
+        }
+    };
     let macs_before = macs::count(&file.proto, &crate::infer_types(&file.proto, &file.dir)?);
-    let macs_after = macs::count(&compiled, &crate::infer_types(&compiled, &file.dir)?);
+    // A peer graph may not type-check in tract's inference; its MACs are then unknown (0).
+    let macs_after = crate::infer_types(&compiled, &compiled_dir).map(|t| macs::count(&compiled, &t)).unwrap_or_default();
     let (original_plan, shape) = plan(&file.proto, &file.dir, opts.batch)?;
-    let (compiled_plan, _) = plan(&compiled, &file.dir, opts.batch)?;
+    let (compiled_plan, compiled_shape) = plan(&compiled, &compiled_dir, opts.batch)?;
+    if compiled_shape != shape {
+        return Err(Error::Input(format!("the models take different inputs: {shape:?} and {compiled_shape:?}")));
+    }
     drop(compiled);
     let input: TValue = synthetic_input(&shape)?.into();
 
@@ -131,12 +162,56 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
         Ok((a, b))
     })?;
     bar.finish_and_clear();
+    let profile = if opts.profile_runs > 0 {
+        let executor = Executor::multithread(opts.threads);
+        Some(multithread_tract_scope(executor, || profile(&compiled_plan, &input, opts.profile_runs))?)
+    } else {
+        None
+    };
     Ok(BenchReport {
         options: opts.clone(),
         report,
         original: Timing { runs_ms: a, macs: macs_before },
         compiled: Timing { runs_ms: b, macs: macs_after },
+        profile,
     })
+}
+
+/// Times every node of `plan` over `runs` runs, grouped by op.
+fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Result<Profile, Error> {
+    use std::collections::HashMap;
+    use tract_onnx::tract_core::plan::{eval, SimpleState};
+    let err = |e: TractError| Error::Run(format!("{e:#}"));
+    let mut state = SimpleState::new(plan).map_err(err)?;
+    let mut per_node: HashMap<usize, (f64, String, bool)> = HashMap::new();
+    for _ in 0..runs {
+        state
+            .run_plan_with_eval(tvec![input.clone()], |ctx, op_state, node, inputs| {
+                let start = Instant::now();
+                let out = eval(ctx, op_state, node, inputs);
+                let entry = per_node
+                    .entry(node.id)
+                    .or_insert_with(|| (0.0, node.op().name().to_string(), node.name.contains(".tome.")));
+                entry.0 += start.elapsed().as_secs_f64() * 1000.0;
+                out
+            })
+            .map_err(err)?;
+    }
+    let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut profile = Profile::default();
+    for (ms, op, tome) in per_node.into_values() {
+        let ms = ms / runs as f64;
+        let e = by_op.entry(op).or_default();
+        e.0 += ms;
+        e.1 += 1;
+        profile.total_ms += ms;
+        if tome {
+            profile.tome_ms += ms;
+        }
+    }
+    profile.by_op = by_op.into_iter().map(|(op, (ms, n))| (op, ms, n)).collect();
+    profile.by_op.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(profile)
 }
 
 /// Parses `proto`, fixes its batch axis to `batch` and optimises it for tract.
@@ -196,7 +271,10 @@ pub fn render(r: &BenchReport) -> String {
         "{:<18} {:>10} {:>10} {:>10} {:>12}\n",
         "model", "median ms", "p90 ms", "images/s", "GMACs/image"
     );
-    let label = format!("compiled --r {}", o.compile.schedule);
+    let label = match &o.against {
+        Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        None => format!("compiled --r {}", o.compile.schedule),
+    };
     for (name, t) in [("original", &r.original), (label.as_str(), &r.compiled)] {
         s += &format!(
             "{:<18} {:>10.2} {:>10.2} {:>10.2} {:>12.2}\n",
@@ -207,12 +285,25 @@ pub fn render(r: &BenchReport) -> String {
             t.macs.total() as f64 / 1e9
         );
     }
-    s += &format!(
-        "speedup: {:.2}x measured (median latency), {:.2}x ideal (MACs); tokens leaving the last block: {}\n",
-        r.speedup(),
-        r.ideal_speedup(),
-        r.report.tokens_out
-    );
+    let ideal = if r.compiled.macs.total() > 0 { format!("{:.2}x", r.ideal_speedup()) } else { "unknown".into() };
+    s += &format!("speedup: {:.2}x measured (median latency), {ideal} ideal (MACs)", r.speedup());
+    if let Some(report) = &r.report {
+        s += &format!("; tokens leaving the last block: {}", report.tokens_out);
+    }
+    s += "\n";
+    if let Some(p) = &r.profile {
+        s += &format!(
+            "profile of the compiled model ({} runs): {:.2} ms per run in nodes, {:.2} ms ({:.1}%) in the merging nodes\n",
+            o.profile_runs,
+            p.total_ms,
+            p.tome_ms,
+            100.0 * p.tome_ms / p.total_ms.max(1e-9)
+        );
+        s += &format!("{:<28} {:>8} {:>7} {:>6}\n", "op", "ms/run", "share", "nodes");
+        for (op, ms, n) in p.by_op.iter().take(12) {
+            s += &format!("{:<28} {:>8.2} {:>6.1}% {:>6}\n", op, ms, 100.0 * ms / p.total_ms.max(1e-9), n);
+        }
+    }
     s
 }
 
@@ -235,10 +326,16 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "warmup": r.options.warmup,
         "schedule": r.options.compile.schedule.to_string(),
         "prop_attn": r.options.compile.prop_attn,
-        "tokens_out": r.report.tokens_out,
+        "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
+        "against": r.options.against.as_ref().map(|p| p.display().to_string()),
         "original": timing(&r.original),
         "compiled": timing(&r.compiled),
         "speedup": r.speedup(),
-        "ideal_speedup": r.ideal_speedup(),
+        "ideal_speedup": Some(r.ideal_speedup()).filter(|x| x.is_finite()),
+        "profile": r.profile.as_ref().map(|p| json!({
+            "total_ms": p.total_ms,
+            "tome_ms": p.tome_ms,
+            "by_op": p.by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
+        })),
     })
 }

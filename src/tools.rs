@@ -161,8 +161,8 @@ pub struct BenchArgs {
     /// The ONNX model to time (compiled in memory; nothing is written).
     model: PathBuf,
     /// Tokens merged per block, as for compile.
-    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true)]
-    r: String,
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required_unless_present = "against")]
+    r: Option<String>,
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     prop_attn: OnOff,
     /// tract threads (default: all cores).
@@ -180,10 +180,17 @@ pub struct BenchArgs {
     /// Print the measurements as JSON (no progress bar).
     #[arg(long)]
     json: bool,
+    /// Time this ONNX file against the input instead of compiling it (e.g. an
+    /// earlier compile, or another ToMe export); --r is then not needed.
+    #[arg(long, value_name = "FILE")]
+    against: Option<PathBuf>,
+    /// Then time every node of the compiled model over N runs and show where the time goes.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    profile: usize,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    let schedule: Schedule = args.r.parse()?;
+    let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
     let opts = BenchOptions {
         compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On },
         threads: args.threads.unwrap_or_else(bench::all_cores),
@@ -191,6 +198,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         iters: args.iters,
         warmup: args.warmup,
         progress: !args.json,
+        profile_runs: args.profile,
+        against: args.against,
     };
     let report = bench::bench(&args.model, &opts)?;
     if args.json {
