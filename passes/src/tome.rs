@@ -28,8 +28,11 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
     let log_size = e.op("Log", "log_size", &[size], vec![]);
-    let row = e.transpose("log_size_row", &log_size, &[0, 2, 1]);
-    let bias = e.unsqueeze("bias", &row, &[1]);
+    // [B, N, 1] -> [B, 1, 1, N] as one Reshape: a Transpose here leads tract
+    // to run the Softmax on a strided layout, its slow path (5x slower).
+    let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
+    let row_shape = e.const_i64("bias_shape", &[4], &[-1, 1, 1, n]);
+    let bias = e.op("Reshape", "bias", &[&log_size, &row_shape], vec![]);
     let biased = e.op("Add", "logits", &[&logits, &bias], vec![]);
     patch.types.insert(biased.clone(), ty);
     patch.rewires.push(Rewire { node: block.softmax, slot: 0, tensor: biased });
