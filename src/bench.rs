@@ -81,8 +81,11 @@ pub struct BenchReport {
 pub struct Profile {
     /// (op name, milliseconds per run, nodes), largest first.
     pub by_op: Vec<(String, f64, usize)>,
-    /// Milliseconds per run in nodes the ToMe rewrite added (`*.tome.*`).
+    /// Milliseconds per run in nodes the ToMe rewrite added (`*.tome.*` after
+    /// tract's optimiser, which keeps the anchor's name on fused nodes).
     pub tome_ms: f64,
+    /// The merging nodes' time per op kind, largest first.
+    pub tome_by_op: Vec<(String, f64, usize)>,
     pub total_ms: f64,
 }
 
@@ -198,19 +201,28 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
             .map_err(err)?;
     }
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut tome_by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut profile = Profile::default();
     for (ms, op, tome) in per_node.into_values() {
         let ms = ms / runs as f64;
-        let e = by_op.entry(op).or_default();
-        e.0 += ms;
-        e.1 += 1;
         profile.total_ms += ms;
         if tome {
             profile.tome_ms += ms;
+            let e = tome_by_op.entry(op.clone()).or_default();
+            e.0 += ms;
+            e.1 += 1;
         }
+        let e = by_op.entry(op).or_default();
+        e.0 += ms;
+        e.1 += 1;
     }
-    profile.by_op = by_op.into_iter().map(|(op, (ms, n))| (op, ms, n)).collect();
-    profile.by_op.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let sorted = |m: HashMap<String, (f64, usize)>| {
+        let mut v: Vec<(String, f64, usize)> = m.into_iter().map(|(op, (ms, n))| (op, ms, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    profile.by_op = sorted(by_op);
+    profile.tome_by_op = sorted(tome_by_op);
     Ok(profile)
 }
 
@@ -303,6 +315,8 @@ pub fn render(r: &BenchReport) -> String {
         for (op, ms, n) in p.by_op.iter().take(12) {
             s += &format!("{:<28} {:>8.2} {:>6.1}% {:>6}\n", op, ms, 100.0 * ms / p.total_ms.max(1e-9), n);
         }
+        let top: Vec<String> = p.tome_by_op.iter().take(6).map(|(op, ms, n)| format!("{op} {ms:.2} ms ({n})")).collect();
+        s += &format!("merging nodes by op: {}\n", top.join(", "));
     }
     s
 }
@@ -335,6 +349,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "profile": r.profile.as_ref().map(|p| json!({
             "total_ms": p.total_ms,
             "tome_ms": p.tome_ms,
+            "tome_by_op": p.tome_by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
             "by_op": p.by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
         })),
     })
