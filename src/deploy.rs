@@ -94,6 +94,11 @@ pub fn compile_file_with(
     format: Format,
 ) -> Result<Report, Error> {
     onnx_io::check_output_path(input, output)?;
+    if format == Format::Nnef && matches!(target, Target::TensorRt | Target::OnnxRuntime) {
+        return Err(Error::Input(format!(
+            "--format nnef writes tract's NNEF archive, which {target} does not read; use --format onnx, or --target tract"
+        )));
+    }
     let mut file = onnx_io::read(input)?;
     let report = crate::compile(&mut file.proto, &file.dir, opts)?;
     validate(&file.proto, &file.dir, target)?;
