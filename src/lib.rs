@@ -2,9 +2,15 @@
 //! runner for the result. The graph work lives in `tome_passes`; this crate
 //! does file I/O, type inference (with tract) and execution.
 
+pub mod bench;
+pub mod check;
+pub mod deploy;
+pub mod inspect;
+pub mod macs;
 pub mod npz;
 pub mod onnx_io;
 pub mod run;
+pub mod tensorrt_rules;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +19,7 @@ use tome_passes::{pb, Dim, TensorType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+pub use deploy::{compile_bytes, compile_bytes_for, compile_file_with, Format, Target};
 pub use tome_passes::{Options, PassError, Report, Schedule};
 
 /// Errors a user can cause; each names the file, tensor or node involved.
@@ -36,6 +43,10 @@ pub enum Error {
     Input(String),
     #[error("tract failed to run the model: {0}")]
     Run(String),
+    #[error("the compiled model does not meet --target {target}: {findings}")]
+    Target { target: String, findings: String },
+    #[error("tract cannot write the model as NNEF: {0}")]
+    Nnef(String),
 }
 
 impl Error {

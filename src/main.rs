@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tome_compile::run::{floats, image_tensor, top_k, Runner};
 use tome_compile::{Options, Report, Schedule};
 
+mod tools;
+
 /// Applies Token Merging (ToMe) to an ONNX Vision Transformer.
 ///
 /// `tome-compile in.onnx --r 16 -o out.onnx` writes a model that merges r
@@ -28,6 +30,12 @@ enum Command {
     Compile(CompileArgs),
     /// Run a model with tract on CPU and print its outputs (top-5 for a classifier).
     Run(RunArgs),
+    /// Check a model against TensorRT's ONNX-parser constraints (8.6 and 10.x).
+    Check(tools::CheckArgs),
+    /// Time the original and the compiled model in tract on CPU.
+    Bench(tools::BenchArgs),
+    /// Show blocks, schedule, tokens and MACs before and after, without writing.
+    Inspect(tools::InspectArgs),
 }
 
 #[derive(Args)]
@@ -50,6 +58,8 @@ struct CompileArgs {
     /// into, restoring the full sequence before that head.
     #[arg(long)]
     unmerge: bool,
+    #[command(flatten)]
+    deploy: tools::DeployArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,6 +92,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Compile(args)) => compile(args),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Check(args)) => tools::check(args),
+        Some(Command::Bench(args)) => tools::bench(args),
+        Some(Command::Inspect(args)) => tools::inspect(args),
         None => compile(cli.compile),
     };
     match result {
@@ -100,7 +113,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);
     let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge };
-    let report = tome_compile::compile_file(&input, &output, &opts)?;
+    let report = tools::compile_file(&input, &output, &opts, &args.deploy)?;
     print_report(&report, &schedule, opts.prop_attn);
     println!("wrote {}", output.display());
     Ok(())

@@ -1,11 +1,37 @@
 //! Every fixture × every reference schedule, prop-attn on and off: the
 //! compiled model must match the reference ToMe logits in tract and in
 //! onnxruntime, with the reference's tokens per block; r = 0 must give the
-//! original model.
+//! original model. `--target tensorrt` must give the same model, pass the
+//! TensorRT parser check, and so match the references too: tract runs the
+//! default target's file, onnxruntime the tensorrt target's.
 
 mod common;
 
 use common::*;
+use tome_compile::check::check_tensorrt;
+use tome_compile::tensorrt_rules::TrtVersion;
+use tome_compile::{Format, Target};
+
+/// Compiles `source` for TensorRT next to `default` and checks that the
+/// target changes nothing and passes the parser rules; returns its path.
+/// Where the original model already uses ops TensorRT's parser lacks, the
+/// tensorrt target must refuse instead, and the default file is returned.
+fn tensorrt_twin(source: &std::path::Path, default: &std::path::Path, opts: &tome_compile::Options) -> std::path::PathBuf {
+    let out = default.with_extension("tensorrt.onnx");
+    let original = tome_compile::onnx_io::read(source).unwrap();
+    if check_tensorrt(&original.proto, None, &TrtVersion::ALL).errors().next().is_some() {
+        let refused = tome_compile::compile_file_with(source, &out, opts, Target::TensorRt, Format::Onnx);
+        assert!(refused.is_err() && !out.exists(), "{}: tensorrt target must refuse", source.display());
+        return default.to_path_buf();
+    }
+    tome_compile::compile_file_with(source, &out, opts, Target::TensorRt, Format::Onnx).expect("compile --target tensorrt");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(default).unwrap(), "{}: tensorrt target differs", out.display());
+    let file = tome_compile::onnx_io::read(&out).unwrap();
+    let report = check_tensorrt(&file.proto, None, &TrtVersion::ALL);
+    let errors: Vec<String> = report.errors().map(|f| f.to_string()).collect();
+    assert!(errors.is_empty(), "{}: {errors:#?}", out.display());
+    out
+}
 
 fn check_case(case: &str, model: &str) {
     let refs = references(case);
@@ -19,7 +45,9 @@ fn check_case(case: &str, model: &str) {
                 continue; // cases with large outputs keep a few schedules only
             }
             let out = dir.path().join(format!("{name}.onnx"));
-            let report = compile_to(&source, &out, &options(r, prop == 1));
+            let opts = options(r, prop == 1);
+            let report = compile_to(&source, &out, &opts);
+            let trt = tensorrt_twin(&source, &out, &opts);
             if let Some(expected) = expected_tokens(case, &name) {
                 assert_eq!(tokens_of(&report), expected, "{case}/{model} {name}: tokens per block");
             }
@@ -27,7 +55,7 @@ fn check_case(case: &str, model: &str) {
             let err = max_relative_error(&y, &refs[&format!("logits_{name}")]);
             println!("tract {case}/{model} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case}/{model} {name}: tract relative error {err:e} > 1e-4");
-            ort_cases.push((out, case.to_string(), format!("logits_{name}")));
+            ort_cases.push((trt, case.to_string(), format!("logits_{name}")));
         }
     }
     let out = dir.path().join("r0.onnx");

@@ -120,7 +120,7 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, Some(size)) = (opts.prop_attn, &size) {
-            let p = tome::proportional_attention(g, block, step.tokens_in, size)?;
+            let p = tome::proportional_attention(g, block, size)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
         }
