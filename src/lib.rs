@@ -2,10 +2,16 @@
 //! runner for the result. The graph work lives in `tome_passes`; this crate
 //! does file I/O, type inference (with tract) and execution.
 
+pub mod bench;
+pub mod check;
+pub mod deploy;
 pub mod guard;
+pub mod inspect;
+pub mod macs;
 pub mod npz;
 pub mod onnx_io;
 pub mod run;
+pub mod tensorrt_rules;
 pub mod validate;
 pub mod verify;
 
@@ -16,6 +22,7 @@ use tome_passes::{pb, Dim, TensorType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+pub use deploy::{compile_bytes, compile_bytes_for, compile_file_checked, compile_file_with, Compiled, FileOptions, Format, Target};
 pub use tome_passes::{Options, PassError, Report, Schedule};
 
 /// Errors a user can cause; each names the file, tensor or node involved.
@@ -45,9 +52,11 @@ pub enum Error {
     Input(String),
     #[error("tract failed to run the model: {0}")]
     Run(String),
-    #[error("{0}")]
-    Usage(String),
-    #[error("verification failed, nothing was written: {0}. This is a tome-compile bug, please report it with the model (--verify off writes the model anyway)")]
+    #[error("the model does not meet target {target}: {findings}")]
+    Target { target: String, findings: String },
+    #[error("tract cannot write the model as NNEF: {0}")]
+    Nnef(String),
+    #[error("verification failed, nothing was written: {0} (--verify off writes the model anyway)")]
     Verification(String),
     #[error("panic while {during}: {message}. The model is probably malformed (check it with onnx.checker); if it is valid, please report this with the model")]
     Panic { during: String, message: String },
@@ -56,13 +65,14 @@ pub enum Error {
 /// What kind of failure an error is; each kind has one exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The command line is wrong: flags, --r, -o. Exit code 1.
+    /// The command line is wrong: flags, their values (--r, -o, --target),
+    /// or the contents of an --input/--image file. Exit code 1.
     Usage,
     /// The model file is not a well-formed ONNX model. Exit code 2.
     InvalidModel,
     /// A well-formed model that tome-compile does not handle. Exit code 2.
     UnsupportedModel,
-    /// A file cannot be read or written, or an input file (npz, image) is unreadable. Exit code 3.
+    /// A file cannot be opened, read or written. Exit code 3.
     Io,
     /// The compiled model failed a check (type check, --verify). Exit code 4.
     VerificationFailed,
@@ -102,12 +112,13 @@ impl Error {
     /// The one mapping from errors to kinds (and so to exit codes).
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Usage(_) | Error::OutputIsInput(_) | Error::OutputIsInputData(_) => ErrorKind::Usage,
+            Error::Input(_) | Error::OutputIsInput(_) | Error::OutputIsInputData(_) => ErrorKind::Usage,
             Error::NotOnnx { .. } | Error::ExternalData { .. } | Error::TooLarge { .. } | Error::Graph(_) | Error::Shapes(_) => {
                 ErrorKind::InvalidModel
             }
             Error::Run(_) => ErrorKind::InvalidModel,
-            Error::Io { .. } | Error::Input(_) => ErrorKind::Io,
+            Error::Target { .. } | Error::Nnef(_) => ErrorKind::UnsupportedModel,
+            Error::Io { .. } => ErrorKind::Io,
             Error::Verify(_) | Error::Verification(_) => ErrorKind::VerificationFailed,
             Error::Panic { .. } => ErrorKind::Internal,
             Error::Pass(e) => ErrorKind::of_pass(e),
@@ -146,35 +157,10 @@ fn rewrite(proto: &mut pb::ModelProto, dir: &Path, types: HashMap<String, Tensor
 }
 
 /// Reads `input`, compiles it and writes `output` (plus `<output>.data` when
-/// the input kept weights in external files), verifying the result when
-/// it is cheap (`verify::Mode::Auto`). Nothing is written on error.
+/// the input kept weights in external files), verifying the result when it
+/// is cheap (`verify::Mode::Auto`). Nothing is written on error.
 pub fn compile_file(input: &Path, output: &Path, opts: &Options) -> Result<Report, Error> {
-    compile_file_with(input, output, opts, verify::Mode::Auto).map(|c| c.report)
-}
-
-/// What `compile_file_with` did: the compiler's report and the verification.
-pub struct Compiled {
-    pub report: Report,
-    pub verification: verify::Outcome,
-}
-
-/// `compile_file` with an explicit verification mode: `On` always runs the
-/// original and compiled models in tract (see `verify`), `Off` never does.
-pub fn compile_file_with(input: &Path, output: &Path, opts: &Options, mode: verify::Mode) -> Result<Compiled, Error> {
-    onnx_io::check_output_path(input, output)?;
-    guard::catch_panics("compiling the model", || {
-        let mut file = onnx_io::read(input)?;
-        let types = infer_types(&file.proto, &file.dir)?;
-        let skip = verify::skip_reason(mode, &file.proto, &types);
-        let original = skip.is_none().then(|| file.proto.clone());
-        let report = rewrite(&mut file.proto, &file.dir, types, opts)?;
-        let verification = match (original, skip) {
-            (Some(original), _) => verify::verify(&original, &file.proto, &file.dir, opts)?,
-            (None, reason) => verify::Outcome::Skipped(reason.unwrap_or_default()),
-        };
-        onnx_io::write(&mut file.proto, &file.dir, output)?;
-        Ok(Compiled { report, verification })
-    })
+    compile_file_with(input, output, opts, Target::Portable, Format::Onnx)
 }
 
 /// Element type and shape of every tensor, from tract's analysis; the batch

@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tome_compile::run::{floats, image_tensor, top_k, Runner};
 use tome_compile::{verify, ErrorKind, Options, PassError, Report, Schedule};
 
+mod tools;
+
 /// Applies Token Merging (ToMe) to an ONNX Vision Transformer.
 ///
 /// `tome-compile in.onnx --r 16 -o out.onnx` writes a model that merges r
@@ -28,6 +30,12 @@ enum Command {
     Compile(CompileArgs),
     /// Run a model with tract on CPU and print its outputs (top-5 for a classifier).
     Run(RunArgs),
+    /// Check a model against TensorRT's ONNX-parser constraints (8.6 and 10.x).
+    Check(tools::CheckArgs),
+    /// Time the original and the compiled model in tract on CPU.
+    Bench(tools::BenchArgs),
+    /// Show blocks, schedule, tokens and MACs before and after, without writing.
+    Inspect(tools::InspectArgs),
 }
 
 #[derive(Args)]
@@ -45,6 +53,13 @@ struct CompileArgs {
     /// Proportional attention: add log(size) to the attention logits.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     prop_attn: Switch,
+    /// For heads that read every patch token (a Reshape back to an image grid,
+    /// as in segmentation): give each patch the value of the token it merged
+    /// into, restoring the full sequence before that head.
+    #[arg(long)]
+    unmerge: bool,
+    #[command(flatten)]
+    deploy: tools::DeployArgs,
     /// Run original and compiled model once in tract and refuse a wrong
     /// result; `auto` does it when the model is cheap (at most 5 G
     /// multiply-accumulates at batch 1).
@@ -91,13 +106,14 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    let json_flag = std::env::args_os().any(|a| a == "--json");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             let _ = e.print(); // --help, --version
             return ExitCode::SUCCESS;
         }
-        Err(e) if std::env::args_os().any(|a| a == "--json") => {
+        Err(e) if json_flag => {
             let text = e.render().to_string();
             return fail(ErrorKind::Usage, text.trim().trim_start_matches("error: "), true);
         }
@@ -106,12 +122,18 @@ fn main() -> ExitCode {
             return ExitCode::from(ErrorKind::Usage.exit_code());
         }
     };
-    let (json, result) = match cli.command {
-        Some(Command::Compile(args)) => (args.json, compile(args)),
-        Some(Command::Run(args)) => (args.json, run(args)),
-        None => (cli.compile.json, compile(cli.compile)),
+    let (json, command): (bool, Box<dyn FnOnce() -> Result<()>>) = match cli.command {
+        Some(Command::Compile(args)) => (args.json, Box::new(|| compile(args))),
+        Some(Command::Run(args)) => (args.json, Box::new(|| run(args))),
+        Some(Command::Check(args)) => (json_flag, Box::new(|| tools::check(args))),
+        Some(Command::Bench(args)) => (json_flag, Box::new(|| tools::bench(args))),
+        Some(Command::Inspect(args)) => (json_flag, Box::new(|| tools::inspect(args))),
+        None => (cli.compile.json, Box::new(|| compile(cli.compile))),
     };
-    match result {
+    // The library catches tract's panics; this net catches any other, so
+    // that no command prints a panic.
+    let result = tome_compile::guard::catch_panics("running the command", || Ok(command()));
+    match result.map_err(anyhow::Error::from).and_then(|r| r) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(error_kind(&e), &message(&e), json),
     }
@@ -182,13 +204,14 @@ fn compile(args: CompileArgs) -> Result<()> {
         bail!("compile needs a model, --r and -o");
     };
     let schedule: Schedule = r.parse()?;
-    let opts = Options { schedule: schedule.clone(), prop_attn: matches!(args.prop_attn, Switch::On) };
+    let prop_attn = matches!(args.prop_attn, Switch::On);
+    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge };
     let mode = match args.verify {
         VerifyArg::On => verify::Mode::On,
         VerifyArg::Off => verify::Mode::Off,
         VerifyArg::Auto => verify::Mode::Auto,
     };
-    let compiled = tome_compile::compile_file_with(&input, &output, &opts, mode)?;
+    let compiled = tools::compile_file(&input, &output, &opts, &args.deploy, mode)?;
     print_report(&compiled.report, &schedule, opts.prop_attn);
     println!("{}", compiled.verification);
     println!("wrote {}", output.display());

@@ -93,6 +93,17 @@ pub fn write(proto: &mut pb::ModelProto, src_dir: &Path, out: &Path) -> Result<(
     written
 }
 
+/// Writes `bytes` to `path` through a temporary file renamed into place;
+/// on error the temporary file is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = temp_path(path);
+    let written = write_synced(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = fs::File::create(path)?;
     f.write_all(bytes)?;

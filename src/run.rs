@@ -17,6 +17,7 @@ pub struct Runner {
     pub output_names: Vec<String>,
     /// Declared input shape, with 0 where the axis is symbolic (the batch).
     pub input_shape: Vec<usize>,
+    pub input_type: DatumType,
 }
 
 fn run_err(e: impl std::fmt::Display) -> Error {
@@ -51,16 +52,19 @@ impl Runner {
                 .and_then(|f| f.shape.concretize())
                 .map(|s| s.iter().map(|d| d.to_i64().ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0)).collect())
                 .unwrap_or_default();
+            let input_type = model.input_fact(0).ok().and_then(|f| f.datum_type.concretize()).unwrap_or(DatumType::F32);
             let plan =
                 model.into_optimized().map_err(|e| run_err(format!("{e:#}")))?.into_runnable().map_err(run_err)?;
-            Ok(Runner { plan, input_names, output_names, input_shape })
+            Ok(Runner { plan, input_names, output_names, input_shape, input_type })
         })
     }
 
+    /// Runs the plan. A planned model fails at run time on inputs it does
+    /// not take (shape, type), so that error is about the inputs.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
         crate::guard::catch_panics("running the model with tract", || {
             let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into()).collect();
-            let outputs = self.plan.run(inputs).map_err(|e| run_err(format!("{e:#}")))?;
+            let outputs = self.plan.run(inputs).map_err(|e| Error::Input(format!("tract cannot run the model on these inputs: {e:#}")))?;
             Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
         })
     }
@@ -81,9 +85,12 @@ impl Runner {
 pub fn image_tensor(path: &Path, height: usize, width: usize, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor, Error> {
     let pixels = height.checked_mul(width).filter(|&p| p > 0 && p as u64 <= crate::validate::MAX_AXIS && height <= u32::MAX as usize && width <= u32::MAX as usize);
     if pixels.is_none() {
-        return Err(Error::Usage(format!("--image needs a model input of a sensible size, this model takes {height}x{width}")));
+        return Err(Error::Input(format!("--image needs a model input of a sensible size, this model takes {height}x{width}")));
     }
-    let img = image::open(path).map_err(|e| Error::Input(format!("{}: cannot read the image: {e}", path.display())))?;
+    let img = image::open(path).map_err(|e| match e {
+        image::ImageError::IoError(e) => Error::io(path, e),
+        e => Error::Input(format!("{}: cannot read the image: {e}", path.display())),
+    })?;
     let rgb = img.to_rgb8();
     let resized = image::imageops::resize(&rgb, width as u32, height as u32, image::imageops::FilterType::CatmullRom);
     let mut data = vec![0f32; 3 * height * width];

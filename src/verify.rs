@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
-use tome_passes::{pb, Dim, Options, Schedule, TensorType};
+use tome_passes::{pb, Options, Schedule, TensorType};
 use tract_onnx::prelude::*;
 
 use crate::run::{floats, Runner};
@@ -21,15 +21,18 @@ pub const R0_TOLERANCE: f32 = 1e-5;
 /// `Auto` verifies models of at most this many estimated multiply-accumulates
 /// at batch 1 (5 G: ViT-S/16 at 224 px is 4.6 G, ViT-B/16 17.6 G).
 pub const CHEAP_MACS: u64 = 5_000_000_000;
+const BUG: &str = "this is a tome-compile bug, please report it with the model";
 /// Seed of the verification input; fixed so that runs are reproducible.
 const INPUT_SEED: u64 = 0x70_3E_C0_4D;
 
 /// When to verify.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     On,
     Off,
-    /// Verify when the model is cheap to run (`CHEAP_MACS`).
+    /// Verify when the model is cheap to run (`CHEAP_MACS`) and its inputs
+    /// are floating point with only the batch axis symbolic.
+    #[default]
     Auto,
 }
 
@@ -58,81 +61,89 @@ pub fn skip_reason(mode: Mode, proto: &pb::ModelProto, types: &HashMap<String, T
         Mode::On => None,
         Mode::Off => Some("--verify off".into()),
         Mode::Auto => {
-            let macs = estimated_macs(proto, types);
-            (macs > CHEAP_MACS).then(|| {
-                format!("about {:.1} G multiply-accumulates, over the {} G that --verify auto runs (--verify on forces it)", macs as f64 / 1e9, CHEAP_MACS / 1_000_000_000)
-            })
+            let macs = crate::macs::count(proto, types).total();
+            if macs > CHEAP_MACS {
+                return Some(format!(
+                    "about {:.1} G multiply-accumulates, over the {} G that --verify auto runs (--verify on forces it)",
+                    macs as f64 / 1e9,
+                    CHEAP_MACS / 1_000_000_000
+                ));
+            }
+            unverifiable_input(proto, types)
         }
     }
 }
 
-/// Multiply-accumulates of the MatMul, Gemm and Conv nodes at batch 1 (any
-/// symbolic axis counted as 1), from the inferred types.
-pub fn estimated_macs(proto: &pb::ModelProto, types: &HashMap<String, TensorType>) -> u64 {
-    let elements = |t: &TensorType| {
-        t.shape.iter().map(|d| d.fixed().unwrap_or(1).max(0) as u64).fold(1u64, u64::saturating_mul)
-    };
-    let dim = |name: &str, axis: usize| types.get(name).and_then(|t| t.dim(axis)).unwrap_or(1).max(0) as u64;
-    let Some(graph) = proto.graph.as_ref() else { return 0 };
-    let mut total = 0u64;
-    for node in &graph.node {
-        let (Some(out), Some(a)) = (node.output.first().and_then(|o| types.get(o)), node.input.first()) else { continue };
-        let reduced = match node.op_type.as_str() {
-            "MatMul" => types.get(a).and_then(|t| t.shape.last()).and_then(Dim::fixed).unwrap_or(1).max(0) as u64,
-            "Gemm" => {
-                let trans_a = node.attribute.iter().any(|at| at.name == "transA" && at.i != 0);
-                dim(a, if trans_a { 0 } else { 1 })
-            }
-            "Conv" => match node.input.get(1).and_then(|w| types.get(w)) {
-                Some(w) => w.shape.iter().skip(1).map(|d| d.fixed().unwrap_or(1).max(0) as u64).fold(1, u64::saturating_mul),
-                None => 1,
-            },
-            _ => continue,
-        };
-        total = total.saturating_add(elements(out).saturating_mul(reduced));
-    }
-    total
+/// Why the seeded input cannot be made for some graph input: not floating
+/// point, or a symbolic axis other than the batch.
+fn unverifiable_input(proto: &pb::ModelProto, types: &HashMap<String, TensorType>) -> Option<String> {
+    let graph = proto.graph.as_ref()?;
+    let weights: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    graph.input.iter().filter(|i| !weights.contains(&i.name.as_str())).find_map(|input| {
+        let Some(ty) = types.get(&input.name) else { return Some(format!("input {} has no known type", input.name)) };
+        if !matches!(ty.elem, 1 | 10 | 11) {
+            return Some(format!("input {} is {ty}; verification feeds floating-point inputs", input.name));
+        }
+        let symbolic = ty.shape.iter().skip(1).any(|d| d.fixed().is_none());
+        symbolic.then(|| format!("input {} is {ty}; verification needs every axis but the batch static", input.name))
+    })
 }
 
 /// Runs `original`, `compiled` and `original` compiled with r = 0 in tract
-/// on one seeded pseudo-random input of batch 1 and checks them (module docs).
-pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, opts: &Options) -> Result<Outcome, Error> {
+/// on one seeded pseudo-random input of batch 1 and checks them (module
+/// docs). When the original itself gives nothing to compare with (tract
+/// cannot run it, or its outputs are not finite), that is an error if
+/// `required` (`--verify on`), else a skip.
+pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, opts: &Options, required: bool) -> Result<Outcome, Error> {
     let fail = |why: String| Err(Error::Verification(why));
-    let reference = Runner::from_proto(original, dir)?;
-    let inputs = deterministic_inputs(&reference)?;
-    let expected = reference.run(inputs.clone())?;
-    let names = &reference.output_names;
-    for (name, y) in names.iter().zip(&expected) {
-        if !is_finite(y) {
-            return fail(format!("the original model's output {name} is not finite on the verification input, so nothing can be compared"));
-        }
-    }
-    let got = Runner::from_proto(compiled, dir)?.run(inputs.clone())?;
-    same_shapes(names, &expected, &got, "the compiled model")?;
+    let (inputs, expected, names) = match run_original(original, dir) {
+        Ok(run) => run,
+        Err(why) if required => return fail(why),
+        Err(why) => return Ok(Outcome::Skipped(why)),
+    };
+    let run = |model: &pb::ModelProto, what: &str| {
+        let outputs = Runner::from_proto(model, dir).and_then(|r| r.run(inputs.clone()));
+        outputs.map_err(|e| Error::Verification(format!("tract cannot run {what} ({e}); {BUG}")))
+    };
+    let got = run(compiled, "the compiled model")?;
+    same_shapes(&names, &expected, &got, "the compiled model")?;
     for (name, y) in names.iter().zip(&got) {
         if !is_finite(y) {
-            return fail(format!("the compiled model's output {name} has NaN or infinite values"));
+            return fail(format!("the compiled model's output {name} has NaN or infinite values; {BUG}"));
         }
     }
     let mut r0 = original.clone();
     let r0_opts = Options { schedule: Schedule::Constant(0), ..opts.clone() };
     crate::compile(&mut r0, dir, &r0_opts)?;
-    let identity = Runner::from_proto(&r0, dir)?.run(inputs)?;
-    same_shapes(names, &expected, &identity, "the model compiled with r = 0")?;
+    let identity = run(&r0, "the model compiled with r = 0")?;
+    same_shapes(&names, &expected, &identity, "the model compiled with r = 0")?;
     let mut r0_max_abs = 0f32;
     for ((name, a), b) in names.iter().zip(&expected).zip(&identity) {
         let diff = max_abs_diff(a, b).unwrap_or(f32::INFINITY);
         if !(diff <= R0_TOLERANCE) {
-            return fail(format!("with r = 0 the output {name} differs from the original by {diff:e} (tolerance {R0_TOLERANCE:e})"));
+            return fail(format!("with r = 0 the output {name} differs from the original by {diff:e} (tolerance {R0_TOLERANCE:e}); {BUG}"));
         }
         r0_max_abs = r0_max_abs.max(diff);
     }
     Ok(Outcome::Passed { outputs: got.iter().map(|t| t.shape().to_vec()).collect(), r0_max_abs })
 }
 
+/// The seeded inputs, the original's outputs and their names, or why the
+/// original gives nothing to compare with.
+fn run_original(original: &pb::ModelProto, dir: &Path) -> Result<(Vec<Tensor>, Vec<Tensor>, Vec<String>), String> {
+    let cannot = |e: Error| format!("tract cannot run the original model ({e})");
+    let runner = Runner::from_proto(original, dir).map_err(cannot)?;
+    let inputs = deterministic_inputs(&runner)?;
+    let expected = runner.run(inputs.clone()).map_err(cannot)?;
+    if let Some((name, _)) = runner.output_names.iter().zip(&expected).find(|(_, y)| !is_finite(y)) {
+        return Err(format!("the original model's output {name} is not finite on the verification input"));
+    }
+    Ok((inputs, expected, runner.output_names.clone()))
+}
+
 /// One input per model input, batch 1, values uniform in [-1, 1) from a
-/// fixed seed (the scale of normalised pixels).
-fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, Error> {
+/// fixed seed (the scale of normalised pixels), cast to the input's type.
+fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, String> {
     let mut state = INPUT_SEED;
     let mut next = move || {
         // SplitMix64.
@@ -145,8 +156,8 @@ fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, Error> {
     };
     let mut out = vec![];
     for ((dt, shape), name) in runner.input_facts().into_iter().zip(&runner.input_names) {
-        if dt != f32::datum_type() {
-            return Err(Error::Verification(format!("input {name} is {dt:?}; verification feeds float32 inputs")));
+        if !dt.is_float() {
+            return Err(format!("input {name} is {dt:?}; verification feeds floating-point inputs"));
         }
         let shape: Vec<usize> = shape
             .iter()
@@ -154,59 +165,47 @@ fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, Error> {
             .map(|(axis, d)| match (axis, d) {
                 (_, Some(d)) => Ok(*d),
                 (0, None) => Ok(1),
-                (axis, None) => Err(Error::Verification(format!("input {name} axis {axis} is symbolic; only the batch axis may be"))),
+                (axis, None) => Err(format!("input {name} axis {axis} is symbolic; only the batch axis may be")),
             })
             .collect::<Result<_, _>>()?;
         let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= crate::validate::MAX_ELEMENTS);
-        let count = count.ok_or_else(|| Error::TooLarge { what: format!("input {name}"), why: format!("shape {shape:?}") })?;
+        let count = count.ok_or_else(|| format!("input {name} of shape {shape:?} is too large to verify"))?;
         let data: Vec<f32> = (0..count).map(|_| next()).collect();
-        out.push(Tensor::from_shape(&shape, &data).map_err(|e| Error::Verification(e.to_string()))?);
+        let tensor = Tensor::from_shape(&shape, &data).and_then(|t| Ok(t.cast_to_dt(dt)?.into_owned()));
+        out.push(tensor.map_err(|e| e.to_string())?);
     }
     Ok(out)
 }
 
 fn same_shapes(names: &[String], expected: &[Tensor], got: &[Tensor], what: &str) -> Result<(), Error> {
     if expected.len() != got.len() {
-        return Err(Error::Verification(format!("{what} has {} outputs, the original {}", got.len(), expected.len())));
+        return Err(Error::Verification(format!("{what} has {} outputs, the original {}; {BUG}", got.len(), expected.len())));
     }
     for ((name, a), b) in names.iter().zip(expected).zip(got) {
         if a.shape() != b.shape() {
-            return Err(Error::Verification(format!("{what}'s output {name} is {:?}, the original's {:?}", b.shape(), a.shape())));
+            return Err(Error::Verification(format!("{what}'s output {name} is {:?}, the original's {:?}; {BUG}", b.shape(), a.shape())));
         }
     }
     Ok(())
 }
 
-fn is_finite(t: &Tensor) -> bool {
-    floats(t).is_none_or(|v| v.iter().all(|x| x.is_finite()))
+/// The values of a floating-point tensor (float16, 32 or 64) as float32.
+fn as_f32(t: &Tensor) -> Option<Vec<f32>> {
+    if !t.datum_type().is_float() {
+        return None;
+    }
+    floats(t.cast_to::<f32>().ok()?.as_ref())
 }
 
-/// Largest absolute difference of two float32 tensors; 0 for equal non-float
-/// tensors, `None` when they cannot be compared.
+fn is_finite(t: &Tensor) -> bool {
+    as_f32(t).is_none_or(|v| v.iter().all(|x| x.is_finite()))
+}
+
+/// Largest absolute difference of two floating-point tensors; 0 for equal
+/// non-float tensors, `None` when they cannot be compared.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Option<f32> {
-    match (floats(a), floats(b)) {
+    match (as_f32(a), as_f32(b)) {
         (Some(x), Some(y)) => Some(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max)),
         _ => (a == b).then_some(0.0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macs_count_matmul_rows_times_reduced_axis() {
-        let ty = |shape: &[i64]| TensorType::new(1, shape.iter().map(|&d| Dim::Fixed(d)).collect());
-        let types: HashMap<String, TensorType> =
-            [("a".to_string(), ty(&[1, 197, 64])), ("w".to_string(), ty(&[64, 256])), ("y".to_string(), ty(&[1, 197, 256]))]
-                .into();
-        let node = pb::NodeProto {
-            op_type: "MatMul".into(),
-            input: vec!["a".into(), "w".into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        };
-        let proto = pb::ModelProto { graph: Some(pb::GraphProto { node: vec![node], ..Default::default() }), ..Default::default() };
-        assert_eq!(estimated_macs(&proto, &types), 197 * 256 * 64);
     }
 }

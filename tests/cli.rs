@@ -213,3 +213,34 @@ fn external_data_is_read_and_written() {
     let err = common::max_relative_error(&common::run_tract(&out, &refs), &refs["logits_r16_prop1"]);
     assert!(err <= 1e-4, "relative error {err:e}");
 }
+
+#[test]
+fn a_head_reading_the_patch_grid_is_refused_without_unmerge() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("timm_vit_grid/model.onnx"), "8", &dir.path().join("out.onnx"), 2);
+    assert!(err.contains("/Reshape_1 (Reshape)") && err.contains("--unmerge"), "{err}");
+    let out = dir.path().join("unmerged.onnx");
+    let model = fixture("timm_vit_grid/model.onnx");
+    let o = tome(&[model.to_str().unwrap(), "--r", "8", "--unmerge", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn windowed_attention_with_relative_position_bias_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("swin_refused/model.onnx"), "8", &dir.path().join("out.onnx"), 2);
+    assert!(err.contains("no transformer block found") && err.contains("relative position bias"), "{err}");
+    assert!(err.contains("/layers/layers.0/blocks/blocks.0/attn/Add"), "names the node: {err}");
+}
+
+#[test]
+fn inspect_says_which_attention_it_could_not_match_and_why() {
+    let model = fixture("swin_refused/model.onnx");
+    let o = tome(&["inspect", model.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(text.contains("attention nodes found: 4"), "{text}");
+    assert_eq!(text.matches("not matched:").count(), 4, "{text}");
+    assert!(text.contains("/layers/layers.3/blocks/blocks.0/attn/softmax/Softmax (Softmax): not matched:"), "{text}");
+    assert!(text.contains("relative position bias"), "{text}");
+}

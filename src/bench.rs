@@ -1,0 +1,356 @@
+//! `tome-compile bench`: the original model and its compiled form, both in
+//! tract on CPU, timed in one run (interleaved, so both see the same machine
+//! state), next to the speedup the MAC count predicts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tome_passes::pb;
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::macs::{self, Macs};
+use crate::{onnx_io, Error, Options, Report};
+
+/// How to run the benchmark.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub compile: Options,
+    /// tract's matrix-multiply threads; at least 1.
+    pub threads: usize,
+    /// Images per run; the models' symbolic batch axis is fixed to it before optimising.
+    pub batch: usize,
+    /// Timed runs of each model.
+    pub iters: usize,
+    /// Untimed runs of each model first.
+    pub warmup: usize,
+    /// Draw a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+    /// Also time every node of the compiled model over this many runs (0: don't).
+    pub profile_runs: usize,
+    /// Time this model as the "compiled" side instead of compiling the input
+    /// (an earlier compile, another target, another exporter's ToMe graph).
+    pub against: Option<std::path::PathBuf>,
+}
+
+/// Latencies of one model.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Every timed run, in milliseconds, in run order.
+    pub runs_ms: Vec<f64>,
+    pub macs: Macs,
+}
+
+impl Timing {
+    pub fn median_ms(&self) -> f64 {
+        percentile(&self.runs_ms, 0.5)
+    }
+    pub fn p90_ms(&self) -> f64 {
+        percentile(&self.runs_ms, 0.9)
+    }
+}
+
+/// Nearest-rank percentile (`q` in 0..=1) of `values`.
+pub fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// What one bench run measured.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub options: BenchOptions,
+    /// What the compiler did; `None` when timing `--against` a given file.
+    pub report: Option<Report>,
+    pub original: Timing,
+    pub compiled: Timing,
+    /// Per-op time in the compiled model, when profiled.
+    pub profile: Option<Profile>,
+}
+
+/// Where the compiled model's time goes, per op kind, over the profiled runs.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// (op name, milliseconds per run, nodes), largest first.
+    pub by_op: Vec<(String, f64, usize)>,
+    /// Milliseconds per run in nodes the ToMe rewrite added (`*.tome.*` after
+    /// tract's optimiser, which keeps the anchor's name on fused nodes).
+    pub tome_ms: f64,
+    /// The merging nodes' time per op kind, largest first.
+    pub tome_by_op: Vec<(String, f64, usize)>,
+    pub total_ms: f64,
+}
+
+impl BenchReport {
+    pub fn throughput(&self, t: &Timing) -> f64 {
+        self.options.batch as f64 * 1000.0 / t.median_ms()
+    }
+    /// Median latency of the original over that of the compiled model.
+    pub fn speedup(&self) -> f64 {
+        self.original.median_ms() / self.compiled.median_ms()
+    }
+    /// MACs of the original over those of the compiled model (merging included).
+    pub fn ideal_speedup(&self) -> f64 {
+        self.original.macs.total() as f64 / self.compiled.macs.total() as f64
+    }
+}
+
+/// The number of CPU cores, the default for `--threads`.
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Compiles `path` in memory and times it against the original.
+pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
+    if opts.threads == 0 || opts.batch == 0 || opts.iters == 0 {
+        return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
+    }
+    let file = onnx_io::read(path)?;
+    let (compiled, compiled_dir, report) = match &opts.against {
+        Some(other) => {
+            let other = onnx_io::read(other)?;
+            (other.proto, other.dir, None)
+        }
+        None => {
+            let mut compiled = file.proto.clone();
+            let report = crate::compile(&mut compiled, &file.dir, &opts.compile)?;
+            (compiled, file.dir.clone(), Some(report))
+        }
+    };
+    let macs_before = macs::count(&file.proto, &crate::infer_types(&file.proto, &file.dir)?);
+    // A peer graph may not type-check in tract's inference; its MACs are then unknown (0).
+    let macs_after = crate::infer_types(&compiled, &compiled_dir).map(|t| macs::count(&compiled, &t)).unwrap_or_default();
+    let (original_plan, shape) = plan(&file.proto, &file.dir, opts.batch)?;
+    let (compiled_plan, compiled_shape) = plan(&compiled, &compiled_dir, opts.batch)?;
+    if compiled_shape != shape {
+        return Err(Error::Input(format!("the models take different inputs: {shape:?} and {compiled_shape:?}")));
+    }
+    drop(compiled);
+    let input: TValue = synthetic_input(&shape)?.into();
+
+    let total = (opts.warmup + opts.iters) as u64 * 2;
+    let bar = if opts.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} runs, {elapsed}")
+            .map_err(|e| Error::Input(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    let executor = Executor::multithread(opts.threads);
+    let (a, b) = multithread_tract_scope(executor, || -> Result<(Vec<f64>, Vec<f64>), Error> {
+        let mut a = vec![];
+        let mut b = vec![];
+        for i in 0..opts.warmup + opts.iters {
+            let timed = i >= opts.warmup;
+            bar.set_message(if timed { "timing" } else { "warm-up" });
+            // Alternate which model goes first so neither always follows the other.
+            let order: [(&Arc<TypedRunnableModel>, &mut Vec<f64>); 2] =
+                if i % 2 == 0 { [(&original_plan, &mut a), (&compiled_plan, &mut b)] } else { [(&compiled_plan, &mut b), (&original_plan, &mut a)] };
+            for (plan, runs) in order {
+                let start = Instant::now();
+                plan.run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
+                if timed {
+                    runs.push(start.elapsed().as_secs_f64() * 1000.0);
+                }
+                bar.inc(1);
+            }
+        }
+        Ok((a, b))
+    })?;
+    bar.finish_and_clear();
+    let profile = if opts.profile_runs > 0 {
+        let executor = Executor::multithread(opts.threads);
+        Some(multithread_tract_scope(executor, || profile(&compiled_plan, &input, opts.profile_runs))?)
+    } else {
+        None
+    };
+    Ok(BenchReport {
+        options: opts.clone(),
+        report,
+        original: Timing { runs_ms: a, macs: macs_before },
+        compiled: Timing { runs_ms: b, macs: macs_after },
+        profile,
+    })
+}
+
+/// Times every node of `plan` over `runs` runs, grouped by op.
+fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Result<Profile, Error> {
+    use std::collections::HashMap;
+    use tract_onnx::tract_core::plan::{eval, SimpleState};
+    let err = |e: TractError| Error::Run(format!("{e:#}"));
+    let mut state = SimpleState::new(plan).map_err(err)?;
+    let mut per_node: HashMap<usize, (f64, String, bool)> = HashMap::new();
+    for _ in 0..runs {
+        state
+            .run_plan_with_eval(tvec![input.clone()], |ctx, op_state, node, inputs| {
+                let start = Instant::now();
+                let out = eval(ctx, op_state, node, inputs);
+                let entry = per_node
+                    .entry(node.id)
+                    .or_insert_with(|| (0.0, node.op().name().to_string(), node.name.contains(".tome.")));
+                entry.0 += start.elapsed().as_secs_f64() * 1000.0;
+                out
+            })
+            .map_err(err)?;
+    }
+    let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut tome_by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut profile = Profile::default();
+    for (ms, op, tome) in per_node.into_values() {
+        let ms = ms / runs as f64;
+        profile.total_ms += ms;
+        if tome {
+            profile.tome_ms += ms;
+            let e = tome_by_op.entry(op.clone()).or_default();
+            e.0 += ms;
+            e.1 += 1;
+        }
+        let e = by_op.entry(op).or_default();
+        e.0 += ms;
+        e.1 += 1;
+    }
+    let sorted = |m: HashMap<String, (f64, usize)>| {
+        let mut v: Vec<(String, f64, usize)> = m.into_iter().map(|(op, (ms, n))| (op, ms, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    profile.by_op = sorted(by_op);
+    profile.tome_by_op = sorted(tome_by_op);
+    Ok(profile)
+}
+
+/// Parses `proto`, fixes its batch axis to `batch` and optimises it for tract.
+fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<usize>), Error> {
+    let err = |e: TractError| Error::Run(format!("{e:#}"));
+    let mut model = tract_onnx::onnx().parse(proto, dir.to_str()).map_err(err)?.model;
+    if model.inputs.len() != 1 {
+        return Err(Error::Input(format!("bench needs a model with one input, this one has {}", model.inputs.len())));
+    }
+    let fact = model.input_fact(0).map_err(err)?.clone();
+    let dims = fact.shape.concretize().ok_or_else(|| Error::Input("the model's input has no known rank".into()))?;
+    let shape: Vec<usize> = dims
+        .iter()
+        .enumerate()
+        .map(|(axis, d)| match d.to_i64() {
+            Ok(v) if v > 0 => Ok(v as usize),
+            _ if axis == 0 => Ok(batch),
+            _ => Err(Error::Input(format!("input axis {axis} is {d}; bench needs every axis but the batch static"))),
+        })
+        .collect::<Result<_, _>>()?;
+    if shape.first() != Some(&batch) && dims.first().is_some_and(|d| d.to_i64().is_ok()) {
+        return Err(Error::Input(format!("the model's batch axis is fixed to {}; use --batch {}", shape[0], shape[0])));
+    }
+    let dt = fact.datum_type.concretize().unwrap_or(f32::datum_type());
+    model.set_input_fact(0, InferenceFact::dt_shape(dt, &shape)).map_err(err)?;
+    let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
+    Ok((plan, shape))
+}
+
+/// A deterministic input in [-1, 1), like normalised pixels.
+fn synthetic_input(shape: &[usize]) -> Result<Tensor, Error> {
+    let n: usize = shape.iter().product();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Tensor::from_shape(shape, &data).map_err(|e| Error::Run(e.to_string()))
+}
+
+/// The table printed by `tome-compile bench`.
+pub fn render(r: &BenchReport) -> String {
+    let o = &r.options;
+    let mut s = format!(
+        "tract on CPU, {} thread{}, batch {}, {} timed runs per model after {} warm-up (interleaved)\n",
+        o.threads,
+        if o.threads == 1 { "" } else { "s" },
+        o.batch,
+        o.iters,
+        o.warmup
+    );
+    s += &format!(
+        "{:<18} {:>10} {:>10} {:>10} {:>12}\n",
+        "model", "median ms", "p90 ms", "images/s", "GMACs/image"
+    );
+    let label = match &o.against {
+        Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        None => format!("compiled --r {}", o.compile.schedule),
+    };
+    for (name, t) in [("original", &r.original), (label.as_str(), &r.compiled)] {
+        s += &format!(
+            "{:<18} {:>10.2} {:>10.2} {:>10.2} {:>12.2}\n",
+            name,
+            t.median_ms(),
+            t.p90_ms(),
+            r.throughput(t),
+            t.macs.total() as f64 / 1e9
+        );
+    }
+    let ideal = if r.compiled.macs.total() > 0 { format!("{:.2}x", r.ideal_speedup()) } else { "unknown".into() };
+    s += &format!("speedup: {:.2}x measured (median latency), {ideal} ideal (MACs)", r.speedup());
+    if let Some(report) = &r.report {
+        s += &format!("; tokens leaving the last block: {}", report.tokens_out);
+    }
+    s += "\n";
+    if let Some(p) = &r.profile {
+        s += &format!(
+            "profile of the compiled model ({} runs): {:.2} ms per run in nodes, {:.2} ms ({:.1}%) in the merging nodes\n",
+            o.profile_runs,
+            p.total_ms,
+            p.tome_ms,
+            100.0 * p.tome_ms / p.total_ms.max(1e-9)
+        );
+        s += &format!("{:<28} {:>8} {:>7} {:>6}\n", "op", "ms/run", "share", "nodes");
+        for (op, ms, n) in p.by_op.iter().take(12) {
+            s += &format!("{:<28} {:>8.2} {:>6.1}% {:>6}\n", op, ms, 100.0 * ms / p.total_ms.max(1e-9), n);
+        }
+        let top: Vec<String> = p.tome_by_op.iter().take(6).map(|(op, ms, n)| format!("{op} {ms:.2} ms ({n})")).collect();
+        s += &format!("merging nodes by op: {}\n", top.join(", "));
+    }
+    s
+}
+
+/// The measurements as JSON, for pipelines.
+pub fn to_json(r: &BenchReport) -> serde_json::Value {
+    let timing = |t: &Timing| {
+        json!({
+            "median_ms": t.median_ms(),
+            "p90_ms": t.p90_ms(),
+            "images_per_s": r.throughput(t),
+            "macs_per_image": t.macs.total(),
+            "runs_ms": t.runs_ms,
+        })
+    };
+    json!({
+        "runtime": "tract",
+        "threads": r.options.threads,
+        "batch": r.options.batch,
+        "iters": r.options.iters,
+        "warmup": r.options.warmup,
+        "schedule": r.options.compile.schedule.to_string(),
+        "prop_attn": r.options.compile.prop_attn,
+        "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
+        "against": r.options.against.as_ref().map(|p| p.display().to_string()),
+        "original": timing(&r.original),
+        "compiled": timing(&r.compiled),
+        "speedup": r.speedup(),
+        "ideal_speedup": Some(r.ideal_speedup()).filter(|x| x.is_finite()),
+        "profile": r.profile.as_ref().map(|p| json!({
+            "total_ms": p.total_ms,
+            "tome_ms": p.tome_ms,
+            "tome_by_op": p.tome_by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
+            "by_op": p.by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
+        })),
+    })
+}

@@ -1,0 +1,131 @@
+//! `tome-compile inspect`: what the compiler finds in a model and what a
+//! schedule would do to it, without writing anything: blocks, tokens per
+//! block, MACs before and after, and the choices made.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::deploy::{validate, Target};
+use crate::macs::{self, Macs};
+use crate::{onnx_io, Error, Options, Report};
+
+/// The result of inspecting one model under one schedule.
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    pub report: Report,
+    pub options: Options,
+    pub target: Target,
+    pub before: Macs,
+    pub after: Macs,
+}
+
+impl Inspection {
+    /// MACs of the original over MACs of the compiled model, merge cost included.
+    pub fn predicted_speedup(&self) -> f64 {
+        self.before.total() as f64 / self.after.total().max(1) as f64
+    }
+}
+
+/// Compiles `path` in memory with `opts`, checks the result for `target`,
+/// and counts MACs before and after.
+pub fn inspect(path: &Path, opts: &Options, target: Target) -> Result<Inspection, Error> {
+    let file = onnx_io::read(path)?;
+    let types = crate::infer_types(&file.proto, &file.dir)?;
+    let before = macs::count(&file.proto, &types);
+    let mut compiled = file.proto.clone();
+    let report = match crate::compile(&mut compiled, &file.dir, opts) {
+        Ok(report) => report,
+        Err(e) => {
+            print!("{}", render_diagnosis(&file.proto, types));
+            return Err(e);
+        }
+    };
+    validate(&compiled, &file.dir, target)?;
+    let after = macs::count(&compiled, &crate::infer_types(&compiled, &file.dir)?);
+    Ok(Inspection { report, options: opts.clone(), target, before, after })
+}
+
+/// Each attention node with the block it anchors or why it does not, for a
+/// model that cannot be compiled.
+fn render_diagnosis(proto: &crate::pb::ModelProto, types: std::collections::HashMap<String, tome_passes::TensorType>) -> String {
+    let Ok(found) = tome_passes::diagnose(proto, types) else { return String::new() };
+    let mut s = format!("attention nodes found: {}\n", found.len());
+    for (name, op, result) in found {
+        match result {
+            Ok(block) => s += &format!("  {name} ({op}): block: {block}\n"),
+            Err(why) => s += &format!("  {name} ({op}): not matched: {why}\n"),
+        }
+    }
+    s
+}
+
+/// The human-readable report.
+pub fn render(i: &Inspection) -> String {
+    let r = &i.report;
+    let Some(first) = r.blocks.first() else { return "no blocks\n".into() };
+    let mut s = String::new();
+    s += &format!(
+        "{} blocks: {} heads x head dim {} = width {}\n",
+        r.blocks.len(),
+        first.heads,
+        first.head_dim,
+        first.width
+    );
+    s += &format!(
+        "tokens: {} = {} prefix + {} patches; head: {}\n",
+        first.step.tokens_in, r.prefix, r.patches, r.head
+    );
+    s += &format!(
+        "choices: --r {}, proportional attention {}, target {}, merge as one-hot MatMul (no reducing scatter)\n",
+        i.options.schedule,
+        if i.options.prop_attn { "on" } else { "off" },
+        i.target
+    );
+    s += &format!("{:<10} {:>5} {:>4} {:>10} {:>10}\n", "block", "asked", "r", "tokens in", "tokens out");
+    for b in &r.blocks {
+        s += &format!("{:<10} {:>5} {:>4} {:>10} {:>10}\n", b.name, b.step.requested, b.step.r, b.step.tokens_in, b.step.tokens_out);
+    }
+    s += &format!("tokens leaving the last block: {}\n", r.tokens_out);
+    s += &format!("MACs per image (MatMul, Gemm, Conv): before {}\n", macs::human(i.before.total()));
+    s += &format!(
+        "                                     after  {} (model {} + merging {})\n",
+        macs::human(i.after.total()),
+        macs::human(i.after.model),
+        macs::human(i.after.tome)
+    );
+    s += &format!(
+        "predicted speedup from MACs: {:.2}x (model layers alone: {:.2}x)\n",
+        i.predicted_speedup(),
+        i.before.total() as f64 / i.after.model.max(1) as f64
+    );
+    s
+}
+
+/// The report as JSON, for pipelines.
+pub fn to_json(i: &Inspection) -> serde_json::Value {
+    let r = &i.report;
+    json!({
+        "blocks": r.blocks.iter().map(|b| json!({
+            "name": b.name,
+            "heads": b.heads,
+            "head_dim": b.head_dim,
+            "width": b.width,
+            "r_requested": b.step.requested,
+            "r": b.step.r,
+            "tokens_in": b.step.tokens_in,
+            "tokens_out": b.step.tokens_out,
+        })).collect::<Vec<_>>(),
+        "prefix": r.prefix,
+        "patches": r.patches,
+        "head": r.head,
+        "tokens_out": r.tokens_out,
+        "schedule": i.options.schedule.to_string(),
+        "prop_attn": i.options.prop_attn,
+        "target": i.target.to_string(),
+        "macs_before": i.before.total(),
+        "macs_after": i.after.total(),
+        "macs_after_merging": i.after.tome,
+        "predicted_speedup": i.predicted_speedup(),
+    })
+}

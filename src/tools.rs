@@ -1,0 +1,248 @@
+//! The command-line side of `check`, `bench`, `inspect` and compile's
+//! `--target` / `--format`; the work itself lives in the library modules.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use tome_compile::bench::{self, BenchOptions};
+use tome_compile::check::check_tensorrt;
+use tome_compile::tensorrt_rules::TrtVersion;
+use tome_compile::{onnx_io, verify, Compiled, FileOptions, Format, Options, Schedule, Target};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    /// One form that tract, onnxruntime and TensorRT all accept (checked by tract).
+    #[default]
+    Portable,
+    /// Also checked against TensorRT 8.6 and 10.x ONNX-parser constraints.
+    Tensorrt,
+    Onnxruntime,
+    Tract,
+}
+
+impl From<TargetArg> for Target {
+    fn from(t: TargetArg) -> Target {
+        match t {
+            TargetArg::Portable => Target::Portable,
+            TargetArg::Tensorrt => Target::TensorRt,
+            TargetArg::Onnxruntime => Target::OnnxRuntime,
+            TargetArg::Tract => Target::Tract,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    #[default]
+    Onnx,
+    /// tract's NNEF archive (tar), for deploying with tract.
+    Nnef,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// Compile flags that choose where the model goes.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DeployArgs {
+    /// The runtime the model is for; the graph is the same for all, and
+    /// `tensorrt` also checks it against TensorRT's parser constraints.
+    #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
+    pub target: TargetArg,
+    /// Output format: ONNX, or tract's NNEF archive.
+    #[arg(long, value_enum, default_value_t = FormatArg::Onnx)]
+    pub format: FormatArg,
+}
+
+pub fn compile_file(input: &Path, output: &Path, opts: &Options, deploy: &DeployArgs, verify: verify::Mode) -> Result<Compiled> {
+    let format = match deploy.format {
+        FormatArg::Onnx => Format::Onnx,
+        FormatArg::Nnef => Format::Nnef,
+    };
+    let file = FileOptions { target: deploy.target.into(), format, verify };
+    Ok(tome_compile::compile_file_checked(input, output, opts, &file)?)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CheckTarget {
+    Tensorrt,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrtVersionArg {
+    #[value(name = "8.6")]
+    V8_6,
+    #[value(name = "10")]
+    V10,
+    All,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// The ONNX model to check.
+    model: PathBuf,
+    /// The runtime whose constraints to check.
+    #[arg(long, value_enum, default_value_t = CheckTarget::Tensorrt)]
+    target: CheckTarget,
+    /// Which TensorRT parser to check against.
+    #[arg(long = "trt-version", value_enum, default_value_t = TrtVersionArg::All)]
+    trt_version: TrtVersionArg,
+    /// Print the findings as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints every finding; fails when any is an error.
+pub fn check(args: CheckArgs) -> Result<()> {
+    let file = onnx_io::read(&args.model)?;
+    let versions: Vec<TrtVersion> = match args.trt_version {
+        TrtVersionArg::V8_6 => vec![TrtVersion::V8_6],
+        TrtVersionArg::V10 => vec![TrtVersion::V10],
+        TrtVersionArg::All => TrtVersion::ALL.to_vec(),
+    };
+    // Data types need tract's inference; without it the op and constant checks still run.
+    let types = tome_compile::infer_types(&file.proto, &file.dir);
+    if let Err(e) = &types {
+        eprintln!("warning: data types not checked: {e}");
+    }
+    let report = check_tensorrt(&file.proto, types.as_ref().ok(), &versions);
+    let errors = report.errors().count();
+    let warnings = report.findings.len() - errors;
+    let which: Vec<String> = versions.iter().map(|v| v.to_string()).collect();
+    if args.json {
+        let findings: Vec<serde_json::Value> = report
+            .findings
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "node": f.node,
+                    "op": f.op,
+                    "tensorrt": f.versions.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    "severity": format!("{:?}", f.severity).to_lowercase(),
+                    "why": f.why,
+                    "source": f.source,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "target": "tensorrt",
+            "versions": which,
+            "nodes": report.nodes,
+            "passed": report.passed(),
+            "findings": findings,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for f in &report.findings {
+            println!("{f}");
+        }
+        println!(
+            "{}: {} nodes checked against TensorRT {}: {errors} error{}, {warnings} warning{}",
+            args.model.display(),
+            report.nodes,
+            which.join(" and "),
+            if errors == 1 { "" } else { "s" },
+            if warnings == 1 { "" } else { "s" },
+        );
+    }
+    if errors > 0 {
+        let first = report.errors().next().map(|f| format!("{} ({})", f.node, f.op)).unwrap_or_default();
+        let findings = format!("{} violates TensorRT parser constraints at {errors} node(s), first {first}", args.model.display());
+        return Err(tome_compile::Error::Target { target: "tensorrt".into(), findings }.into());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The ONNX model to time (compiled in memory; nothing is written).
+    model: PathBuf,
+    /// Tokens merged per block, as for compile.
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required_unless_present = "against")]
+    r: Option<String>,
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    prop_attn: OnOff,
+    /// tract threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Images per run.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed runs of each model.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed runs of each model first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Print the measurements as JSON (no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Time this ONNX file against the input instead of compiling it (e.g. an
+    /// earlier compile, or another ToMe export); --r is then not needed.
+    #[arg(long, value_name = "FILE")]
+    against: Option<PathBuf>,
+    /// Then time every node of the compiled model over N runs and show where the time goes.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    profile: usize,
+    /// Restore the full token sequence for heads that read every patch token (see compile).
+    #[arg(long)]
+    unmerge: bool,
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
+    let opts = BenchOptions {
+        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge },
+        threads: args.threads.unwrap_or_else(bench::all_cores),
+        batch: args.batch,
+        iters: args.iters,
+        warmup: args.warmup,
+        progress: !args.json,
+        profile_runs: args.profile,
+        against: args.against,
+    };
+    let report = bench::bench(&args.model, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&bench::to_json(&report))?);
+    } else {
+        print!("{}", bench::render(&report));
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The ONNX model to inspect (nothing is written).
+    model: PathBuf,
+    /// Tokens merged per block, as for compile; 0 shows the model as it is.
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, default_value = "0")]
+    r: String,
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    prop_attn: OnOff,
+    /// The target the compiled model would be checked for.
+    #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
+    target: TargetArg,
+    /// Print the inspection as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Plan with --unmerge, for heads that read every patch token (see compile).
+    #[arg(long)]
+    unmerge: bool,
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let schedule: Schedule = args.r.parse()?;
+    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge };
+    let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);
+    } else {
+        print!("{}", tome_compile::inspect::render(&inspection));
+    }
+    Ok(())
+}
