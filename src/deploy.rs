@@ -122,7 +122,7 @@ pub fn compile_file_with(
 ///
 /// ```
 /// let bytes = std::fs::read("fixtures/timm_vit/model.onnx")?;
-/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true };
+/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false };
 /// let (compiled, report) = tome_compile::compile_bytes(&bytes, &opts)?;
 /// assert_eq!(report.tokens_out, 101); // 197 tokens, 16 merged in each of 6 blocks
 /// assert!(!compiled.is_empty()); // ONNX bytes, ready to write or hand to a runtime

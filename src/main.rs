@@ -53,6 +53,11 @@ struct CompileArgs {
     /// Proportional attention: add log(size) to the attention logits.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     prop_attn: Switch,
+    /// For heads that read every patch token (a Reshape back to an image grid,
+    /// as in segmentation): give each patch the value of the token it merged
+    /// into, restoring the full sequence before that head.
+    #[arg(long)]
+    unmerge: bool,
     #[command(flatten)]
     deploy: tools::DeployArgs,
 }
@@ -106,7 +111,8 @@ fn compile(args: CompileArgs) -> Result<()> {
         bail!("compile needs a model, --r and -o");
     };
     let schedule: Schedule = r.parse()?;
-    let opts = Options { schedule: schedule.clone(), prop_attn: matches!(args.prop_attn, Switch::On) };
+    let prop_attn = matches!(args.prop_attn, Switch::On);
+    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge };
     let report = tools::compile_file(&input, &output, &opts, &args.deploy)?;
     print_report(&report, &schedule, opts.prop_attn);
     println!("wrote {}", output.display());

@@ -15,6 +15,7 @@ pub struct Runner {
     pub output_names: Vec<String>,
     /// Declared input shape, with 0 where the axis is symbolic (the batch).
     pub input_shape: Vec<usize>,
+    pub input_type: DatumType,
 }
 
 fn run_err(e: impl std::fmt::Display) -> Error {
@@ -40,8 +41,9 @@ impl Runner {
             .and_then(|f| f.shape.concretize())
             .map(|s| s.iter().map(|d| d.to_i64().map(|v| v as usize).unwrap_or(0)).collect())
             .unwrap_or_default();
+        let input_type = model.input_fact(0).ok().and_then(|f| f.datum_type.concretize()).unwrap_or(DatumType::F32);
         let plan = model.into_optimized().map_err(|e| run_err(format!("{e:#}")))?.into_runnable().map_err(run_err)?;
-        Ok(Runner { plan, input_names, output_names, input_shape })
+        Ok(Runner { plan, input_names, output_names, input_shape, input_type })
     }
 
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {

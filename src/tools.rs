@@ -165,6 +165,9 @@ pub struct BenchArgs {
     r: Option<String>,
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     prop_attn: OnOff,
+    /// As for compile: restore the full token sequence for heads that read every patch.
+    #[arg(long)]
+    unmerge: bool,
     /// tract threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -192,7 +195,7 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
     let opts = BenchOptions {
-        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On },
+        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge },
         threads: args.threads.unwrap_or_else(bench::all_cores),
         batch: args.batch,
         iters: args.iters,
@@ -219,6 +222,9 @@ pub struct InspectArgs {
     r: String,
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     prop_attn: OnOff,
+    /// As for compile: restore the full token sequence for heads that read every patch.
+    #[arg(long)]
+    unmerge: bool,
     /// The target the compiled model would be checked for.
     #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
     target: TargetArg,
@@ -229,7 +235,7 @@ pub struct InspectArgs {
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On };
+    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge };
     let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);

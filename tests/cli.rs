@@ -212,3 +212,22 @@ fn external_data_is_read_and_written() {
     let err = common::max_relative_error(&common::run_tract(&out, &refs), &refs["logits_r16_prop1"]);
     assert!(err <= 1e-4, "relative error {err:e}");
 }
+
+#[test]
+fn a_head_reading_the_patch_grid_is_refused_without_unmerge() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("timm_vit_grid/model.onnx"), "8", &dir.path().join("out.onnx"));
+    assert!(err.contains("/Reshape_1 (Reshape)") && err.contains("--unmerge"), "{err}");
+    let out = dir.path().join("unmerged.onnx");
+    let model = fixture("timm_vit_grid/model.onnx");
+    let o = tome(&[model.to_str().unwrap(), "--r", "8", "--unmerge", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn windowed_attention_with_relative_position_bias_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(&fixture("swin_refused/model.onnx"), "8", &dir.path().join("out.onnx"));
+    assert!(err.contains("no transformer block found") && err.contains("relative position bias"), "{err}");
+    assert!(err.contains("/layers/layers.0/blocks/blocks.0/attn/Add"), "names the node: {err}");
+}

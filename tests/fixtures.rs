@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::*;
 use tome_compile::check::check_tensorrt;
 use tome_compile::tensorrt_rules::TrtVersion;
@@ -14,43 +16,60 @@ use tome_compile::{Format, Target};
 
 /// Compiles `source` for TensorRT next to `default` and checks that the
 /// target changes nothing and passes the parser rules; returns its path.
-fn tensorrt_twin(source: &std::path::Path, default: &std::path::Path, opts: &tome_compile::Options) -> std::path::PathBuf {
+/// A source TensorRT cannot parse in the first place (the opset-23
+/// `Attention` op) must instead be refused, naming a node; then `None`.
+fn tensorrt_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> Option<PathBuf> {
     let out = default.with_extension("tensorrt.onnx");
-    tome_compile::compile_file_with(source, &out, opts, Target::TensorRt, Format::Onnx).expect("compile --target tensorrt");
+    let original = tome_compile::onnx_io::read(source).unwrap();
+    let before = check_tensorrt(&original.proto, None, &TrtVersion::ALL);
+    let compiled = tome_compile::compile_file_with(source, &out, opts, Target::TensorRt, Format::Onnx);
+    if let Some(f) = before.errors().next() {
+        match compiled {
+            Err(tome_compile::Error::Target { findings, .. }) => assert!(findings.contains(&f.node), "{findings}"),
+            other => panic!("{}: --target tensorrt accepted a model TensorRT cannot parse ({f}): {other:?}", source.display()),
+        }
+        assert!(!out.exists(), "nothing is written on refusal");
+        return None;
+    }
+    compiled.expect("compile --target tensorrt");
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(default).unwrap(), "{}: tensorrt target differs", out.display());
     let file = tome_compile::onnx_io::read(&out).unwrap();
     let report = check_tensorrt(&file.proto, None, &TrtVersion::ALL);
     let errors: Vec<String> = report.errors().map(|f| f.to_string()).collect();
     assert!(errors.is_empty(), "{}: {errors:#?}", out.display());
-    out
+    Some(out)
 }
 
 fn check_case(case: &str, model: &str) {
     let refs = references(case);
     let dir = tempfile::tempdir().expect("tempdir");
     let source = fixture(&format!("{case}/{model}"));
-    let npz = fixture(&format!("{case}/io.npz"));
     let mut ort_cases = vec![];
     for (key, r) in SCHEDULES {
         for prop in [1, 0] {
             let name = format!("{key}_prop{prop}");
+            if !refs.contains_key(&format!("logits_{name}")) {
+                continue; // cases with large outputs keep a few schedules only
+            }
             let out = dir.path().join(format!("{name}.onnx"));
             let opts = options(r, prop == 1);
             let report = compile_to(&source, &out, &opts);
             let trt = tensorrt_twin(&source, &out, &opts);
-            assert_eq!(tokens_of(&report), expected_tokens(case, &name), "{case}/{model} {name}: tokens per block");
+            if let Some(expected) = expected_tokens(case, &name) {
+                assert_eq!(tokens_of(&report), expected, "{case}/{model} {name}: tokens per block");
+            }
             let y = run_tract(&out, &refs);
             let err = max_relative_error(&y, &refs[&format!("logits_{name}")]);
             println!("tract {case}/{model} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case}/{model} {name}: tract relative error {err:e} > 1e-4");
-            ort_cases.push((trt, npz.clone(), format!("logits_{name}")));
+            ort_cases.push((trt.unwrap_or(out), case.to_string(), format!("logits_{name}")));
         }
     }
     let out = dir.path().join("r0.onnx");
     compile_to(&source, &out, &options("0", true));
     let err = max_abs_error(&run_tract(&out, &refs), &refs["logits_r0"]);
     assert!(err <= 1e-5, "{case}/{model} r=0: tract abs error {err:e} > 1e-5");
-    ort_cases.push((out, npz.clone(), "logits_r0".to_string()));
+    ort_cases.push((out, case.to_string(), "logits_r0".to_string()));
     check_with_onnxruntime(dir.path(), &ort_cases);
 }
 
@@ -72,4 +91,63 @@ fn deit_keeps_cls_and_dist_tokens_in_front() {
 #[test]
 fn average_pool_head_becomes_size_weighted() {
     check_case("timm_vit_gap", "model.onnx");
+}
+
+#[test]
+fn torchvision_sequence_first_attention_matches_reference_tome() {
+    check_case("torchvision_vit", "model.onnx");
+}
+
+#[test]
+fn hugging_face_vit_eager_matches_reference_tome() {
+    check_case("hf_vit_eager", "model.onnx");
+}
+
+#[test]
+fn hugging_face_vit_sdpa_matches_reference_tome() {
+    check_case("hf_vit_sdpa", "model.onnx");
+}
+
+#[test]
+fn dinov2_registers_stay_in_front_with_layerscale() {
+    check_case("dinov2_registers", "model.onnx");
+}
+
+#[test]
+fn clip_vision_tower_matches_reference_tome() {
+    check_case("clip_vision", "model.onnx");
+}
+
+#[test]
+fn opset23_attention_op_takes_the_bias_as_its_mask() {
+    check_case("timm_vit_opset23", "model.onnx");
+}
+
+#[test]
+fn unmerge_restores_the_patch_grid_for_a_segmentation_head() {
+    check_case("timm_vit_grid", "model.onnx");
+}
+
+/// Float16 models merge in float32: the compiled model stays as close to the
+/// float32 reference ToMe logits as the float16 original is to the float32
+/// original (measured: 7e-4 relative), so 5e-3 bounds both. Checked in
+/// onnxruntime only: tract 0.23 cannot load this float16 export at all (its
+/// Gemm translation fails on the original model too).
+#[test]
+fn float16_model_merges_in_float32() {
+    const FP16_TOLERANCE: f32 = 5e-3;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ort_cases = vec![];
+    for (key, r) in SCHEDULES {
+        let out = dir.path().join(format!("{key}.onnx"));
+        let report = compile_to(&fixture("timm_vit_fp16/model.onnx"), &out, &options(r, true));
+        assert_eq!(Some(tokens_of(&report)), expected_tokens("timm_vit", &format!("{key}_prop1")));
+        ort_cases.push((out, "timm_vit".to_string(), format!("logits_{key}_prop1")));
+    }
+    check_with_onnxruntime_within(dir.path(), &ort_cases, Some(FP16_TOLERANCE));
+}
+
+#[test]
+fn unmerge_restores_every_token_at_a_backbone_output() {
+    check_case("timm_vit_features", "model.onnx");
 }

@@ -69,3 +69,18 @@ fn output_is_deterministic_and_keeps_what_was_not_touched() {
     assert_eq!(a.graph.as_ref().unwrap().input, original.graph.as_ref().unwrap().input);
     assert_eq!(a.graph.as_ref().unwrap().output, original.graph.as_ref().unwrap().output);
 }
+
+#[test]
+fn torchvision_block_rewrite() {
+    let model = compiled("torchvision_vit/model.onnx", "8");
+    let mut dump = tome_passes::dump_nodes(&model, "blocks.1.tome.prop_attn");
+    // The token count torchvision's attention concatenates into its reshapes.
+    dump += &tome_passes::dump_nodes(&model, "/encoder/layers/encoder_layer_1/self_attention/Concat_3");
+    insta::assert_snapshot!(dump);
+}
+
+#[test]
+fn fused_attention_op_block_rewrite() {
+    let model = compiled("timm_vit_opset23/model.onnx", "8");
+    insta::assert_snapshot!(tome_passes::dump_nodes(&model, "blocks.1.tome.prop_attn"));
+}

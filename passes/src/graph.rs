@@ -119,6 +119,7 @@ pub struct Graph {
     producer: HashMap<String, NodeIndex>,
     initializers: Vec<pb::TensorProto>,
     initializer_index: HashMap<String, usize>,
+    dropped: HashSet<String>,
     pub types: HashMap<String, TensorType>,
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
@@ -143,6 +144,7 @@ impl Graph {
             producer: HashMap::new(),
             initializers,
             initializer_index,
+            dropped: HashSet::new(),
             types,
             inputs: graph.input.iter().map(|i| i.name.clone()).collect(),
             outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
@@ -159,24 +161,33 @@ impl Graph {
         Ok(g)
     }
 
-    /// Puts nodes (topologically sorted) and live initializers back into `model`.
+    /// Puts nodes (topologically sorted) and initializers back into `model`.
     pub fn write_into(mut self, model: &mut pb::ModelProto) -> Result<(), PassError> {
         let order = self.topological_order()?;
-        let used: HashSet<&str> = self
-            .net
-            .node_weights()
-            .flat_map(|n| n.proto.input.iter().map(String::as_str))
-            .chain(self.outputs.iter().map(String::as_str))
-            .collect();
-        let keep: Vec<bool> = self.initializers.iter().map(|t| used.contains(t.name.as_str())).collect();
         let nodes: Vec<pb::NodeProto> = order.iter().map(|&id| self.net[id].proto.clone()).collect();
+        let dropped = std::mem::take(&mut self.dropped);
         let mut inits = std::mem::take(&mut self.initializers);
-        let mut k = keep.into_iter();
-        inits.retain(|_| k.next().unwrap_or(true));
+        inits.retain(|t| !dropped.contains(&t.name));
         let graph = model.graph.as_mut().ok_or(PassError::NoGraph)?;
         graph.node = nodes;
         graph.initializer = inits;
         Ok(())
+    }
+
+    /// Drops the constant `tensor` (an initializer or a `Constant` node) once
+    /// nothing reads it any more.
+    pub(crate) fn drop_if_orphaned(&mut self, tensor: &str) {
+        if self.outputs.iter().any(|o| o == tensor) || !self.consumers(tensor).is_empty() {
+            return;
+        }
+        match self.producer(tensor) {
+            Some(id) if self.net[id].op() == "Constant" => self.remove(id),
+            Some(_) => {}
+            None if self.initializer_index.remove(tensor).is_some() => {
+                self.dropped.insert(tensor.to_string());
+            }
+            None => {}
+        }
     }
 
     fn add_node(&mut self, proto: pb::NodeProto, order: (usize, usize)) -> Result<NodeIndex, PassError> {
@@ -202,11 +213,36 @@ impl Graph {
         }
     }
 
-    /// Adds a node wired to existing producers; used by the patch driver.
+    /// Adds a node wired to its producers and to any nodes already reading
+    /// its outputs; used by the patch driver.
     pub(crate) fn insert(&mut self, proto: pb::NodeProto, order: (usize, usize)) -> Result<NodeIndex, PassError> {
+        let outputs = proto.output.clone();
         let id = self.add_node(proto, order)?;
         self.connect_inputs(id);
+        for out in outputs.iter().filter(|o| !o.is_empty()) {
+            for (reader, _) in self.consumers(out) {
+                self.net.add_edge(id, reader, out.clone());
+            }
+        }
         Ok(id)
+    }
+
+    /// Renames what `id` produces as `old` to `new`, leaving the readers of
+    /// `old` (and a graph output of that name) waiting for a new producer.
+    pub(crate) fn rename_output(&mut self, id: NodeIndex, old: &str, new: &str) -> Result<(), PassError> {
+        if self.producer.contains_key(new) || self.initializer_index.contains_key(new) {
+            return Err(PassError::DuplicateTensor(new.to_string()));
+        }
+        for out in self.net[id].proto.output.iter_mut().filter(|o| *o == old) {
+            *out = new.to_string();
+        }
+        self.producer.remove(old);
+        self.producer.insert(new.to_string(), id);
+        let stale: Vec<_> = self.net.edges_directed(id, Direction::Outgoing).filter(|e| *e.weight() == old).map(|e| e.id()).collect();
+        for e in stale {
+            self.net.remove_edge(e);
+        }
+        Ok(())
     }
 
     pub(crate) fn remove(&mut self, id: NodeIndex) {
@@ -226,8 +262,13 @@ impl Graph {
         Ok(())
     }
 
-    /// Points input `slot` of `id` at `tensor`, keeping edges in step.
+    /// Points input `slot` of `id` at `tensor` (appending optional inputs as
+    /// needed), keeping edges in step.
     pub(crate) fn set_input(&mut self, id: NodeIndex, slot: usize, tensor: &str) {
+        let inputs = &mut self.net[id].proto.input;
+        if inputs.len() <= slot {
+            inputs.resize(slot + 1, String::new());
+        }
         let old = std::mem::replace(&mut self.net[id].proto.input[slot], tensor.to_string());
         let still_used = self.net[id].proto.input.contains(&old);
         if !still_used {

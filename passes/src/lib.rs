@@ -35,8 +35,8 @@ pub enum PassError {
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error(
-        "node {node} ({op}) reads the tokens after the last block in a way merging would break; \
-         supported heads read prefix tokens (cls, dist) or average over tokens"
+        "{node} ({op}) reads every patch token after the last block (as an image grid, say), which merging \
+         breaks; pass --unmerge to restore the full token sequence before it"
     )]
     TokenConsumer { node: String, op: String },
     #[error("bad --r {0}")]
@@ -58,6 +58,8 @@ pub enum PassError {
 pub struct Options {
     pub schedule: Schedule,
     pub prop_attn: bool,
+    /// Restore the full token sequence for heads that read every patch token.
+    pub unmerge: bool,
 }
 
 /// One block as compiled.
@@ -103,6 +105,13 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
         return Err(PassError::OldOpset(g.opset));
     }
     let vit = matcher::match_vit(g)?;
+    let unmerge_at = match &vit.head {
+        Head::Grid { tensor, .. } if opts.unmerge => Some(tensor.clone()),
+        Head::Grid { reader, op, .. } => {
+            return Err(PassError::TokenConsumer { node: reader.clone(), op: op.clone() });
+        }
+        _ => None,
+    };
     let requested = opts.schedule.per_block(vit.blocks.len())?;
     let steps = schedule::plan(&requested, vit.tokens, vit.prefix);
     let original: HashSet<_> = g.nodes().collect();
@@ -111,12 +120,14 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, Some(size)) = (opts.prop_attn, &size) {
-            let p = tome::proportional_attention(g, block, size)?;
+            let p = tome::proportional_attention(g, block, step.tokens_in, size)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
         }
         if step.r > 0 {
-            let (p, m) = tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), vit.prefix)?;
+            let source = merged.last().and_then(|m| m.source.clone());
+            let track = unmerge_at.is_some().then_some(source.as_deref());
+            let (p, m) = tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
             merged.push(m);
@@ -127,7 +138,14 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
         labels.push(p.label.clone());
         patch::apply(g, p)?;
     }
-    let per_node = tome::tokens_per_node(g, vit.tokens, &merged)?;
+    let mut stages: Vec<(String, usize)> = merged.iter().map(|m| (m.x.clone(), m.tokens)).collect();
+    if let (Some(tensor), Some(source)) = (&unmerge_at, merged.last().and_then(|m| m.source.as_deref())) {
+        let (p, full) = tome::unmerge(g, tensor, source, vit.tokens)?;
+        labels.push(p.label.clone());
+        patch::apply(g, p)?;
+        stages.push((full, vit.tokens));
+    }
+    let per_node = tome::tokens_per_node(g, vit.tokens, &stages)?;
     let original: HashSet<_> = original.into_iter().filter(|id| g.net.contains_node(*id)).collect();
     for p in tome::retarget_token_constants(g, vit.tokens, &per_node, &original) {
         labels.push(p.label.clone());

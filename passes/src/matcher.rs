@@ -9,15 +9,18 @@ use petgraph::Direction;
 use crate::graph::{Dim, Graph, TensorType};
 use crate::PassError;
 
-/// One pre-norm transformer block, anchored on its attention Softmax.
+/// One pre-norm transformer block, anchored on its attention: a Softmax
+/// between two MatMuls, or the fused `Attention` op (opset 23).
 #[derive(Clone, Debug)]
 pub struct VitBlock {
     pub index: usize,
     /// Prefix of every node the rewrite adds to this block.
     pub name: String,
-    pub softmax: NodeIndex,
-    /// Kᵀ as it enters Q·Kᵀ, [B, H, D, N], with any scalar scale stripped.
+    pub attention: NodeIndex,
+    /// K with any scalar scale stripped: Kᵀ [B, H, D, N] as it enters Q·Kᵀ,
+    /// or K [B, H, N, D] as the `Attention` op takes it.
     pub keys: String,
+    pub keys_transposed: bool,
     pub block_input: String,
     /// The `x + Attn(LN1(x))` node; its output is where tokens merge.
     pub attn_residual: NodeIndex,
@@ -37,6 +40,9 @@ pub enum Head {
     /// A mean over the token axis (of the tokens a Slice keeps, from `start`),
     /// which must become size-weighted.
     AveragePool { reduce: NodeIndex, slice: Option<NodeIndex>, start: usize },
+    /// `reader` uses `tensor` as a sequence of every patch (a Reshape back to
+    /// an H×W grid, say): it needs the full sequence back (`--unmerge`).
+    Grid { tensor: String, reader: String, op: String },
 }
 
 impl Head {
@@ -45,6 +51,7 @@ impl Head {
             Head::Tokens(ix) if ix.len() == 1 => format!("token {}", ix[0]),
             Head::Tokens(ix) => format!("tokens {ix:?}"),
             Head::AveragePool { start, .. } => format!("average pool over tokens {start}.. (size-weighted)"),
+            Head::Grid { reader, op, .. } => format!("{reader} ({op}) reads every patch token (unmerged)"),
         }
     }
 }
@@ -64,14 +71,18 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
     let order = g.topological_order()?;
     let mut blocks = vec![];
     let mut rejected = vec![];
-    for &id in order.iter().filter(|&&id| g.node(id).op() == "Softmax") {
+    for &id in order.iter().filter(|&&id| matches!(g.node(id).op(), "Softmax" | "Attention")) {
         match match_block(g, id, blocks.len()) {
             Ok(b) => blocks.push(b),
             Err(why) => rejected.push(format!("{}: {why}", g.node(id).name())),
         }
     }
     if blocks.is_empty() {
-        let detail = if rejected.is_empty() { "the graph has no Softmax".to_string() } else { rejected.join("; ") };
+        let detail = match rejected.as_slice() {
+            [] => "the graph has no Softmax".to_string(),
+            [one] => one.clone(),
+            [first, ..] => format!("{} attention nodes were rejected, the first: {first}", rejected.len()),
+        };
         return Err(PassError::NoBlocks(detail));
     }
     if let Some(why) = rejected.first() {
@@ -111,28 +122,23 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
 ///         └──────────────────────────── Add ─ x_out
 /// ```
 /// Seen in timm (classic and dynamo exporters, with and without the SDPA
-/// split scale) and DeiT exports.
-fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, String> {
-    let sm = g.node(softmax);
-    let logits = sm.input(0).ok_or("Softmax has no input")?;
-    let lt = g.ty(logits).ok_or("attention logits have no known shape")?;
-    if lt.rank() != 4 {
-        return Err(format!("attention logits {lt} are not [batch, heads, tokens, tokens]"));
-    }
-    let axis = sm.attr_int("axis").unwrap_or(-1);
-    if axis != -1 && axis != 3 {
-        return Err(format!("Softmax over axis {axis}, expected the last axis"));
-    }
-    let qk = walk_to_matmul(g, logits, lt)?;
-    let keys_raw = g.node(qk).input(1).ok_or("Q·Kᵀ MatMul has no second input")?;
-    let keys = strip_scalar_scale(g, keys_raw);
+/// split scale, and the opset-23 `Attention` op), DeiT, torchvision
+/// (sequence-first MultiheadAttention), Hugging Face ViT (eager and SDPA),
+/// DINOv2-style (registers, LayerScale) and CLIP-style exports.
+fn match_block(g: &Graph, attention: NodeIndex, index: usize) -> Result<VitBlock, String> {
+    let (keys, keys_transposed) = match g.node(attention).op() {
+        "Attention" => (fused_attention_keys(g, attention)?, false),
+        _ => (softmax_keys(g, attention)?, true),
+    };
     let kt = g.ty(&keys).ok_or("keys have no known shape")?;
-    let (heads, head_dim, tokens) = match kt.shape.as_slice() {
-        [_, Dim::Fixed(h), Dim::Fixed(d), Dim::Fixed(n)] => (*h as usize, *d as usize, *n as usize),
+    let (heads, head_dim, tokens) = match (kt.shape.as_slice(), keys_transposed) {
+        ([_, Dim::Fixed(h), Dim::Fixed(d), Dim::Fixed(n)], true) | ([_, Dim::Fixed(h), Dim::Fixed(n), Dim::Fixed(d)], false) => {
+            (*h as usize, *d as usize, *n as usize)
+        }
         _ => return Err(format!("keys {kt} are not [batch, heads, head_dim, tokens] with static sizes")),
     };
-    let upstream = g.reachable(softmax, Direction::Incoming);
-    let attn_residual = find_residual_add(g, softmax, &upstream)?;
+    let upstream = g.reachable(attention, Direction::Incoming);
+    let attn_residual = find_residual_add(g, attention, &upstream)?;
     let add = g.node(attn_residual);
     let residual = add.output().to_string();
     let rt = g.ty(&residual).ok_or("the attention residual has no known shape")?;
@@ -151,8 +157,9 @@ fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, 
     Ok(VitBlock {
         index,
         name: format!("blocks.{index}"),
-        softmax,
+        attention,
         keys,
+        keys_transposed,
         block_input,
         attn_residual,
         residual,
@@ -164,9 +171,45 @@ fn match_block(g: &Graph, softmax: NodeIndex, index: usize) -> Result<VitBlock, 
     })
 }
 
+/// Kᵀ of a Softmax(Q·Kᵀ) attention.
+fn softmax_keys(g: &Graph, softmax: NodeIndex) -> Result<String, String> {
+    let sm = g.node(softmax);
+    let logits = sm.input(0).ok_or("Softmax has no input")?;
+    let lt = g.ty(logits).ok_or("attention logits have no known shape")?;
+    if lt.rank() != 4 {
+        return Err(format!("attention logits {lt} are not [batch, heads, tokens, tokens]"));
+    }
+    let axis = sm.attr_int("axis").unwrap_or(-1);
+    if axis != -1 && axis != 3 {
+        return Err(format!("Softmax over axis {axis}, expected the last axis"));
+    }
+    let qk = walk_to_matmul(g, logits, lt)?;
+    let keys_raw = g.node(qk).input(1).ok_or("Q·Kᵀ MatMul has no second input")?;
+    Ok(strip_scalar_scale(g, keys_raw))
+}
+
+/// K of the opset-23 `Attention` op: 4-D, no causal mask, no KV cache.
+fn fused_attention_keys(g: &Graph, id: NodeIndex) -> Result<String, String> {
+    let node = g.node(id);
+    if node.attr_int("is_causal").unwrap_or(0) != 0 || node.input(4).is_some() {
+        return Err("a causal or cached Attention is not a ViT's attention".into());
+    }
+    if let Some(mask) = node.input(3) {
+        if g.ty(mask).is_none_or(|t| t.elem != crate::graph::FLOAT) {
+            return Err(format!("Attention mask {mask} is not float32; only additive float masks are supported"));
+        }
+    }
+    let keys = node.input(1).ok_or("Attention has no K input")?;
+    if g.ty(keys).is_none_or(|t| t.rank() != 4) {
+        return Err("Attention takes 3-D Q/K/V; only the 4-D [batch, heads, tokens, head_dim] form is supported".into());
+    }
+    Ok(strip_scalar_scale(g, keys))
+}
+
 /// Walks from the logits back through scale, bias and casts to Q·Kᵀ.
 fn walk_to_matmul(g: &Graph, logits: &str, lt: &TensorType) -> Result<NodeIndex, String> {
     let mut tensor = logits.to_string();
+    let tokens = lt.shape.last().cloned();
     for _ in 0..8 {
         let id = g.producer(&tensor).ok_or_else(|| format!("{tensor} is not produced by a node"))?;
         let node = g.node(id);
@@ -174,7 +217,18 @@ fn walk_to_matmul(g: &Graph, logits: &str, lt: &TensorType) -> Result<NodeIndex,
             "MatMul" => return Ok(id),
             "Mul" | "Div" | "Add" | "Sub" | "Cast" => {
                 let same = node.proto.input.iter().find(|i| g.ty(i).is_some_and(|t| t.shape == lt.shape));
-                tensor = same.ok_or_else(|| format!("{} ({}) does not carry the logits", node.name(), node.op()))?.clone();
+                let same = same.ok_or_else(|| format!("{} ({}) does not carry the logits", node.name(), node.op()))?;
+                let position_bias = node.proto.input.iter().filter(|i| *i != same).any(|i| {
+                    g.ty(i).is_some_and(|t| t.rank() >= 2 && t.shape[t.rank() - 2..].iter().all(|d| Some(d) == tokens.as_ref()))
+                });
+                if node.op() == "Add" && position_bias {
+                    return Err(format!(
+                        "{} adds a token-by-token bias to the logits (a relative position bias, as in BEiT or Swin); \
+                         merged tokens would misindex it",
+                        node.name()
+                    ));
+                }
+                tensor = same.clone();
             }
             op => return Err(format!("{} ({op}) sits between Q·Kᵀ and the Softmax", node.name())),
         }
@@ -256,39 +310,48 @@ fn patch_count(g: &Graph, first: &VitBlock) -> Result<usize, PassError> {
     })
 }
 
-/// Follows the tokens after the last block to the head.
+/// Follows the tokens after the last block to the head. A reader that is
+/// neither a prefix-token read nor a mean over tokens (a Reshape back to a
+/// patch grid, say) makes the head a `Grid`: merging breaks it unless the
+/// full token sequence is restored first.
 fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Head, PassError> {
-    let is_token_tensor = |t: &str| {
-        g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64))
-    };
+    let is_token_tensor = |t: &str| g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64));
     let mut read = vec![];
     let mut pool = None;
     let mut queue = VecDeque::from([last.to_string()]);
     let mut seen = HashSet::new();
     while let Some(tensor) = queue.pop_front() {
         if g.outputs.contains(&tensor) {
-            return Err(PassError::Unsupported(format!(
-                "graph output {tensor} carries every token; merging would change its shape"
-            )));
+            return Ok(Head::Grid { tensor: tensor.clone(), reader: format!("graph output {tensor}"), op: "output".into() });
         }
+        let grid = |node: &crate::graph::Node| Head::Grid {
+            tensor: tensor.clone(),
+            reader: format!("node {}", node.name()),
+            op: node.op().to_string(),
+        };
         for (id, _) in g.consumers(&tensor) {
             if !seen.insert(id) {
                 continue;
             }
             let node = g.node(id);
             let out = node.output();
-            let axis = node.attr_int("axis").or_else(|| node.attr_ints("axes").and_then(|a| a.first().copied()));
+            let axis = node.attr_int("axis");
             let index = node.input(1).and_then(|i| g.constant_i64(i));
             match node.op() {
+                // Reads no token values; whatever uses the shape is checked where it meets the tokens.
+                "Shape" => {}
                 "Gather" if axis == Some(1) && index.as_ref().is_some_and(|v| v.len() == 1 && v[0] < prefix as i64) => {
                     read.extend(index.unwrap_or_default());
                 }
                 "Slice" => {
-                    let start = slice_start_on_tokens(g, node).ok_or_else(|| refuse(node))?;
+                    let Some(start) = slice_start_on_tokens(g, node) else { return Ok(grid(node)) };
                     for (next, _) in g.consumers(out) {
                         let n = g.node(next);
+                        if n.op() == "Shape" {
+                            continue;
+                        }
                         if n.op() != "ReduceMean" || !reduces_tokens(g, n) {
-                            return Err(refuse(n));
+                            return Ok(grid(n));
                         }
                         pool = Some(Head::AveragePool { reduce: next, slice: Some(id), start });
                     }
@@ -299,7 +362,7 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
                 _ if is_token_tensor(out) && !matches!(node.op(), "Reshape" | "Transpose" | "Gather" | "Slice") => {
                     queue.push_back(out.to_string());
                 }
-                _ => return Err(refuse(node)),
+                _ => return Ok(grid(node)),
             }
         }
     }
@@ -313,10 +376,6 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
         (Some(_), false) => Err(PassError::Unsupported("the head mixes prefix tokens and an average pool".into())),
         (None, true) => Err(PassError::Unsupported("nothing reads the tokens after the last block".into())),
     }
-}
-
-fn refuse(node: &crate::graph::Node) -> PassError {
-    PassError::TokenConsumer { node: node.name().to_string(), op: node.op().to_string() }
 }
 
 /// Start of a Slice on the token axis (axis 1), if that is all it slices.

@@ -31,6 +31,9 @@ pub struct Patch {
     pub removals: Vec<NodeIndex>,
     /// Which token axis may change size on a rewire (the merge shrinks it).
     pub resized_axis: Option<usize>,
+    /// (node, old, new): the node's output `old` is renamed `new`, so that a
+    /// new node can take over `old` for all its readers and graph outputs.
+    pub renames: Vec<(NodeIndex, String, String)>,
 }
 
 impl Patch {
@@ -43,6 +46,9 @@ impl Patch {
 pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
     for rw in &patch.rewires {
         let old = g.node(rw.node).input(rw.slot).unwrap_or_default().to_string();
+        if old.is_empty() {
+            continue; // a new optional input: nothing to stay compatible with
+        }
         let new_ty = patch.types.get(&rw.tensor).or_else(|| g.ty(&rw.tensor));
         if let (Some(old_ty), Some(new_ty)) = (g.ty(&old), new_ty) {
             check_compatible(old_ty, new_ty, patch.resized_axis).map_err(|why| PassError::BadPatch {
@@ -60,6 +66,9 @@ pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
     for id in &patch.removals {
         g.remove(*id);
     }
+    for (id, old, new) in &patch.renames {
+        g.rename_output(*id, old, new)?;
+    }
     for t in patch.initializers {
         g.add_initializer(t)?;
     }
@@ -68,7 +77,9 @@ pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
     }
     g.types.extend(patch.types);
     for rw in patch.rewires {
+        let old = g.node(rw.node).input(rw.slot).unwrap_or_default().to_string();
         g.set_input(rw.node, rw.slot, &rw.tensor);
+        g.drop_if_orphaned(&old);
     }
     Ok(())
 }

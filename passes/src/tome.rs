@@ -17,25 +17,45 @@ pub struct Merged {
     /// Tokens each token stands for, [B, N - r, 1].
     pub size: String,
     pub tokens: usize,
+    /// For each original token, the index of the token now standing for it,
+    /// [B, N0] int64; kept only when the head needs the full sequence back.
+    pub source: Option<String>,
 }
 
 /// Adds `log(size)` to the attention logits before the Softmax:
-/// `logits[b, h, i, j] += log(size[b, j])`.
-pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result<Patch, PassError> {
-    let logits = g.node(block.softmax).input(0).unwrap_or_default().to_string();
-    let ty = g.ty(&logits).cloned().ok_or_else(|| PassError::MissingType(logits.clone()))?;
-    let anchor = g.producer(&logits).unwrap_or(block.softmax);
+/// `logits[b, h, i, j] += log(size[b, j])`. A fused `Attention` op takes the
+/// bias as (or added to) its additive mask, spelled out over the `tokens`
+/// query rows as onnxruntime and tract require.
+pub fn proportional_attention(g: &Graph, block: &VitBlock, tokens: usize, size: &str) -> Result<Patch, PassError> {
+    let attention = g.node(block.attention);
+    let fused = attention.op() == "Attention";
+    let logits = if fused { attention.input(3) } else { attention.input(0) }.map(str::to_string);
+    let anchor = logits.as_deref().and_then(|l| g.producer(l)).unwrap_or(block.attention);
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
     let log_size = e.op("Log", "log_size", &[size], vec![]);
     // [B, N, 1] -> [B, 1, 1, N] as one Reshape: a Transpose here leads tract
     // to run the Softmax on a strided layout, its slow path (5x slower).
-    let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
-    let row_shape = e.const_i64("bias_shape", &[4], &[-1, 1, 1, n]);
-    let bias = e.op("Reshape", "bias", &[&log_size, &row_shape], vec![]);
-    let biased = e.op("Add", "logits", &[&logits, &bias], vec![]);
-    patch.types.insert(biased.clone(), ty);
-    patch.rewires.push(Rewire { node: block.softmax, slot: 0, tensor: biased });
+    let row_shape = e.const_i64("bias_shape", &[4], &[-1, 1, 1, tokens as i64]);
+    let mut bias = e.op("Reshape", "bias", &[&log_size, &row_shape], vec![]);
+    let elem = logits.as_deref().and_then(|l| g.ty(l)).map(|t| t.elem).unwrap_or(FLOAT);
+    if elem != FLOAT {
+        bias = e.cast("bias_cast", &bias, elem);
+    }
+    if fused {
+        let n = tokens as i64;
+        let rows = e.const_i64("bias_rows", &[4], &[1, 1, n, n]);
+        bias = e.op("Expand", "bias_expanded", &[&bias, &rows], vec![]);
+    }
+    let biased = match &logits {
+        Some(l) => e.op("Add", "logits", &[l, &bias], vec![]),
+        None => bias,
+    };
+    if let Some(ty) = logits.as_deref().and_then(|l| g.ty(l)) {
+        patch.types.insert(biased.clone(), ty.clone());
+    }
+    let slot = if fused { 3 } else { 0 };
+    patch.rewires.push(Rewire { node: block.attention, slot, tensor: biased });
     Ok(patch)
 }
 
@@ -55,19 +75,25 @@ pub fn merge(
     tokens: usize,
     r: usize,
     size: Option<&str>,
+    source: Option<Option<&str>>,
     prefix: usize,
 ) -> Result<(Patch, Merged), PassError> {
     let (n, c) = (tokens as i64, block.width as i64);
     let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
     let nu = na - r;
     let (pa, pb) = ((prefix as i64 + 1) / 2, prefix as i64 / 2);
-    let x = block.residual.as_str();
-    let x_ty = g.ty(x).cloned().ok_or_else(|| PassError::MissingType(x.to_string()))?;
-    let readers = g.consumers(x);
+    let x_ty = g.ty(&block.residual).cloned().ok_or_else(|| PassError::MissingType(block.residual.clone()))?;
+    let readers = g.consumers(&block.residual);
 
     let mut patch = Patch::new(format!("{}: merge r={r}", block.name), block.attn_residual);
     patch.resized_axis = Some(1);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), g.opset);
+    // Matching and merging run in float32 whatever the model's type.
+    let (x, keys) = match x_ty.elem {
+        FLOAT => (block.residual.clone(), block.keys.clone()),
+        _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
+    };
+    let x = x.as_str();
 
     // Tokens start out standing for one patch each.
     let (size, weighted) = match size {
@@ -86,8 +112,11 @@ pub fn merge(
     let b = e.slice("b", &stacked, 1, 1, n, 2);
 
     // Bipartite soft matching.
-    let key_mean = e.reduce("ReduceMean", "key_mean", &block.keys, &[1], false);
-    let metric_raw = e.transpose("metric_raw", &key_mean, &[0, 2, 1]);
+    let key_mean = e.reduce("ReduceMean", "key_mean", &keys, &[1], false);
+    let metric_raw = match block.keys_transposed {
+        true => e.transpose("metric_raw", &key_mean, &[0, 2, 1]),
+        false => key_mean,
+    };
     let norm = e.reduce("ReduceL2", "metric_norm", &metric_raw, &[2], true);
     let metric = e.op("Div", "metric", &[&metric_raw, &norm], vec![]);
     let metric_a = e.slice("metric_a", &metric, 1, 0, n, 2);
@@ -151,7 +180,11 @@ pub fn merge(
     let merged = e.op("Concat", "tokens", &refs, vec![int_attr("axis", 1)]);
     let sums = e.slice("sums", &merged, 2, 0, c, 1);
     let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
-    let x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    let mut x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    if x_ty.elem != FLOAT {
+        x_out = e.cast("x_cast", &x_out, x_ty.elem);
+    }
+    let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
 
     let out_tokens = (n - r) as usize;
     patch.types.insert(x_out.clone(), tokens_type(&x_ty, out_tokens, block.width));
@@ -159,7 +192,81 @@ pub fn merge(
     for (node, slot) in readers {
         patch.rewires.push(Rewire { node, slot, tensor: x_out.clone() });
     }
-    Ok((patch, Merged { x: x_out, size: size_out, tokens: out_tokens }))
+    Ok((patch, Merged { x: x_out, size: size_out, tokens: out_tokens, source }))
+}
+
+/// Where each token of this block lands after the merge, composed with the
+/// sources so far. In the output `concat(unm[:pa], b[:pb], unm[pa:], b[pb:])`
+/// the p-th unmerged A token sits at `p + (p >= pa ? pb : 0)`, B token j at
+/// `j < pb ? pa + j : nu + j`, and a merged A token where its dst B token is.
+/// Positions are one-hot sums in float32, exact below 2^24.
+fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, dst: &str, sizes: [i64; 5]) -> String {
+    let [na, nb, nu, pa, pb] = sizes;
+    let a_positions = e.const_i64("a_positions", &[na], &(0..na).collect::<Vec<_>>());
+    // Unmerged A tokens: one-hot [B, nu, na] weighted by their output position.
+    let unm_column = e.unsqueeze("unm_column", unm, &[2]);
+    let unm_hits = e.op("Equal", "unm_one_hot_bool", &[&unm_column, &a_positions], vec![]);
+    let unm_one_hot = e.cast("unm_one_hot", &unm_hits, FLOAT);
+    let unm_place: Vec<f32> = (0..nu).map(|p| (p + if p >= pa { pb } else { 0 }) as f32).collect();
+    let unm_place = e.const_f32("unm_place", &[nu, 1], &unm_place);
+    let unm_weighted = e.op("Mul", "unm_placed", &[&unm_one_hot, &unm_place], vec![]);
+    let from_unm = e.reduce("ReduceSum", "a_from_unm", &unm_weighted, &[1], false);
+    // Merged A tokens: one-hot [B, r, na] weighted by where their dst landed.
+    let src_column = e.unsqueeze("src_column", src, &[2]);
+    let src_hits = e.op("Equal", "src_one_hot_bool", &[&src_column, &a_positions], vec![]);
+    let src_one_hot = e.cast("src_one_hot", &src_hits, FLOAT);
+    let b_place: Vec<f32> = (0..nb).map(|j| if j < pb { pa + j } else { nu + j } as f32).collect();
+    let b_place = e.const_f32("b_place", &[nb], &b_place);
+    let dst_place = e.op("Gather", "dst_place", &[&b_place, dst], vec![int_attr("axis", 0)]);
+    let dst_place = e.unsqueeze("dst_place_column", &dst_place, &[2]);
+    let src_weighted = e.op("Mul", "src_placed", &[&src_one_hot, &dst_place], vec![]);
+    let from_src = e.reduce("ReduceSum", "a_from_src", &src_weighted, &[1], false);
+    let a_place = e.op("Add", "a_place", &[&from_unm, &from_src], vec![]);
+    // Interleave A (even) and B (odd) positions back into this block's token order.
+    let a_paired = e.slice("a_place_paired", &a_place, 1, 0, nb, 1);
+    let zeros = e.op("Sub", "b_zeros", &[&a_paired, &a_paired], vec![]);
+    let b_place_row = e.op("Add", "b_place_row", &[&zeros, &b_place], vec![]);
+    let a_column = e.unsqueeze("a_place_pair", &a_paired, &[2]);
+    let b_column = e.unsqueeze("b_place_pair", &b_place_row, &[2]);
+    let pairs = e.op("Concat", "place_pairs", &[&a_column, &b_column], vec![int_attr("axis", 2)]);
+    let flat = e.const_i64("place_flat_shape", &[2], &[0, 2 * nb]);
+    let mut place = e.op("Reshape", "place_interleaved", &[&pairs, &flat], vec![]);
+    if na > nb {
+        let last = e.slice("a_place_last", &a_place, 1, nb, na, 1);
+        place = e.op("Concat", "place_all", &[&place, &last], vec![int_attr("axis", 1)]);
+    }
+    let place = e.cast("place", &place, INT64);
+    match previous {
+        Some(prev) => e.op("GatherElements", "source", &[&place, prev], vec![int_attr("axis", 1)]),
+        None => place,
+    }
+}
+
+/// Gives every original token the value of the token it was merged into:
+/// `full[b, j] = tokens[b, source[b, j]]`. The producer of `tensor` is
+/// renamed so that every reader, graph outputs included, gets `full` under
+/// the old name.
+pub fn unmerge(g: &Graph, tensor: &str, source: &str, tokens: usize) -> Result<(Patch, String), PassError> {
+    let missing = || PassError::MissingType(tensor.to_string());
+    let producer = g.producer(tensor).ok_or_else(missing)?;
+    let ty = g.ty(tensor).cloned().ok_or_else(missing)?;
+    let mut patch = Patch::new(format!("{tensor}: unmerge"), producer);
+    let prefix = format!("{}.tome.unmerge", g.node(producer).name());
+    let merged = format!("{prefix}.merged");
+    patch.renames.push((producer, tensor.to_string(), merged.clone()));
+    let mut e = Emitter::new(&mut patch, &prefix, g.opset);
+    let index = e.unsqueeze("source_index", source, &[2]);
+    patch.nodes.push(crate::pb::NodeProto {
+        name: format!("{prefix}.tokens"),
+        op_type: "GatherND".into(),
+        input: vec![merged, index],
+        output: vec![tensor.to_string()],
+        attribute: vec![int_attr("batch_dims", 1)],
+        ..Default::default()
+    });
+    let width = ty.dim(2).unwrap_or(0) as usize;
+    patch.types.insert(tensor.to_string(), tokens_type(&ty, tokens, width));
+    Ok((patch, tensor.to_string()))
 }
 
 /// Turns a mean over tokens into `sum(x·size) / sum(size)` over the same tokens.
@@ -184,24 +291,34 @@ pub fn size_weighted_pool(
         }
         None => size.to_string(),
     };
+    let elem = g.ty(&x).map(|t| t.elem).unwrap_or(FLOAT);
+    let x = if elem == FLOAT { x } else { e.cast("x_float", &x, FLOAT) };
     let weighted = e.op("Mul", "weighted", &[&x, &kept], vec![]);
     let sum = e.reduce("ReduceSum", "weighted_sum", &weighted, &[1], keepdims);
     let total = e.reduce("ReduceSum", "size_sum", &kept, &[1], keepdims);
+    let mut mean = vec![sum, total];
+    let mut op = "Div";
+    if elem != FLOAT {
+        mean = vec![e.op("Div", "mean_float", &[&mean[0], &mean[1]], vec![])];
+        op = "Cast";
+    }
     patch.nodes.push(crate::pb::NodeProto {
         name: format!("{}.tome.pool.mean", node.name()),
-        op_type: "Div".into(),
-        input: vec![sum, total],
+        op_type: op.into(),
+        input: mean,
         output: vec![output],
+        attribute: if elem == FLOAT { vec![] } else { vec![int_attr("to", elem as i64)] },
         ..Default::default()
     });
     Ok(patch)
 }
 
 /// Token count seen by each node once merges are in: the count left by the
-/// last merge upstream of it, or `tokens` before the first merge.
-pub fn tokens_per_node(g: &Graph, tokens: usize, merged: &[Merged]) -> Result<HashMap<NodeIndex, usize>, PassError> {
-    let stage_of: HashMap<&str, usize> = merged.iter().enumerate().map(|(i, m)| (m.x.as_str(), i + 1)).collect();
-    let count = |stage: usize| if stage == 0 { tokens } else { merged[stage - 1].tokens };
+/// last stage boundary upstream of it (a merge, or the unmerge), or `tokens`
+/// before the first. `stages` lists each boundary's tensor and count, in order.
+pub fn tokens_per_node(g: &Graph, tokens: usize, stages: &[(String, usize)]) -> Result<HashMap<NodeIndex, usize>, PassError> {
+    let stage_of: HashMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.0.as_str(), i + 1)).collect();
+    let count = |stage: usize| if stage == 0 { tokens } else { stages[stage - 1].1 };
     let mut stage: HashMap<NodeIndex, usize> = HashMap::new();
     for id in g.topological_order()? {
         let s = g
@@ -220,7 +337,9 @@ pub fn tokens_per_node(g: &Graph, tokens: usize, merged: &[Merged]) -> Result<Ha
 
 /// Shape constants (Reshape, Expand, ConstantOfShape) that spell the original
 /// token count, re-spelled with the count of tokens that reach them. Dynamo
-/// exports bake N into these; classic exports compute it with Shape ops.
+/// exports bake N into these; torchvision's attention concatenates a baked N
+/// with computed dims (`Concat([N], B·H, D)`); classic exports compute N with
+/// Shape ops and need nothing.
 pub fn retarget_token_constants(
     g: &Graph,
     tokens: usize,
@@ -229,10 +348,10 @@ pub fn retarget_token_constants(
 ) -> Vec<Patch> {
     let mut ids: Vec<NodeIndex> = original.iter().copied().collect();
     ids.sort_by_key(|id| g.node(*id).order);
-    let n0 = tokens as i64;
     let mut patches = vec![];
+    let mut seen = HashSet::new();
     for id in ids {
-        let now = per_node.get(&id).copied().unwrap_or(tokens) as i64;
+        let now = per_node.get(&id).copied().unwrap_or(tokens);
         let node = g.node(id);
         let slot = match node.op() {
             "Reshape" | "Expand" => 1,
@@ -240,26 +359,40 @@ pub fn retarget_token_constants(
             _ => continue,
         };
         let (Some(shape_in), Some(out_ty)) = (node.input(slot), g.ty(node.output())) else { continue };
-        let Some(mut values) = g.constant_i64(shape_in) else { continue };
-        if now == n0 {
+        if now == tokens {
             continue;
         }
-        let mut changed = false;
-        for (axis, v) in values.iter_mut().enumerate() {
-            if *v == n0 && out_ty.shape.get(axis) == Some(&Dim::Fixed(n0)) {
-                *v = now;
-                changed = true;
+        // (node, slot) holding a constant piece of the shape, and its offset in the shape.
+        let mut pieces = vec![(id, slot, shape_in.to_string(), 0usize)];
+        if let Some(concat) = g.producer(shape_in).filter(|c| g.node(*c).op() == "Concat" && !g.is_constant(shape_in)) {
+            let mut offset = 0;
+            pieces.clear();
+            for (k, input) in g.node(concat).proto.input.iter().enumerate() {
+                let Some(len) = g.ty(input).and_then(|t| t.dim(0)) else { break };
+                pieces.push((concat, k, input.clone(), offset));
+                offset += len as usize;
             }
         }
-        if !changed {
-            continue;
+        for (holder, slot, tensor, offset) in pieces {
+            let Some(mut values) = g.constant_i64(&tensor) else { continue };
+            let mut changed = false;
+            for (k, v) in values.iter_mut().enumerate() {
+                if *v == tokens as i64 && out_ty.shape.get(offset + k) == Some(&Dim::Fixed(tokens as i64)) {
+                    *v = now as i64;
+                    changed = true;
+                }
+            }
+            if !changed || !seen.insert((holder, slot)) {
+                continue;
+            }
+            let holder_name = g.node(holder).name();
+            let mut patch = Patch::new(format!("{holder_name}: {now} tokens"), holder);
+            let name = format!("{holder_name}.tome.tokens{slot}");
+            patch.initializers.push(crate::graph::int64_tensor(&name, &[values.len() as i64], &values));
+            patch.types.insert(name.clone(), TensorType::new(INT64, vec![Dim::Fixed(values.len() as i64)]));
+            patch.rewires.push(Rewire { node: holder, slot, tensor: name });
+            patches.push(patch);
         }
-        let mut patch = Patch::new(format!("{}: {now} tokens", node.name()), id);
-        let name = format!("{}.tome.tokens", node.name());
-        patch.initializers.push(crate::graph::int64_tensor(&name, &[values.len() as i64], &values));
-        patch.types.insert(name.clone(), TensorType::new(INT64, vec![Dim::Fixed(values.len() as i64)]));
-        patch.rewires.push(Rewire { node: id, slot, tensor: name });
-        patches.push(patch);
     }
     patches
 }
