@@ -31,12 +31,33 @@ impl Inspection {
 /// and counts MACs before and after.
 pub fn inspect(path: &Path, opts: &Options, target: Target) -> Result<Inspection, Error> {
     let file = onnx_io::read(path)?;
-    let before = macs::count(&file.proto, &crate::infer_types(&file.proto, &file.dir)?);
+    let types = crate::infer_types(&file.proto, &file.dir)?;
+    let before = macs::count(&file.proto, &types);
     let mut compiled = file.proto.clone();
-    let report = crate::compile(&mut compiled, &file.dir, opts)?;
+    let report = match crate::compile(&mut compiled, &file.dir, opts) {
+        Ok(report) => report,
+        Err(e) => {
+            print!("{}", render_diagnosis(&file.proto, types));
+            return Err(e);
+        }
+    };
     validate(&compiled, &file.dir, target)?;
     let after = macs::count(&compiled, &crate::infer_types(&compiled, &file.dir)?);
     Ok(Inspection { report, options: opts.clone(), target, before, after })
+}
+
+/// Each attention node with the block it anchors or why it does not, for a
+/// model that cannot be compiled.
+fn render_diagnosis(proto: &crate::pb::ModelProto, types: std::collections::HashMap<String, tome_passes::TensorType>) -> String {
+    let Ok(found) = tome_passes::diagnose(proto, types) else { return String::new() };
+    let mut s = format!("attention nodes found: {}\n", found.len());
+    for (name, op, result) in found {
+        match result {
+            Ok(block) => s += &format!("  {name} ({op}): block: {block}\n"),
+            Err(why) => s += &format!("  {name} ({op}): not matched: {why}\n"),
+        }
+    }
+    s
 }
 
 /// The human-readable report.

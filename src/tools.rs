@@ -165,9 +165,6 @@ pub struct BenchArgs {
     r: Option<String>,
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     prop_attn: OnOff,
-    /// As for compile: restore the full token sequence for heads that read every patch.
-    #[arg(long)]
-    unmerge: bool,
     /// tract threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -190,6 +187,9 @@ pub struct BenchArgs {
     /// Then time every node of the compiled model over N runs and show where the time goes.
     #[arg(long, value_name = "N", default_value_t = 0)]
     profile: usize,
+    /// Restore the full token sequence for heads that read every patch token (see compile).
+    #[arg(long)]
+    unmerge: bool,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -222,15 +222,15 @@ pub struct InspectArgs {
     r: String,
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     prop_attn: OnOff,
-    /// As for compile: restore the full token sequence for heads that read every patch.
-    #[arg(long)]
-    unmerge: bool,
     /// The target the compiled model would be checked for.
     #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
     target: TargetArg,
     /// Print the inspection as JSON.
     #[arg(long)]
     json: bool,
+    /// Plan with --unmerge, for heads that read every patch token (see compile).
+    #[arg(long)]
+    unmerge: bool,
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {

@@ -231,3 +231,15 @@ fn windowed_attention_with_relative_position_bias_is_refused() {
     assert!(err.contains("no transformer block found") && err.contains("relative position bias"), "{err}");
     assert!(err.contains("/layers/layers.0/blocks/blocks.0/attn/Add"), "names the node: {err}");
 }
+
+#[test]
+fn inspect_says_which_attention_it_could_not_match_and_why() {
+    let model = fixture("swin_refused/model.onnx");
+    let o = tome(&["inspect", model.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(text.contains("attention nodes found: 4"), "{text}");
+    assert_eq!(text.matches("not matched:").count(), 4, "{text}");
+    assert!(text.contains("/layers/layers.3/blocks/blocks.0/attn/softmax/Softmax (Softmax): not matched:"), "{text}");
+    assert!(text.contains("relative position bias"), "{text}");
+}

@@ -30,7 +30,7 @@ pub use tract_onnx::pb;
 pub enum PassError {
     #[error("the model has no graph")]
     NoGraph,
-    #[error("no transformer block found: {0}. tome-compile needs a ViT whose blocks compute Softmax(Q·Kᵀ)")]
+    #[error("no transformer block found: {0}. tome-compile merges tokens in ViT blocks with global self-attention; `tome-compile inspect` lists what it saw")]
     NoBlocks(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
@@ -120,7 +120,7 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, Some(size)) = (opts.prop_attn, &size) {
-            let p = tome::proportional_attention(g, block, step.tokens_in, size)?;
+            let p = tome::proportional_attention(g, block, size)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
         }
@@ -171,6 +171,14 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
         patch_labels: labels,
     };
     Ok((report, changed))
+}
+
+/// Every attention node of `model` and whether it anchors a block (see
+/// `matcher::diagnose`); `types` as for `compile`.
+pub fn diagnose(model: &pb::ModelProto, types: HashMap<String, TensorType>) -> Result<Vec<(String, String, Result<String, String>)>, PassError> {
+    let mut copy = pb::ModelProto { graph: model.graph.clone(), opset_import: model.opset_import.clone(), ..Default::default() };
+    let g = Graph::take_from(&mut copy, types)?;
+    matcher::diagnose(&g)
 }
 
 /// A deterministic text dump of the nodes whose names start with `prefix`,

@@ -112,6 +112,22 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
     Ok(VitModel { blocks, tokens, patches, prefix, head })
 }
 
+/// Every attention node (Softmax or `Attention`), in order, with the block
+/// it anchors or the reason it does not: what `inspect` shows when a model
+/// cannot be compiled.
+pub fn diagnose(g: &Graph) -> Result<Vec<(String, String, Result<String, String>)>, PassError> {
+    let order = g.topological_order()?;
+    let mut found = vec![];
+    for &id in order.iter().filter(|&&id| matches!(g.node(id).op(), "Softmax" | "Attention")) {
+        let node = g.node(id);
+        let result = match_block(g, id, found.len()).map(|b| {
+            format!("{} heads x {}, {} tokens, width {}, merges after {}", b.heads, b.head_dim, b.tokens, b.width, b.residual)
+        });
+        found.push((node.name().to_string(), node.op().to_string(), result));
+    }
+    Ok(found)
+}
+
 /// Matches one block around its Softmax.
 ///
 /// ```text

@@ -24,9 +24,9 @@ pub struct Merged {
 
 /// Adds `log(size)` to the attention logits before the Softmax:
 /// `logits[b, h, i, j] += log(size[b, j])`. A fused `Attention` op takes the
-/// bias as (or added to) its additive mask, spelled out over the `tokens`
-/// query rows as onnxruntime and tract require.
-pub fn proportional_attention(g: &Graph, block: &VitBlock, tokens: usize, size: &str) -> Result<Patch, PassError> {
+/// bias as (or added to) its additive mask, spelled out over the query rows
+/// as onnxruntime and tract require.
+pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result<Patch, PassError> {
     let attention = g.node(block.attention);
     let fused = attention.op() == "Attention";
     let logits = if fused { attention.input(3) } else { attention.input(0) }.map(str::to_string);
@@ -36,14 +36,14 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, tokens: usize, size: 
     let log_size = e.op("Log", "log_size", &[size], vec![]);
     // [B, N, 1] -> [B, 1, 1, N] as one Reshape: a Transpose here leads tract
     // to run the Softmax on a strided layout, its slow path (5x slower).
-    let row_shape = e.const_i64("bias_shape", &[4], &[-1, 1, 1, tokens as i64]);
+    let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
+    let row_shape = e.const_i64("bias_shape", &[4], &[-1, 1, 1, n]);
     let mut bias = e.op("Reshape", "bias", &[&log_size, &row_shape], vec![]);
     let elem = logits.as_deref().and_then(|l| g.ty(l)).map(|t| t.elem).unwrap_or(FLOAT);
     if elem != FLOAT {
         bias = e.cast("bias_cast", &bias, elem);
     }
     if fused {
-        let n = tokens as i64;
         let rows = e.const_i64("bias_rows", &[4], &[1, 1, n, n]);
         bias = e.op("Expand", "bias_expanded", &[&bias, &rows], vec![]);
     }
