@@ -10,6 +10,7 @@ pub mod macs;
 pub mod npz;
 pub mod onnx_io;
 pub mod run;
+pub mod visualize;
 pub mod tensorrt_rules;
 
 use std::collections::HashMap;

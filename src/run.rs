@@ -26,7 +26,12 @@ impl Runner {
     /// Loads `path` (external data resolved next to it) and plans it.
     pub fn load(path: &Path) -> Result<Runner, Error> {
         let file = crate::onnx_io::read(path)?;
-        let parsed = tract_onnx::onnx().parse(&file.proto, file.dir.to_str()).map_err(run_err)?;
+        Runner::from_proto(&file.proto, &file.dir)
+    }
+
+    /// Plans a model held in memory; external data is read from `dir`.
+    pub fn from_proto(proto: &tome_passes::pb::ModelProto, dir: &Path) -> Result<Runner, Error> {
+        let parsed = tract_onnx::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
         let model = parsed.model;
         let input_names = model.input_outlets().map_err(run_err)?.iter().map(|o| model.node(o.node).name.clone()).collect();
         let output_names = model
