@@ -197,14 +197,10 @@ fn typed_operands(
     let tensors: Vec<&str> = match node.op_type.as_str() {
         "Where" => node.input.get(1).into_iter().map(String::as_str).collect(),
         "Constant" | "ConstantOfShape" => {
-            let out = node.output.first().map(String::as_str).unwrap_or_default();
-            return match value_attr().or_else(|| elem(out)) {
-                Some(e) if !(node.op_type == "Constant" && value_attr().is_none()) => vec![(out.to_string(), e)],
-                Some(_) | None => match node.op_type.as_str() {
-                    "ConstantOfShape" => vec![(out.to_string(), 1)], // float32 zeros by default
-                    _ => vec![],
-                },
-            };
+            let out = node.output.first().cloned().unwrap_or_default();
+            // ConstantOfShape fills float32 zeros when it has no value.
+            let elem = value_attr().or((node.op_type == "ConstantOfShape").then_some(1));
+            return elem.map(|e| vec![(out, e)]).unwrap_or_default();
         }
         "Cast" => node.input.iter().take(1).chain(node.output.iter().take(1)).map(String::as_str).collect(),
         _ => node.input.iter().take(1).map(String::as_str).collect(),

@@ -11,6 +11,7 @@ pub mod macs;
 pub mod npz;
 pub mod onnx_io;
 pub mod run;
+pub mod visualize;
 pub mod tensorrt_rules;
 pub mod validate;
 pub mod verify;

@@ -36,6 +36,31 @@ enum Command {
     Bench(tools::BenchArgs),
     /// Show blocks, schedule, tokens and MACs before and after, without writing.
     Inspect(tools::InspectArgs),
+    /// Draw which patches each final token stands for, on an image (PNG).
+    Visualize(VisualizeArgs),
+}
+
+#[derive(Args)]
+struct VisualizeArgs {
+    /// The ONNX model (compiled in memory; not written).
+    model: PathBuf,
+    /// Tokens merged per block, as for compile.
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true)]
+    r: String,
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    prop_attn: Switch,
+    /// The image (PNG or JPEG), resized to the model's input size.
+    #[arg(long)]
+    image: PathBuf,
+    /// Per-channel mean (ImageNet's by default).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.485, 0.456, 0.406])]
+    mean: Vec<f32>,
+    /// Per-channel standard deviation.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.229, 0.224, 0.225])]
+    std: Vec<f32>,
+    /// The PNG to write.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 #[derive(Args)]
@@ -128,6 +153,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => (json_flag, Box::new(|| tools::check(args))),
         Some(Command::Bench(args)) => (json_flag, Box::new(|| tools::bench(args))),
         Some(Command::Inspect(args)) => (json_flag, Box::new(|| tools::inspect(args))),
+        Some(Command::Visualize(args)) => (json_flag, Box::new(|| visualize(args))),
         None => (cli.compile.json, Box::new(|| compile(cli.compile))),
     };
     // The library catches tract's panics; this net catches any other, so
@@ -281,5 +307,17 @@ fn run(args: RunArgs) -> Result<()> {
             _ => println!("  {out:?}"),
         }
     }
+    Ok(())
+}
+
+fn visualize(args: VisualizeArgs) -> Result<()> {
+    let schedule: Schedule = args.r.parse()?;
+    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false };
+    let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
+        bail!("--mean and --std take three comma-separated values, one per RGB channel");
+    };
+    let v = tome_compile::visualize::visualize(&args.model, &opts, &args.image, mean, std)?;
+    tome_compile::visualize::save(&v, &args.output)?;
+    println!("{} patches in {} groups (final patch tokens); wrote {}", v.group.len(), v.groups, args.output.display());
     Ok(())
 }

@@ -146,8 +146,8 @@ fn external_range(t: &pb::TensorProto, src_dir: &Path) -> Result<(PathBuf, u64, 
 
 /// Checks every external tensor of a model read from `dir` (see `external_range`).
 fn check_external(proto: &pb::ModelProto, dir: &Path) -> Result<(), Error> {
-    let tensors = proto.graph.iter().flat_map(|g| g.initializer.iter()).filter(|t| is_external(t));
-    tensors.map(|t| external_range(t, dir).map(|_| ())).collect()
+    let mut tensors = proto.graph.iter().flat_map(|g| g.initializer.iter()).filter(|t| is_external(t));
+    tensors.try_for_each(|t| external_range(t, dir).map(|_| ()))
 }
 
 /// Copies each external tensor's bytes into one file, 64-byte aligned.

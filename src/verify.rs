@@ -96,8 +96,8 @@ fn unverifiable_input(proto: &pb::ModelProto, types: &HashMap<String, TensorType
 /// `required` (`--verify on`), else a skip.
 pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, opts: &Options, required: bool) -> Result<Outcome, Error> {
     let fail = |why: String| Err(Error::Verification(why));
-    let (inputs, expected, names) = match run_original(original, dir) {
-        Ok(run) => run,
+    let Reference { inputs, expected, names } = match run_original(original, dir) {
+        Ok(reference) => reference,
         Err(why) if required => return fail(why),
         Err(why) => return Ok(Outcome::Skipped(why)),
     };
@@ -120,7 +120,7 @@ pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, 
     let mut r0_max_abs = 0f32;
     for ((name, a), b) in names.iter().zip(&expected).zip(&identity) {
         let diff = max_abs_diff(a, b).unwrap_or(f32::INFINITY);
-        if !(diff <= R0_TOLERANCE) {
+        if diff.is_nan() || diff > R0_TOLERANCE {
             return fail(format!("with r = 0 the output {name} differs from the original by {diff:e} (tolerance {R0_TOLERANCE:e}); {BUG}"));
         }
         r0_max_abs = r0_max_abs.max(diff);
@@ -128,9 +128,15 @@ pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, 
     Ok(Outcome::Passed { outputs: got.iter().map(|t| t.shape().to_vec()).collect(), r0_max_abs })
 }
 
-/// The seeded inputs, the original's outputs and their names, or why the
-/// original gives nothing to compare with.
-fn run_original(original: &pb::ModelProto, dir: &Path) -> Result<(Vec<Tensor>, Vec<Tensor>, Vec<String>), String> {
+/// What the original model gives on the seeded input.
+struct Reference {
+    inputs: Vec<Tensor>,
+    expected: Vec<Tensor>,
+    names: Vec<String>,
+}
+
+/// The original run on the seeded input, or why it gives nothing to compare with.
+fn run_original(original: &pb::ModelProto, dir: &Path) -> Result<Reference, String> {
     let cannot = |e: Error| format!("tract cannot run the original model ({e})");
     let runner = Runner::from_proto(original, dir).map_err(cannot)?;
     let inputs = deterministic_inputs(&runner)?;
@@ -138,7 +144,7 @@ fn run_original(original: &pb::ModelProto, dir: &Path) -> Result<(Vec<Tensor>, V
     if let Some((name, _)) = runner.output_names.iter().zip(&expected).find(|(_, y)| !is_finite(y)) {
         return Err(format!("the original model's output {name} is not finite on the verification input"));
     }
-    Ok((inputs, expected, runner.output_names.clone()))
+    Ok(Reference { inputs, expected, names: runner.output_names.clone() })
 }
 
 /// One input per model input, batch 1, values uniform in [-1, 1) from a

@@ -244,3 +244,37 @@ fn inspect_says_which_attention_it_could_not_match_and_why() {
     assert!(text.contains("/layers/layers.3/blocks/blocks.0/attn/softmax/Softmax (Softmax): not matched:"), "{text}");
     assert!(text.contains("relative position bias"), "{text}");
 }
+
+/// Saves fixture image `index` (normalised with mean and std 0.5) as a PNG.
+fn fixture_png(index: usize, path: &Path) {
+    let refs = common::references("timm_vit");
+    let pixels = tome_compile::run::floats(&refs["pixel_values"]).unwrap();
+    let plane = 224 * 224;
+    let start = index * 3 * plane;
+    let img = image::RgbImage::from_fn(224, 224, |x, y| {
+        let at = |c: usize| pixels[start + c * plane + y as usize * 224 + x as usize];
+        image::Rgb([0, 1, 2].map(|c| ((at(c) * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8))
+    });
+    img.save(path).unwrap();
+}
+
+#[test]
+fn visualize_draws_one_colour_group_per_final_patch_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = dir.path().join("cat.png");
+    fixture_png(0, &cat);
+    let out = dir.path().join("merged.png");
+    let model = fixture("timm_vit/model.onnx");
+    let args = [model.to_str().unwrap(), "--r", "16", "--image", cat.to_str().unwrap()];
+    let o = tome(&[&["visualize"], &args[..], &["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "-o", out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // r = 16 over 6 blocks leaves 101 tokens (case.json): cls + 100 patch tokens.
+    let final_patch_tokens = common::expected_tokens("timm_vit", "r16_prop1").unwrap().last().unwrap() - 1;
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("196 patches in {final_patch_tokens} groups")));
+    let png = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (224, 224));
+    let mut colours: Vec<[u8; 3]> = png.pixels().map(|p| p.0).filter(|c| *c != [16, 16, 16]).collect();
+    colours.sort();
+    colours.dedup();
+    assert_eq!(colours.len(), final_patch_tokens, "one fill colour per group");
+}

@@ -106,6 +106,13 @@ fn check_fails_naming_a_scatter_elements_with_reduction_add() {
         assert!(line.contains("[source: onnx-tensorrt"), "each finding names its source: {line}");
     }
     assert!(err.contains("blocks.0.merge.scatter_reduce"), "the error line names the node: {err}");
+
+    let o = tome(&["check", path.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_str(&text(&o).0).expect("check --json prints JSON");
+    assert_eq!(json["passed"], false);
+    let f = &json["findings"][0];
+    assert_eq!((f["node"].as_str(), f["op"].as_str(), f["severity"].as_str()), (Some("blocks.0.merge.scatter_reduce"), Some("ScatterElements"), Some("error")));
 }
 
 #[test]

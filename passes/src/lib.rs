@@ -85,14 +85,32 @@ pub struct Report {
 
 /// Rewrites `model` in place to apply ToMe; `types` holds every tensor's type.
 pub fn compile(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, PassError> {
+    compile_with(model, types, opts, false)
+}
+
+/// Name of the extra graph output `compile_exposing_sources` adds.
+pub const SOURCE_OUTPUT: &str = "tome_source";
+
+/// As `compile`, and adds the graph output `tome_source` [batch, tokens]
+/// int64: for each original token, the index of the final token standing
+/// for it (what `tome-compile visualize` draws). Absent when nothing merges.
+pub fn compile_exposing_sources(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, PassError> {
+    compile_with(model, types, opts, true)
+}
+
+fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, opts: &Options, expose: bool) -> Result<Report, PassError> {
     let mut g = Graph::take_from(model, types)?;
-    let result = rewrite(&mut g, opts);
+    let result = rewrite(&mut g, opts, expose);
     let changed = match &result {
         Ok((_, changed)) => changed.clone(),
         Err(_) => HashSet::new(),
     };
+    let exposed = g.outputs.iter().any(|o| o == SOURCE_OUTPUT);
     g.write_into(model)?;
     let (report, _) = result?;
+    if let (true, Some(graph)) = (exposed, model.graph.as_mut()) {
+        graph.output.push(source_output_info(&report));
+    }
     if let Some(graph) = model.graph.as_mut() {
         graph.value_info.retain(|v| !changed.contains(&v.name));
     }
@@ -100,7 +118,7 @@ pub fn compile(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, o
 }
 
 /// Runs the passes; returns the report and the tensors whose shapes changed.
-fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), PassError> {
+fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Report, HashSet<String>), PassError> {
     if g.opset < 13 {
         return Err(PassError::OldOpset(g.opset));
     }
@@ -126,7 +144,7 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
         }
         if step.r > 0 {
             let source = merged.last().and_then(|m| m.source.clone());
-            let track = unmerge_at.is_some().then_some(source.as_deref());
+            let track = (unmerge_at.is_some() || expose_sources).then_some(source.as_deref());
             let (p, m) = tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
@@ -137,6 +155,19 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
         let p = tome::size_weighted_pool(g, *reduce, *slice, &m.size)?;
         labels.push(p.label.clone());
         patch::apply(g, p)?;
+    }
+    if let (true, Some(source)) = (expose_sources, merged.last().and_then(|m| m.source.as_deref())) {
+        let block = vit.blocks.last().map(|b| b.attention).unwrap_or_default();
+        let mut p = patch::Patch::new("source map output", block);
+        p.nodes.push(pb::NodeProto {
+            name: format!("{SOURCE_OUTPUT}.identity"),
+            op_type: "Identity".into(),
+            input: vec![source.to_string()],
+            output: vec![SOURCE_OUTPUT.into()],
+            ..Default::default()
+        });
+        patch::apply(g, p)?;
+        g.outputs.push(SOURCE_OUTPUT.into());
     }
     let mut stages: Vec<(String, usize)> = merged.iter().map(|m| (m.x.clone(), m.tokens)).collect();
     if let (Some(tensor), Some(source)) = (&unmerge_at, merged.last().and_then(|m| m.source.as_deref())) {
@@ -171,6 +202,24 @@ fn rewrite(g: &mut Graph, opts: &Options) -> Result<(Report, HashSet<String>), P
         patch_labels: labels,
     };
     Ok((report, changed))
+}
+
+/// `tome_source`: int64 [batch, tokens], batch named like the model's input.
+fn source_output_info(report: &Report) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    let tokens = report.blocks.first().map(|b| b.step.tokens_in).unwrap_or(0) as i64;
+    let dim = |v: Value| Dimension { value: Some(v), ..Default::default() };
+    pb::ValueInfoProto {
+        name: SOURCE_OUTPUT.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: graph::INT64,
+                shape: Some(pb::TensorShapeProto { dim: vec![dim(Value::DimParam("batch".into())), dim(Value::DimValue(tokens))] }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Every attention node of `model` and whether it anchors a block (see

@@ -1,0 +1,112 @@
+"""The whole performance table of issue 5 from one command: tract and
+onnxruntime, original vs compiled (--r 16), every ratio measured in one run.
+
+Usage:
+    python3 bench/perf_table.py [--tome target/release/tome-compile]
+        [--bench-dir /work/bench] [--threads 2] [--iters 10] [--quick]
+
+Weights of the full-size graphs in ../shared/fixtures/bench are filled into
+--bench-dir with ../shared/tools/fill_weights.py when missing. Needs numpy,
+onnx and onnxruntime. Timings are medians of interleaved runs (original,
+compiled, ... in turn), so the machine's load hits every model alike.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared"))
+
+p = argparse.ArgumentParser()
+p.add_argument("--tome", default=os.path.join(HERE, "..", "target", "release", "tome-compile"))
+p.add_argument("--bench-dir", default=os.path.join(tempfile.gettempdir(), "tome-bench"))
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--iters", type=int, default=10)
+p.add_argument("--quick", action="store_true", help="ViT-B/16 batch 1 only")
+args = p.parse_args()
+
+
+def weights(name):
+    path = os.path.join(args.bench_dir, name + ".onnx")
+    if not os.path.exists(path):
+        os.makedirs(args.bench_dir, exist_ok=True)
+        src = os.path.join(SHARED, "fixtures", "bench", name + ".onnx")
+        subprocess.run([sys.executable, os.path.join(SHARED, "tools", "fill_weights.py"), src, args.bench_dir],
+                       check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def compile_model(src, target):
+    out = src.replace(".onnx", f".r16.{target}.onnx")
+    subprocess.run([args.tome, src, "--r", "16", "--target", target, "-o", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def tract(src, batch, iters):
+    out = subprocess.run([args.tome, "bench", src, "--r", "16", "--batch", str(batch), "--threads",
+                          str(args.threads), "--iters", str(iters), "--warmup", "1", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out)
+    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"]
+
+
+def ort_medians(paths, batch, iters):
+    """Median ms of each model, runs interleaved."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in paths]
+    shape = [batch] + [d for d in sessions[0].get_inputs()[0].shape[1:]]
+    x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    times = [[] for _ in sessions]
+    for it in range(iters + 1):
+        for s, t in zip(sessions, times):
+            start = time.perf_counter()
+            s.run(None, {s.get_inputs()[0].name: x})
+            if it:  # the first round warms up
+                t.append((time.perf_counter() - start) * 1000)
+    return [float(np.median(t)) for t in times]
+
+
+rows = []
+cases = [("vit_base_patch16_224", 1)]
+if not args.quick:
+    cases += [("vit_base_patch16_224", 8), ("vit_small_patch16_224", 1), ("vit_small_patch16_224", 8),
+              ("vit_large_patch16_384", 1)]
+for name, batch in cases:
+    src = weights(name)
+    default, trt = compile_model(src, "portable"), compile_model(src, "tensorrt")
+    iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
+    t_orig, t_comp, ideal = tract(src, batch, iters)
+    models = [src, default, trt]
+    paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
+    if name == "vit_base_patch16_224":
+        weights("paper_tome_r16_" + name)
+        models.append(paper)
+    o = ort_medians(models, batch, iters)
+    row = {"model": name, "batch": batch, "ideal": ideal,
+           "tract_orig_ms": t_orig, "tract_comp_ms": t_comp, "tract_speedup": t_orig / t_comp,
+           "ort_orig_ms": o[0], "ort_comp_ms": o[1], "ort_speedup": o[0] / o[1],
+           "ort_trt_target_vs_default": o[1] / o[2],
+           "paper_ort_speedup": o[0] / o[3] if len(o) > 3 else None,
+           "tract_comp_vs_ort_orig": o[0] / t_comp}
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+
+print(f"threads {args.threads}; medians of interleaved runs; speedup = original / compiled on the same runtime")
+print("| model | batch | ideal (MACs) | tract orig ms | tract r16 ms | tract speedup | ort orig ms | ort r16 ms "
+      "| ort speedup | paper export, ort | tensorrt target vs default, ort | tract r16 vs ort orig |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    paper = f"{r['paper_ort_speedup']:.2f}x" if r["paper_ort_speedup"] else "-"
+    print(f"| {r['model']} | {r['batch']} | {r['ideal']:.2f}x | {r['tract_orig_ms']:.1f} | {r['tract_comp_ms']:.1f} "
+          f"| {r['tract_speedup']:.2f}x | {r['ort_orig_ms']:.1f} | {r['ort_comp_ms']:.1f} | {r['ort_speedup']:.2f}x "
+          f"| {paper} | {r['ort_trt_target_vs_default']:.2f}x | {r['tract_comp_vs_ort_orig']:.2f}x |")
