@@ -17,7 +17,7 @@ use tract_onnx::prelude::*;
 
 use crate::check::{check_tensorrt, CheckReport};
 use crate::tensorrt_rules::TrtVersion;
-use crate::{onnx_io, Error, Options, Report};
+use crate::{onnx_io, verify, Error, Options, Report};
 
 /// The runtime a compiled model is meant for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,7 +85,8 @@ fn describe_errors(report: &CheckReport) -> String {
 }
 
 /// Reads `input`, compiles it, checks it for `target` and writes `output`
-/// in `format`. Nothing is written on error.
+/// in `format`, verifying the result when it is cheap (`verify::Mode::Auto`).
+/// Nothing is written on error.
 pub fn compile_file_with(
     input: &Path,
     output: &Path,
@@ -93,23 +94,56 @@ pub fn compile_file_with(
     target: Target,
     format: Format,
 ) -> Result<Report, Error> {
+    let file = FileOptions { target, format, verify: verify::Mode::Auto };
+    compile_file_checked(input, output, opts, &file).map(|c| c.report)
+}
+
+/// How `compile_file_checked` checks and writes its result.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileOptions {
+    pub target: Target,
+    pub format: Format,
+    pub verify: verify::Mode,
+}
+
+/// What `compile_file_checked` did: the compiler's report and the verification.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub report: Report,
+    pub verification: verify::Outcome,
+}
+
+/// `compile_file_with` with every choice explicit, `file.verify` included:
+/// `On` always runs the original and compiled models once in tract (see
+/// `verify`), `Off` never does. A panic inside comes back as `Error::Panic`.
+pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &FileOptions) -> Result<Compiled, Error> {
+    let (target, format) = (file.target, file.format);
     onnx_io::check_output_path(input, output)?;
     if format == Format::Nnef && matches!(target, Target::TensorRt | Target::OnnxRuntime) {
         return Err(Error::Input(format!(
             "--format nnef writes tract's NNEF archive, which {target} does not read; use --format onnx, or --target tract"
         )));
     }
-    let mut file = onnx_io::read(input)?;
-    let report = crate::compile(&mut file.proto, &file.dir, opts)?;
-    validate(&file.proto, &file.dir, target)?;
-    match format {
-        Format::Onnx => onnx_io::write(&mut file.proto, &file.dir, output)?,
-        Format::Nnef => {
-            let bytes = nnef_archive(&file.proto, &file.dir)?;
-            write_atomic(output, &bytes)?;
+    crate::guard::catch_panics("compiling the model", || {
+        let mut model = onnx_io::read(input)?;
+        let types = crate::infer_types(&model.proto, &model.dir)?;
+        let skip = verify::skip_reason(file.verify, &model.proto, &types);
+        let original = skip.is_none().then(|| model.proto.clone());
+        let report = crate::rewrite(&mut model.proto, &model.dir, types, opts)?;
+        validate(&model.proto, &model.dir, target)?;
+        let verification = match original {
+            Some(original) => verify::verify(&original, &model.proto, &model.dir, opts, file.verify == verify::Mode::On)?,
+            None => verify::Outcome::Skipped(skip.unwrap_or_default()),
+        };
+        match format {
+            Format::Onnx => onnx_io::write(&mut model.proto, &model.dir, output)?,
+            Format::Nnef => {
+                let bytes = nnef_archive(&model.proto, &model.dir)?;
+                onnx_io::write_atomic(output, &bytes)?;
+            }
         }
-    }
-    Ok(report)
+        Ok(Compiled { report, verification })
+    })
 }
 
 /// Compiles a self-contained ONNX model held in memory; returns the compiled
@@ -204,22 +238,4 @@ pub fn nnef_framework() -> tract_nnef::framework::Nnef {
     use tract_onnx::WithOnnx;
     use tract_transformers::WithTractTransformers;
     tract_nnef::nnef().with_onnx().with_tract_transformers()
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    use std::io::Write;
-    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }

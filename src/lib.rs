@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod check;
 pub mod deploy;
+pub mod guard;
 pub mod inspect;
 pub mod macs;
 pub mod npz;
@@ -12,6 +13,8 @@ pub mod onnx_io;
 pub mod run;
 pub mod visualize;
 pub mod tensorrt_rules;
+pub mod validate;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ use tome_passes::{pb, Dim, TensorType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-pub use deploy::{compile_bytes, compile_bytes_for, compile_file_with, Format, Target};
+pub use deploy::{compile_bytes, compile_bytes_for, compile_file_checked, compile_file_with, Compiled, FileOptions, Format, Target};
 pub use tome_passes::{Options, PassError, Report, Schedule};
 
 /// Errors a user can cause; each names the file, tensor or node involved.
@@ -34,6 +37,12 @@ pub enum Error {
     ExternalData { tensor: String, why: String },
     #[error("the output path {0} is the input model; choose another -o")]
     OutputIsInput(PathBuf),
+    #[error("writing {0} would replace the input's external data; choose another -o")]
+    OutputIsInputData(PathBuf),
+    #[error("{what}: {why}; the model is probably corrupt")]
+    TooLarge { what: String, why: String },
+    #[error("invalid graph: {0}")]
+    Graph(String),
     #[error("tract cannot infer the model's shapes: {0}")]
     Shapes(String),
     #[error(transparent)]
@@ -44,57 +53,143 @@ pub enum Error {
     Input(String),
     #[error("tract failed to run the model: {0}")]
     Run(String),
-    #[error("the compiled model does not meet --target {target}: {findings}")]
+    #[error("the model does not meet target {target}: {findings}")]
     Target { target: String, findings: String },
     #[error("tract cannot write the model as NNEF: {0}")]
     Nnef(String),
+    #[error("verification failed, nothing was written: {0} (--verify off writes the model anyway)")]
+    Verification(String),
+    #[error("panic while {during}: {message}. The model is probably malformed (check it with onnx.checker); if it is valid, please report this with the model")]
+    Panic { during: String, message: String },
+}
+
+/// What kind of failure an error is; each kind has one exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The command line is wrong: flags, their values (--r, -o, --target),
+    /// or the contents of an --input/--image file. Exit code 1.
+    Usage,
+    /// The model file is not a well-formed ONNX model. Exit code 2.
+    InvalidModel,
+    /// A well-formed model that tome-compile does not handle. Exit code 2.
+    UnsupportedModel,
+    /// A file cannot be opened, read or written. Exit code 3.
+    Io,
+    /// The compiled model failed a check (type check, --verify). Exit code 4.
+    VerificationFailed,
+    /// A bug: a patch failed validation or a panic was caught. Exit code 4.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The process exit status for this kind (0 is success).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Usage => 1,
+            ErrorKind::InvalidModel | ErrorKind::UnsupportedModel => 2,
+            ErrorKind::Io => 3,
+            ErrorKind::VerificationFailed | ErrorKind::Internal => 4,
+        }
+    }
+
+    /// The `kind` field of `--json` errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Usage => "usage",
+            ErrorKind::InvalidModel => "invalid_model",
+            ErrorKind::UnsupportedModel => "unsupported_model",
+            ErrorKind::Io => "io",
+            ErrorKind::VerificationFailed => "verification_failed",
+            ErrorKind::Internal => "internal",
+        }
+    }
 }
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Error {
         Error::Io { path: path.to_path_buf(), source }
     }
+
+    /// The one mapping from errors to kinds (and so to exit codes).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Input(_) | Error::OutputIsInput(_) | Error::OutputIsInputData(_) => ErrorKind::Usage,
+            Error::NotOnnx { .. } | Error::ExternalData { .. } | Error::TooLarge { .. } | Error::Graph(_) | Error::Shapes(_) => {
+                ErrorKind::InvalidModel
+            }
+            Error::Run(_) => ErrorKind::InvalidModel,
+            Error::Target { .. } | Error::Nnef(_) => ErrorKind::UnsupportedModel,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Verify(_) | Error::Verification(_) => ErrorKind::VerificationFailed,
+            Error::Panic { .. } => ErrorKind::Internal,
+            Error::Pass(e) => ErrorKind::of_pass(e),
+        }
+    }
+}
+
+impl ErrorKind {
+    /// The kind of a pass error: most are refusals of an unsupported model.
+    pub fn of_pass(e: &PassError) -> ErrorKind {
+        match e {
+            PassError::BadSchedule(_) => ErrorKind::Usage,
+            PassError::NoGraph | PassError::DuplicateTensor(_) | PassError::Cycle(_) => ErrorKind::InvalidModel,
+            PassError::BadPatch { .. } => ErrorKind::Internal,
+            // NoBlocks, Unsupported, TokenConsumer, OldOpset, MissingType, and refusals added later.
+            _ => ErrorKind::UnsupportedModel,
+        }
+    }
 }
 
 /// Rewrites `proto` (whose external data lives under `dir`) to apply ToMe.
 /// The result is checked by tract's type inference before it is returned.
+/// A panic inside (tract's, on an odd graph) comes back as `Error::Panic`.
 pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<Report, Error> {
-    let types = infer_types(proto, dir)?;
+    guard::catch_panics("compiling the model", || {
+        let types = infer_types(proto, dir)?;
+        rewrite(proto, dir, types, opts)
+    })
+}
+
+/// The passes, then tract's type check of their result.
+fn rewrite(proto: &mut pb::ModelProto, dir: &Path, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, Error> {
     let report = tome_passes::compile(proto, types, opts)?;
     infer_types(proto, dir).map_err(|e| Error::Verify(e.to_string()))?;
     Ok(report)
 }
 
 /// Reads `input`, compiles it and writes `output` (plus `<output>.data` when
-/// the input kept weights in external files). Nothing is written on error.
+/// the input kept weights in external files), verifying the result when it
+/// is cheap (`verify::Mode::Auto`). Nothing is written on error.
 pub fn compile_file(input: &Path, output: &Path, opts: &Options) -> Result<Report, Error> {
-    onnx_io::check_output_path(input, output)?;
-    let mut file = onnx_io::read(input)?;
-    let report = compile(&mut file.proto, &file.dir, opts)?;
-    onnx_io::write(&mut file.proto, &file.dir, output)?;
-    Ok(report)
+    compile_file_with(input, output, opts, Target::Portable, Format::Onnx)
 }
 
 /// Element type and shape of every tensor, from tract's analysis; the batch
-/// axis stays symbolic.
+/// axis stays symbolic. Declared sizes are bounded before tract reads them
+/// and inferred sizes after (`validate`).
 pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String, TensorType>, Error> {
-    let dir = dir.to_str();
-    let parsed = tract_onnx::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
-    let mut model = parsed.model;
-    model.analyse(false).map_err(|e| Error::Shapes(format!("{e:#}")))?;
-    let mut types = HashMap::new();
-    for (name, outlet) in parsed.outlets_by_name {
-        let Ok(fact) = model.outlet_fact(outlet) else { continue };
-        let (Some(dt), Some(shape)) = (fact.datum_type.concretize(), fact.shape.concretize()) else { continue };
-        let shape = shape
-            .iter()
-            .map(|d| match d.to_i64() {
-                Ok(v) => Dim::Fixed(v),
-                Err(_) => Dim::Symbol(d.to_string()),
-            })
-            .collect();
-        types.insert(name, TensorType::new(onnx_elem(dt), shape));
-    }
+    validate::check_declared(proto)?;
+    let types = guard::catch_panics("analysing the model with tract", || {
+        let dir = dir.to_str();
+        let parsed = tract_onnx::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
+        let mut model = parsed.model;
+        model.analyse(false).map_err(|e| Error::Shapes(format!("{e:#}")))?;
+        let mut types = HashMap::new();
+        for (name, outlet) in parsed.outlets_by_name {
+            let Ok(fact) = model.outlet_fact(outlet) else { continue };
+            let (Some(dt), Some(shape)) = (fact.datum_type.concretize(), fact.shape.concretize()) else { continue };
+            let shape = shape
+                .iter()
+                .map(|d| match d.to_i64() {
+                    Ok(v) => Dim::Fixed(v),
+                    Err(_) => Dim::Symbol(d.to_string()),
+                })
+                .collect();
+            types.insert(name, TensorType::new(onnx_elem(dt), shape));
+        }
+        Ok(types)
+    })?;
+    validate::check_inferred(&types)?;
     Ok(types)
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tome_compile::run::{floats, image_tensor, top_k, Runner};
-use tome_compile::{Options, Report, Schedule};
+use tome_compile::{verify, ErrorKind, Options, PassError, Report, Schedule};
 
 mod tools;
 
@@ -85,6 +85,21 @@ struct CompileArgs {
     unmerge: bool,
     #[command(flatten)]
     deploy: tools::DeployArgs,
+    /// Run original and compiled model once in tract and refuse a wrong
+    /// result; `auto` does it when the model is cheap (at most 5 G
+    /// multiply-accumulates at batch 1).
+    #[arg(long, value_enum, default_value_t = VerifyArg::Auto)]
+    verify: VerifyArg,
+    /// Report errors as one JSON object on stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerifyArg {
+    On,
+    Off,
+    Auto,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,26 +125,104 @@ struct RunArgs {
     /// Per-channel standard deviation for --image.
     #[arg(long, value_delimiter = ',', default_values_t = [0.229, 0.224, 0.225])]
     std: Vec<f32>,
+    /// Report errors as one JSON object on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Compile(args)) => compile(args),
-        Some(Command::Run(args)) => run(args),
-        Some(Command::Check(args)) => tools::check(args),
-        Some(Command::Bench(args)) => tools::bench(args),
-        Some(Command::Inspect(args)) => tools::inspect(args),
-        Some(Command::Visualize(args)) => visualize(args),
-        None => compile(cli.compile),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let json_flag = std::env::args_os().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if json_flag => {
+            let text = e.render().to_string();
+            return fail(ErrorKind::Usage, text.trim().trim_start_matches("error: "), true);
+        }
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let _ = e.print();
+            return ExitCode::from(ErrorKind::Usage.exit_code());
+        }
+    };
+    let (json, command): (bool, Box<dyn FnOnce() -> Result<()>>) = match cli.command {
+        Some(Command::Compile(args)) => (args.json, Box::new(|| compile(args))),
+        Some(Command::Run(args)) => (args.json, Box::new(|| run(args))),
+        Some(Command::Check(args)) => (json_flag, Box::new(|| tools::check(args))),
+        Some(Command::Bench(args)) => (json_flag, Box::new(|| tools::bench(args))),
+        Some(Command::Inspect(args)) => (json_flag, Box::new(|| tools::inspect(args))),
+        Some(Command::Visualize(args)) => (json_flag, Box::new(|| visualize(args))),
+        None => (cli.compile.json, Box::new(|| compile(cli.compile))),
+    };
+    // The library catches tract's panics; this net catches any other, so
+    // that no command prints a panic.
+    let result = tome_compile::guard::catch_panics("running the command", || Ok(command()));
+    match result.map_err(anyhow::Error::from).and_then(|r| r) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(error_kind(&e), &message(&e), json),
+    }
+}
+
+/// The error and its causes, skipping a cause whose text the message
+/// already holds (an I/O error names its source in its own text).
+fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !text.contains(&cause) {
+            text += if text.is_empty() { "" } else { ": " };
+            text += &cause;
         }
     }
+    text
+}
+
+/// Exit codes, by `ErrorKind`: 0 ok, 1 usage, 2 invalid or unsupported
+/// model, 3 I/O, 4 verification failed or internal error. Errors the
+/// command line raises itself (missing or conflicting arguments) are usage.
+fn error_kind(e: &anyhow::Error) -> ErrorKind {
+    e.chain()
+        .find_map(|cause| match (cause.downcast_ref::<tome_compile::Error>(), cause.downcast_ref::<PassError>()) {
+            (Some(e), _) => Some(e.kind()),
+            (_, Some(e)) => Some(ErrorKind::of_pass(e)),
+            _ => cause.is::<std::io::Error>().then_some(ErrorKind::Io),
+        })
+        .unwrap_or(ErrorKind::Usage)
+}
+
+/// Prints the error on stderr, as one line or, with `--json`, as one JSON
+/// object `{"error": {"kind", "message", "exit_code"}}`; returns its exit code.
+fn fail(kind: ErrorKind, message: &str, json: bool) -> ExitCode {
+    if json {
+        eprintln!(
+            "{{\"error\": {{\"kind\": {}, \"message\": {}, \"exit_code\": {}}}}}",
+            json_string(kind.name()),
+            json_string(message),
+            kind.exit_code()
+        );
+    } else {
+        eprintln!("error: {}", message.replace('\n', " "));
+    }
+    ExitCode::from(kind.exit_code())
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn compile(args: CompileArgs) -> Result<()> {
@@ -139,8 +232,14 @@ fn compile(args: CompileArgs) -> Result<()> {
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);
     let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge };
-    let report = tools::compile_file(&input, &output, &opts, &args.deploy)?;
-    print_report(&report, &schedule, opts.prop_attn);
+    let mode = match args.verify {
+        VerifyArg::On => verify::Mode::On,
+        VerifyArg::Off => verify::Mode::Off,
+        VerifyArg::Auto => verify::Mode::Auto,
+    };
+    let compiled = tools::compile_file(&input, &output, &opts, &args.deploy, mode)?;
+    print_report(&compiled.report, &schedule, opts.prop_attn);
+    println!("{}", compiled.verification);
     println!("wrote {}", output.display());
     Ok(())
 }

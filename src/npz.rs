@@ -19,8 +19,19 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, Tensor>, Error> {
     for i in 0..archive.len() {
         let mut entry = archive.by_index(i).map_err(|e| bad(e.to_string()))?;
         let name = entry.name().map_err(|e| bad(e.to_string()))?.trim_end_matches(".npy").to_string();
-        let mut bytes = Vec::with_capacity(entry.size().min(1 << 30) as usize);
-        entry.read_to_end(&mut bytes).map_err(|e| bad(e.to_string()))?;
+        let declared = entry.size();
+        // Deflate expands at most 1032:1; a larger claim is a lie, and no
+        // array may hold more than MAX_ELEMENTS 8-byte values.
+        let plausible = entry.compressed_size().saturating_mul(1032).saturating_add(1024);
+        if declared > plausible || declared > crate::validate::MAX_ELEMENTS * 8 {
+            return Err(bad(format!("array {name} declares {declared} bytes from {} compressed", entry.compressed_size())));
+        }
+        // The declared size only hints the capacity; reading stops one byte past it.
+        let mut bytes = Vec::with_capacity(declared.min(1 << 26) as usize);
+        entry.by_ref().take(declared + 1).read_to_end(&mut bytes).map_err(|e| bad(e.to_string()))?;
+        if bytes.len() as u64 != declared {
+            return Err(bad(format!("array {name} holds {} bytes, its header says {declared}", bytes.len())));
+        }
         let tensor = parse_npy(&bytes).map_err(|why| bad(format!("array {name}: {why}")))?;
         out.insert(name, tensor);
     }
@@ -55,7 +66,9 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
         .collect::<Result<_, _>>()?;
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+    let limit = crate::validate::MAX_ELEMENTS as usize;
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= limit);
+    let count = count.filter(|_| shape.iter().all(|&d| d <= limit)).ok_or_else(|| format!("shape {shape:?} is too large"))?;
     let data = &bytes[start + header_len..];
     let need = |size: usize| -> Result<&[u8], String> {
         let n = count.checked_mul(size).ok_or("shape overflows")?;

@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use tome_compile::bench::{self, BenchOptions};
 use tome_compile::check::check_tensorrt;
 use tome_compile::tensorrt_rules::TrtVersion;
-use tome_compile::{onnx_io, Format, Options, Report, Schedule, Target};
+use tome_compile::{onnx_io, verify, Compiled, FileOptions, Format, Options, Schedule, Target};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
@@ -58,12 +58,13 @@ pub struct DeployArgs {
     pub format: FormatArg,
 }
 
-pub fn compile_file(input: &Path, output: &Path, opts: &Options, deploy: &DeployArgs) -> Result<Report> {
+pub fn compile_file(input: &Path, output: &Path, opts: &Options, deploy: &DeployArgs, verify: verify::Mode) -> Result<Compiled> {
     let format = match deploy.format {
         FormatArg::Onnx => Format::Onnx,
         FormatArg::Nnef => Format::Nnef,
     };
-    Ok(tome_compile::compile_file_with(input, output, opts, deploy.target.into(), format)?)
+    let file = FileOptions { target: deploy.target.into(), format, verify };
+    Ok(tome_compile::compile_file_checked(input, output, opts, &file)?)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -151,7 +152,8 @@ pub fn check(args: CheckArgs) -> Result<()> {
     }
     if errors > 0 {
         let first = report.errors().next().map(|f| format!("{} ({})", f.node, f.op)).unwrap_or_default();
-        bail!("{} violates TensorRT parser constraints at {errors} node(s), first {first}", args.model.display());
+        let findings = format!("{} violates TensorRT parser constraints at {errors} node(s), first {first}", args.model.display());
+        return Err(tome_compile::Error::Target { target: "tensorrt".into(), findings }.into());
     }
     Ok(())
 }

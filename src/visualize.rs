@@ -89,9 +89,9 @@ fn draw(input: &Tensor, group: &[i64], side: usize, mean: [f32; 3], std: [f32; 3
 
 /// Writes the picture atomically.
 pub fn save(v: &Visualization, out: &Path) -> Result<(), Error> {
-    let tmp = out.with_file_name(format!(".{}.tmp-{}", out.file_name().and_then(|f| f.to_str()).unwrap_or("out"), std::process::id()));
+    let mut png = std::io::Cursor::new(Vec::new());
     v.image
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| Error::Input(format!("{}: cannot write the PNG: {e}", out.display())))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| Error::Input(format!("{}: cannot encode the PNG: {e}", out.display())))?;
+    crate::onnx_io::write_atomic(out, &png.into_inner())
 }
