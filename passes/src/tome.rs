@@ -34,11 +34,16 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
     let log_size = e.op("Log", "log_size", &[size], vec![]);
-    // [B, N, 1] -> [B, 1, 1, N] as one Reshape: a Transpose here leads tract
-    // to run the Softmax on a strided layout, its slow path (5x slower).
+    // [B, N, 1] -> [B, N] -> [B, 1, 1, N]. The size axis is dropped by a
+    // MatMul with [1.0] (exact), not a Reshape or Squeeze: tract pushes those
+    // unit-axis removals down through the logits, which become [B, H, N, N, 1]
+    // with the Softmax axis no longer last, and tract then runs the Softmax
+    // on its single-threaded slow path. A Transpose is worse: tract swaps the
+    // Q·Kᵀ output layout and the Softmax runs strided.
     let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
-    let row_shape = e.const_i64("bias_shape", &[4], &[-1, 1, 1, n]);
-    let mut bias = e.op("Reshape", "bias", &[&log_size, &row_shape], vec![]);
+    let one = e.const_f32("one", &[1], &[1.0]);
+    let row = e.op("MatMul", "bias_row", &[&log_size, &one], vec![]);
+    let mut bias = e.unsqueeze("bias", &row, &[1, 2]);
     let elem = logits.as_deref().and_then(|l| g.ty(l)).map(|t| t.elem).unwrap_or(FLOAT);
     if elem != FLOAT {
         bias = e.cast("bias_cast", &bias, elem);
