@@ -67,12 +67,7 @@ pub fn check_tensorrt(
     let Some(graph) = model.graph.as_ref() else { return CheckReport::default() };
     let table: HashMap<String, OpSupport> = tensorrt_rules::op_table().into_iter().map(|r| (r.op.clone(), r)).collect();
     let consts = Constants::new(graph);
-    let opset = model
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        .map(|o| o.version)
-        .unwrap_or(0);
+    let opset = tome_passes::graph::default_opset(model);
     let mut raw: Vec<(Finding, TrtVersion)> = vec![];
     for &v in versions {
         if opset > v.max_opset() {

@@ -34,27 +34,6 @@ fn node(name: &str, op: &str, ins: &[&str], outs: &[&str], attribute: Vec<pb::At
     }
 }
 
-fn value(name: &str, elem: i32, dims: &[i64]) -> pb::ValueInfoProto {
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: elem,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn model(opset: i64, graph: pb::GraphProto) -> pb::ModelProto {
     pb::ModelProto {

@@ -130,12 +130,7 @@ impl Graph {
     /// Takes nodes and initializers out of `model` (no weight is copied).
     /// `types` gives the inferred type of every tensor.
     pub fn take_from(model: &mut pb::ModelProto, types: HashMap<String, TensorType>) -> Result<Graph, PassError> {
-        let opset = model
-            .opset_import
-            .iter()
-            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-            .map(|o| o.version)
-            .unwrap_or(0);
+        let opset = default_opset(model);
         let graph = model.graph.as_mut().ok_or(PassError::NoGraph)?;
         let initializers = std::mem::take(&mut graph.initializer);
         let initializer_index = initializers.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
@@ -411,6 +406,11 @@ impl Graph {
         }
         seen
     }
+}
+
+/// The model's opset for the default ONNX domain (0 when it imports none).
+pub fn default_opset(model: &pb::ModelProto) -> i64 {
+    model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(0)
 }
 
 /// Decodes an integer tensor (int64 or int32, typed fields or raw bytes).

@@ -118,3 +118,26 @@ pub fn check_with_onnxruntime_within(dir: &Path, cases: &[(PathBuf, String, Stri
     assert!(out.status.success(), "onnxruntime check failed (pip install onnx onnxruntime numpy):\n{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), cases.len(), "{text}");
 }
+
+/// A graph input or output of element type `elem` and static shape `dims`.
+pub fn value(name: &str, elem: i32, dims: &[i64]) -> tome_passes::pb::ValueInfoProto {
+    tome_passes::pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(tome_passes::pb::TypeProto {
+            value: Some(tome_passes::pb::type_proto::Value::TensorType(tome_passes::pb::type_proto::Tensor {
+                elem_type: elem,
+                shape: Some(tome_passes::pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tome_passes::pb::tensor_shape_proto::Dimension {
+                            value: Some(tome_passes::pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
