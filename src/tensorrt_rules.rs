@@ -183,86 +183,16 @@ pub static RULES: &[Rule] = &[
         effect: "`axes` must be a constant tensor",
         source: OPS_BOTH,
     },
-    Rule {
-        op: "ReduceL1",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceL2",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceLogSum",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceLogSumExp",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceMax",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceMean",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceMin",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceProd",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceSum",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
-    Rule {
-        op: "ReduceSumSquare",
-        versions: BOTH,
-        constraint: ConstantInput { slot: 1, what: "axes" },
-        severity: Severity::Error,
-        effect: "`axes` must be an initializer",
-        source: REDUCE_SOURCE,
-    },
+    reduce_axes_rule("ReduceL1"),
+    reduce_axes_rule("ReduceL2"),
+    reduce_axes_rule("ReduceLogSum"),
+    reduce_axes_rule("ReduceLogSumExp"),
+    reduce_axes_rule("ReduceMax"),
+    reduce_axes_rule("ReduceMean"),
+    reduce_axes_rule("ReduceMin"),
+    reduce_axes_rule("ReduceProd"),
+    reduce_axes_rule("ReduceSum"),
+    reduce_axes_rule("ReduceSumSquare"),
     Rule {
         op: "CumSum",
         versions: BOTH,
@@ -330,6 +260,19 @@ pub static RULES: &[Rule] = &[
 ];
 
 /// Reduce* axes: 8.6 asserts "Axis input must be an initializer!"; 10.x documents it.
+/// Every Reduce* op takes its axes as input 1 (opset 18; ReduceSum from 13),
+/// which TensorRT's `reduceTensor` requires to be an initializer.
+const fn reduce_axes_rule(op: &'static str) -> Rule {
+    Rule {
+        op,
+        versions: BOTH,
+        constraint: ConstantInput { slot: 1, what: "axes" },
+        severity: Severity::Error,
+        effect: "`axes` must be an initializer",
+        source: REDUCE_SOURCE,
+    }
+}
+
 const REDUCE_SOURCE: &str =
     "onnx-tensorrt release/8.6-GA onnx2trt_utils.cpp reduceTensor (\"Axis input must be an initializer!\"); \
      release/10.1-GA docs/operators.md";
