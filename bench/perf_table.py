@@ -63,6 +63,7 @@ def ort_medians(paths, batch, iters):
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # the paper export's dynamic shapes warn on every run
     sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in paths]
     shape = [batch] + [d for d in sessions[0].get_inputs()[0].shape[1:]]
     x = np.random.RandomState(0).randn(*shape).astype(np.float32)

@@ -162,25 +162,26 @@ pub fn merge(
     let a_unm = e.op("GatherND", "a_unm", &[&a, &unm_index], vec![int_attr("batch_dims", 1)]);
     let src_index = e.unsqueeze("src_index", &src, &[2]);
     let a_src = e.op("GatherND", "a_src", &[&a, &src_index], vec![int_attr("batch_dims", 1)]);
-    let dst_column = e.unsqueeze("dst_column", &dst, &[2]);
-    let b_positions = e.const_i64("b_positions", &[nb], &(0..nb).collect::<Vec<_>>());
-    let hits = e.op("Equal", "dst_one_hot_bool", &[&dst_column, &b_positions], vec![]);
+    // One-hot [B, nb, r]: column s marks the B row that src token s joins.
+    let dst_row = e.unsqueeze("dst_row", &dst, &[1]);
+    let b_positions = e.const_i64("b_positions", &[nb, 1], &(0..nb).collect::<Vec<_>>());
+    let hits = e.op("Equal", "dst_one_hot_bool", &[&b_positions, &dst_row], vec![]);
     let one_hot = e.cast("dst_one_hot", &hits, FLOAT);
-    let one_hot_t = e.transpose("dst_one_hot_t", &one_hot, &[0, 2, 1]);
-    let added = e.op("MatMul", "scatter_add", &[&one_hot_t, &a_src], vec![]);
+    let added = e.op("MatMul", "scatter_add", &[&one_hot, &a_src], vec![]);
     let b_merged = e.op("Add", "b_merged", &[&b, &added], vec![]);
 
+    // With no B prefix token the unmerged A tokens stay in one piece.
     let mut parts = vec![];
-    if pa > 0 {
-        parts.push(e.slice("unm_prefix", &a_unm, 1, 0, pa, 1));
-    }
     if pb > 0 {
+        parts.push(e.slice("unm_prefix", &a_unm, 1, 0, pa, 1));
         parts.push(e.slice("b_prefix", &b_merged, 1, 0, pb, 1));
+        if nu > pa {
+            parts.push(e.slice("unm_rest", &a_unm, 1, pa, nu, 1));
+        }
+        parts.push(e.slice("b_rest", &b_merged, 1, pb, nb, 1));
+    } else {
+        parts.extend([a_unm.clone(), b_merged.clone()]);
     }
-    if nu > pa {
-        parts.push(if pa > 0 { e.slice("unm_rest", &a_unm, 1, pa, nu, 1) } else { a_unm.clone() });
-    }
-    parts.push(if pb > 0 { e.slice("b_rest", &b_merged, 1, pb, nb, 1) } else { b_merged.clone() });
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let merged = e.op("Concat", "tokens", &refs, vec![int_attr("axis", 1)]);
     let sums = e.slice("sums", &merged, 2, 0, c, 1);
