@@ -43,19 +43,19 @@ def weights(name):
     return path
 
 
-def compile_model(src, target):
+def compile_model(src, target, extra=()):
     out = src.replace(".onnx", f".r16.{target}.onnx")
-    subprocess.run([args.tome, src, "--r", "16", "--target", target, "-o", out], check=True,
+    subprocess.run([args.tome, src, "--r", "16", "--target", target, "-o", out, *extra], check=True,
                    stdout=subprocess.DEVNULL)
     return out
 
 
-def tract(src, batch, iters):
+def tract(src, batch, iters, extra=()):
     out = subprocess.run([args.tome, "bench", src, "--r", "16", "--batch", str(batch), "--threads",
-                          str(args.threads), "--iters", str(iters), "--warmup", "1", "--json"],
+                          str(args.threads), "--iters", str(iters), "--warmup", "1", "--json", *extra],
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out)
-    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"]
+    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"], r["speedup"]
 
 
 def ort_medians(paths, batch, iters):
@@ -85,9 +85,14 @@ if not args.quick:
 for name, batch in cases:
     src = weights(name)
     default, trt = compile_model(src, "portable"), compile_model(src, "tensorrt")
+    # The timing bound: r tokens dropped per block, not merged (wrong outputs).
+    bound = src.replace(".onnx", ".r16.bound.onnx")
+    subprocess.run([args.tome, src, "--r", "16", "--bound", "--verify", "off", "-o", bound], check=True,
+                   stdout=subprocess.DEVNULL)
     iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
-    t_orig, t_comp, ideal = tract(src, batch, iters)
-    models = [src, default, trt]
+    t_orig, t_comp, ideal, _ = tract(src, batch, iters)
+    tract_bound = tract(src, batch, iters, ["--bound"])[3]
+    models = [src, default, trt, bound]
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
     if name == "vit_base_patch16_224":
         weights("paper_tome_r16_" + name)
@@ -97,17 +102,21 @@ for name, batch in cases:
            "tract_orig_ms": t_orig, "tract_comp_ms": t_comp, "tract_speedup": t_orig / t_comp,
            "ort_orig_ms": o[0], "ort_comp_ms": o[1], "ort_speedup": o[0] / o[1],
            "ort_trt_target_vs_default": o[1] / o[2],
-           "paper_ort_speedup": o[0] / o[3] if len(o) > 3 else None,
+           "tract_bound_speedup": tract_bound, "ort_bound_speedup": o[0] / o[3],
+           "paper_ort_speedup": o[0] / o[4] if len(o) > 4 else None,
            "tract_comp_vs_ort_orig": o[0] / t_comp}
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
 
 print(f"threads {args.threads}; medians of interleaved runs; speedup = original / compiled on the same runtime")
-print("| model | batch | ideal (MACs) | tract orig ms | tract r16 ms | tract speedup | ort orig ms | ort r16 ms "
-      "| ort speedup | paper export, ort | tensorrt target vs default, ort | tract r16 vs ort orig |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("bound = the same token counts with tokens dropped, not merged: no merging cost, the best any ToMe graph can do")
+print("| model | batch | ideal (MACs) | tract orig ms | tract r16 ms | tract speedup | tract bound | ort orig ms "
+      "| ort r16 ms | ort speedup | ort bound | paper export, ort | tensorrt target vs default, ort "
+      "| tract r16 vs ort orig |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     paper = f"{r['paper_ort_speedup']:.2f}x" if r["paper_ort_speedup"] else "-"
     print(f"| {r['model']} | {r['batch']} | {r['ideal']:.2f}x | {r['tract_orig_ms']:.1f} | {r['tract_comp_ms']:.1f} "
-          f"| {r['tract_speedup']:.2f}x | {r['ort_orig_ms']:.1f} | {r['ort_comp_ms']:.1f} | {r['ort_speedup']:.2f}x "
+          f"| {r['tract_speedup']:.2f}x | {r['tract_bound_speedup']:.2f}x | {r['ort_orig_ms']:.1f} | {r['ort_comp_ms']:.1f} "
+          f"| {r['ort_speedup']:.2f}x | {r['ort_bound_speedup']:.2f}x "
           f"| {paper} | {r['ort_trt_target_vs_default']:.2f}x | {r['tract_comp_vs_ort_orig']:.2f}x |")

@@ -285,6 +285,7 @@ pub fn render(r: &BenchReport) -> String {
     );
     let label = match &o.against {
         Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        None if o.compile.bound => format!("bound --r {}", o.compile.schedule),
         None => format!("compiled --r {}", o.compile.schedule),
     };
     for (name, t) in [("original", &r.original), (label.as_str(), &r.compiled)] {
@@ -340,6 +341,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "warmup": r.options.warmup,
         "schedule": r.options.compile.schedule.to_string(),
         "prop_attn": r.options.compile.prop_attn,
+        "bound": r.options.compile.bound,
         "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
         "against": r.options.against.as_ref().map(|p| p.display().to_string()),
         "original": timing(&r.original),

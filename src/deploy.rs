@@ -156,7 +156,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
 ///
 /// ```
 /// let bytes = std::fs::read("fixtures/timm_vit/model.onnx")?;
-/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false };
+/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, bound: false };
 /// let (compiled, report) = tome_compile::compile_bytes(&bytes, &opts)?;
 /// assert_eq!(report.tokens_out, 101); // 197 tokens, 16 merged in each of 6 blocks
 /// assert!(!compiled.is_empty()); // ONNX bytes, ready to write or hand to a runtime

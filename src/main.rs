@@ -83,6 +83,10 @@ struct CompileArgs {
     /// into, restoring the full sequence before that head.
     #[arg(long)]
     unmerge: bool,
+    /// Write the timing bound instead (see `bench --bound`): tokens dropped,
+    /// not merged, so the outputs are wrong. For benchmarks only.
+    #[arg(long, hide = true)]
+    bound: bool,
     #[command(flatten)]
     deploy: tools::DeployArgs,
     /// Run original and compiled model once in tract and refuse a wrong
@@ -231,7 +235,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);
-    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge };
+    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge, bound: args.bound };
     let mode = match args.verify {
         VerifyArg::On => verify::Mode::On,
         VerifyArg::Off => verify::Mode::Off,
@@ -312,7 +316,7 @@ fn run(args: RunArgs) -> Result<()> {
 
 fn visualize(args: VisualizeArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false };
+    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false, bound: false };
     let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
         bail!("--mean and --std take three comma-separated values, one per RGB channel");
     };

@@ -192,12 +192,17 @@ pub struct BenchArgs {
     /// Restore the full token sequence for heads that read every patch token (see compile).
     #[arg(long)]
     unmerge: bool,
+    /// Time the timing bound instead of the ToMe graph: the last r tokens of
+    /// each block dropped, not merged. Same token counts, no merging cost,
+    /// wrong outputs; the speedup any ToMe graph can at best reach here
+    #[arg(long, conflicts_with = "against")]
+    bound: bool,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
     let opts = BenchOptions {
-        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge },
+        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: args.bound },
         threads: args.threads.unwrap_or_else(bench::all_cores),
         batch: args.batch,
         iters: args.iters,
@@ -237,7 +242,7 @@ pub struct InspectArgs {
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge };
+    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: false };
     let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);

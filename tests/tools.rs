@@ -316,3 +316,42 @@ fn the_mac_formula_gives_the_spec_reduction_for_vit_b_at_r16() {
     let ratio = before as f64 / after as f64;
     assert_eq!(format!("{ratio:.2}"), "2.02");
 }
+
+#[test]
+fn bound_drops_tokens_to_the_compiled_counts_without_merging() {
+    let model = fixture("timm_vit/model.onnx");
+    let o = tome(&["bench", model.to_str().unwrap(), "--r", "16", "--bound", "--iters", "1", "--warmup", "0", "--threads", "1", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("bench --json prints JSON");
+    assert_eq!(json["bound"], true);
+    assert_eq!(json["tokens_out"], 101, "the bound keeps ToMe's token counts");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (bound, tome_out) = (dir.path().join("bound.onnx"), dir.path().join("tome.onnx"));
+    for (path, extra) in [(&bound, Some("--bound")), (&tome_out, None)] {
+        let mut args = vec![model.to_str().unwrap(), "--r", "16", "-o", path.to_str().unwrap()];
+        args.extend(extra);
+        let o = tome(&args);
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    let nodes = |p: &Path| pb::ModelProto::decode(std::fs::read(p).unwrap().as_slice()).unwrap().graph.unwrap().node;
+    let (bound_nodes, tome_nodes) = (nodes(&bound), nodes(&tome_out));
+    assert!(bound_nodes.iter().all(|n| !n.name.contains(".tome.merge") && !n.name.contains(".tome.prop_attn")));
+    // One Slice per merging block stands in for the whole merge.
+    let slices = bound_nodes.iter().filter(|n| n.name.contains(".tome.bound")).count();
+    assert_eq!(slices, 6, "the fixture has 6 blocks");
+    assert!(tome_nodes.len() > bound_nodes.len() + 6 * 20, "{} vs {}", tome_nodes.len(), bound_nodes.len());
+    // Same token counts, so the same MACs but for the merge's own.
+    let o = tome(&["bench", model.to_str().unwrap(), "--r", "16", "--iters", "1", "--warmup", "0", "--threads", "1", "--json"]);
+    let tome_json: serde_json::Value = serde_json::from_str(&text(&o).0).expect("bench --json prints JSON");
+    let macs = |j: &serde_json::Value| j["compiled"]["macs_per_image"].as_f64().unwrap();
+    let (b, t) = (macs(&json), macs(&tome_json));
+    assert!(b < t && b > 0.97 * t, "bound {b} vs ToMe {t} MACs");
+
+    let grid = fixture("timm_vit_grid/model.onnx");
+    let o = tome(&[grid.to_str().unwrap(), "--r", "8", "--unmerge", "--bound", "-o", dir.path().join("g.onnx").to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("timing bound"), "{err}");
+}

@@ -60,6 +60,12 @@ pub struct Options {
     pub prop_attn: bool,
     /// Restore the full token sequence for heads that read every patch token.
     pub unmerge: bool,
+    /// Not ToMe but its timing bound: drop the last r tokens of each block
+    /// instead of merging them (`tome::truncate`). The blocks see the
+    /// compiled token counts with no matching, merging or proportional
+    /// attention, so the outputs are wrong and the speed is what any ToMe
+    /// graph with this schedule can at best reach on a runtime.
+    pub bound: bool,
 }
 
 /// One block as compiled.
@@ -130,6 +136,9 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         }
         _ => None,
     };
+    if opts.bound && (unmerge_at.is_some() || expose_sources) {
+        return Err(PassError::Unsupported("the timing bound drops tokens, so it cannot restore them (--unmerge) or map them".into()));
+    }
     let requested = opts.schedule.per_block(vit.blocks.len())?;
     let steps = schedule::plan(&requested, vit.tokens, vit.prefix);
     let original: HashSet<_> = g.nodes().collect();
@@ -137,7 +146,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     let mut merged: Vec<tome::Merged> = vec![];
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
-        if let (true, Some(size)) = (opts.prop_attn, &size) {
+        if let (true, false, Some(size)) = (opts.prop_attn, opts.bound, &size) {
             let p = tome::proportional_attention(g, block, size)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
@@ -145,13 +154,16 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         if step.r > 0 {
             let source = merged.last().and_then(|m| m.source.clone());
             let track = (unmerge_at.is_some() || expose_sources).then_some(source.as_deref());
-            let (p, m) = tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix)?;
+            let (p, m) = match opts.bound {
+                true => tome::truncate(g, block, step.tokens_in, step.r)?,
+                false => tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix)?,
+            };
             labels.push(p.label.clone());
             patch::apply(g, p)?;
             merged.push(m);
         }
     }
-    if let (Head::AveragePool { reduce, slice, .. }, Some(m)) = (&vit.head, merged.last()) {
+    if let (Head::AveragePool { reduce, slice, .. }, Some(m), false) = (&vit.head, merged.last(), opts.bound) {
         let p = tome::size_weighted_pool(g, *reduce, *slice, &m.size)?;
         labels.push(p.label.clone());
         patch::apply(g, p)?;

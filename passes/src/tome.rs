@@ -14,7 +14,7 @@ use crate::PassError;
 #[derive(Clone, Debug)]
 pub struct Merged {
     pub x: String,
-    /// Tokens each token stands for, [B, N - r, 1].
+    /// Tokens each token stands for, [B, N - r, 1] (empty for the timing bound).
     pub size: String,
     pub tokens: usize,
     /// For each original token, the index of the token now standing for it,
@@ -246,6 +246,24 @@ fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, 
         Some(prev) => e.op("GatherElements", "source", &[&place, prev], vec![int_attr("axis", 1)]),
         None => place,
     }
+}
+
+/// The timing bound in place of `merge` (`Options::bound`): keeps the first
+/// `tokens - r` tokens of the stream after attention. Same token counts as
+/// the merge, none of its cost, wrong numbers.
+pub fn truncate(g: &Graph, block: &VitBlock, tokens: usize, r: usize) -> Result<(Patch, Merged), PassError> {
+    let x_ty = g.ty(&block.residual).cloned().ok_or_else(|| PassError::MissingType(block.residual.clone()))?;
+    let readers = g.consumers(&block.residual);
+    let mut patch = Patch::new(format!("{}: drop r={r} (timing bound)", block.name), block.attn_residual);
+    patch.resized_axis = Some(1);
+    let out = tokens - r;
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.bound", block.name), g.opset);
+    let x = e.slice("x", &block.residual, 1, 0, out as i64, 1);
+    patch.types.insert(x.clone(), tokens_type(&x_ty, out, block.width));
+    for (node, slot) in readers {
+        patch.rewires.push(Rewire { node, slot, tensor: x.clone() });
+    }
+    Ok((patch, Merged { x, size: String::new(), tokens: out, source: None }))
 }
 
 /// Gives every original token the value of the token it was merged into:
