@@ -87,6 +87,9 @@ pub struct Profile {
     /// The merging nodes' time per op kind, largest first.
     pub tome_by_op: Vec<(String, f64, usize)>,
     pub total_ms: f64,
+    /// (node name as tract optimised it, op name, milliseconds per run),
+    /// largest first; in `--json` only.
+    pub nodes: Vec<(String, String, f64)>,
 }
 
 impl BenchReport {
@@ -203,8 +206,9 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut tome_by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut profile = Profile::default();
-    for (ms, op, tome) in per_node.into_values() {
+    for (id, (ms, op, tome)) in per_node {
         let ms = ms / runs as f64;
+        profile.nodes.push((plan.model().node(id).name.clone(), op.clone(), ms));
         profile.total_ms += ms;
         if tome {
             profile.tome_ms += ms;
@@ -221,6 +225,7 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
     };
+    profile.nodes.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
     profile.by_op = sorted(by_op);
     profile.tome_by_op = sorted(tome_by_op);
     Ok(profile)
@@ -353,6 +358,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
             "tome_ms": p.tome_ms,
             "tome_by_op": p.tome_by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
             "by_op": p.by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
+            "nodes": p.nodes.iter().map(|(name, op, ms)| json!({"name": name, "op": op, "ms": ms})).collect::<Vec<_>>(),
         })),
     })
 }

@@ -69,8 +69,8 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result
 /// rewired to the `tokens - r` merged tokens.
 ///
 /// ```text
-///  keys ─ mean over heads ─ L2 normalise ─ A=even, B=odd ─ A·Bᵀ (+ protect prefix)
-///       ─ max/argmax per A ─ TopK order ─ src = first r, unm = rest (ascending)
+///  keys ─ sum over heads ─ L2 normalise ─ A=even, B=odd ─ A·Bᵀ (+ protect prefix)
+///       ─ argmax, max per A ─ TopK order ─ src = first r, unm = rest (ascending)
 ///  [x·size, size] ─ A rows: gather unm, gather src ─ one-hotᵀ(dst)·src + B rows
 ///       ─ concat(unm[:pa], B[:pb], unm[pa:], B[pb:]) ─ x = sum / size
 /// ```
@@ -113,14 +113,14 @@ pub fn merge(
         }
     };
     let stacked = e.op("Concat", "with_size", &[&weighted, &size], vec![int_attr("axis", 2)]);
-    let a = e.slice("a", &stacked, 1, 0, n, 2);
     let b = e.slice("b", &stacked, 1, 1, n, 2);
 
-    // Bipartite soft matching.
-    let key_mean = e.reduce("ReduceMean", "key_mean", &keys, &[1], false);
+    // Bipartite soft matching. The mean key's 1/heads cancels in the
+    // normalisation, so the sum stands for it.
+    let key_sum = e.reduce("ReduceSum", "key_sum", &keys, &[1], false);
     let metric_raw = match block.keys_transposed {
-        true => e.transpose("metric_raw", &key_mean, &[0, 2, 1]),
-        false => key_mean,
+        true => e.transpose("metric_raw", &key_sum, &[0, 2, 1]),
+        false => key_sum,
     };
     let norm = e.reduce("ReduceL2", "metric_norm", &metric_raw, &[2], true);
     let metric = e.op("Div", "metric", &[&metric_raw, &norm], vec![]);
@@ -140,13 +140,19 @@ pub fn merge(
         let columns = e.const_f32("protect_b", &[1, nb], &columns);
         scores = e.op("Add", "scores_protect_b", &[&scores, &columns], vec![]);
     }
-    let best = e.reduce("ReduceMax", "best", &scores, &[2], false);
-    let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 0)]);
+    // Indices stay [B, k, 1] from here on, the shape GatherND takes.
+    let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 1)]);
+    let best = e.op("GatherElements", "best", &[&scores, &best_dst], vec![int_attr("axis", 2)]);
     let all = e.const_i64("order_k", &[1], &[na]);
     let sort_desc = vec![int_attr("axis", 1), int_attr("largest", 1), int_attr("sorted", 1)];
     let order = e.op_multi("TopK", "order", &[&best, &all], &["score", "index"], sort_desc);
-    let src = e.slice("src", &order[1], 1, 0, r, 1);
-    let mut unm = e.slice("unm", &order[1], 1, r, na, 1);
+    let src_a = e.slice("src_a", &order[1], 1, 0, r, 1);
+    let dst = e.op("GatherElements", "dst", &[&best_dst, &src_a], vec![int_attr("axis", 1)]);
+    // A token i is token 2i: src and unm index the stream itself.
+    let two = e.const_i64("two", &[1], &[2]);
+    let order_tokens = e.op("Mul", "order_tokens", &[&order[1], &two], vec![]);
+    let src = e.slice("src", &order_tokens, 1, 0, r, 1);
+    let mut unm = e.slice("unm", &order_tokens, 1, r, na, 1);
     if prefix > 0 {
         // Unmerged tokens keep their positional order so the prefix stays in front.
         let as_float = e.cast("unm_float", &unm, FLOAT);
@@ -155,15 +161,12 @@ pub fn merge(
         let sorted = e.op_multi("TopK", "unm_sorted", &[&as_float, &k], &["value", "index"], sort_asc);
         unm = e.cast("unm_ascending", &sorted[0], INT64);
     }
-    let dst = e.op("GatherElements", "dst", &[&best_dst, &src], vec![int_attr("axis", 1)]);
 
     // Merge: unmerged A rows are gathered; src rows are added into their dst B rows.
-    let unm_index = e.unsqueeze("unm_index", &unm, &[2]);
-    let a_unm = e.op("GatherND", "a_unm", &[&a, &unm_index], vec![int_attr("batch_dims", 1)]);
-    let src_index = e.unsqueeze("src_index", &src, &[2]);
-    let a_src = e.op("GatherND", "a_src", &[&a, &src_index], vec![int_attr("batch_dims", 1)]);
+    let a_unm = e.op("GatherND", "a_unm", &[&stacked, &unm], vec![int_attr("batch_dims", 1)]);
+    let a_src = e.op("GatherND", "a_src", &[&stacked, &src], vec![int_attr("batch_dims", 1)]);
     // One-hot [B, nb, r]: column s marks the B row that src token s joins.
-    let dst_row = e.unsqueeze("dst_row", &dst, &[1]);
+    let dst_row = e.transpose("dst_row", &dst, &[0, 2, 1]);
     let b_positions = e.const_i64("b_positions", &[nb, 1], &(0..nb).collect::<Vec<_>>());
     let hits = e.op("Equal", "dst_one_hot_bool", &[&b_positions, &dst_row], vec![]);
     let one_hot = e.cast("dst_one_hot", &hits, FLOAT);
@@ -205,26 +208,24 @@ pub fn merge(
 /// sources so far. In the output `concat(unm[:pa], b[:pb], unm[pa:], b[pb:])`
 /// the p-th unmerged A token sits at `p + (p >= pa ? pb : 0)`, B token j at
 /// `j < pb ? pa + j : nu + j`, and a merged A token where its dst B token is.
-/// Positions are one-hot sums in float32, exact below 2^24.
+/// Positions are one-hot sums in float32, exact below 2^24. `unm` and `src`
+/// are token indices (A token i is token 2i), `dst` B indices, all [B, k, 1].
 fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, dst: &str, sizes: [i64; 5]) -> String {
     let [na, nb, nu, pa, pb] = sizes;
-    let a_positions = e.const_i64("a_positions", &[na], &(0..na).collect::<Vec<_>>());
+    let a_tokens = e.const_i64("a_tokens", &[na], &(0..na).map(|i| 2 * i).collect::<Vec<_>>());
     // Unmerged A tokens: one-hot [B, nu, na] weighted by their output position.
-    let unm_column = e.unsqueeze("unm_column", unm, &[2]);
-    let unm_hits = e.op("Equal", "unm_one_hot_bool", &[&unm_column, &a_positions], vec![]);
+    let unm_hits = e.op("Equal", "unm_one_hot_bool", &[unm, &a_tokens], vec![]);
     let unm_one_hot = e.cast("unm_one_hot", &unm_hits, FLOAT);
     let unm_place: Vec<f32> = (0..nu).map(|p| (p + if p >= pa { pb } else { 0 }) as f32).collect();
     let unm_place = e.const_f32("unm_place", &[nu, 1], &unm_place);
     let unm_weighted = e.op("Mul", "unm_placed", &[&unm_one_hot, &unm_place], vec![]);
     let from_unm = e.reduce("ReduceSum", "a_from_unm", &unm_weighted, &[1], false);
     // Merged A tokens: one-hot [B, r, na] weighted by where their dst landed.
-    let src_column = e.unsqueeze("src_column", src, &[2]);
-    let src_hits = e.op("Equal", "src_one_hot_bool", &[&src_column, &a_positions], vec![]);
+    let src_hits = e.op("Equal", "src_one_hot_bool", &[src, &a_tokens], vec![]);
     let src_one_hot = e.cast("src_one_hot", &src_hits, FLOAT);
     let b_place: Vec<f32> = (0..nb).map(|j| if j < pb { pa + j } else { nu + j } as f32).collect();
     let b_place = e.const_f32("b_place", &[nb], &b_place);
     let dst_place = e.op("Gather", "dst_place", &[&b_place, dst], vec![int_attr("axis", 0)]);
-    let dst_place = e.unsqueeze("dst_place_column", &dst_place, &[2]);
     let src_weighted = e.op("Mul", "src_placed", &[&src_one_hot, &dst_place], vec![]);
     let from_src = e.reduce("ReduceSum", "a_from_src", &src_weighted, &[1], false);
     let a_place = e.op("Add", "a_place", &[&from_unm, &from_src], vec![]);
