@@ -71,7 +71,7 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result
 /// ```text
 ///  keys ─ sum over heads ─ L2 normalise ─ A=even, B=odd ─ A·Bᵀ (+ protect prefix)
 ///       ─ argmax, max per A ─ TopK order ─ src = first r, unm = rest (ascending)
-///  [x·size, size] ─ A rows: gather unm, gather src ─ one-hotᵀ(dst)·src + B rows
+///  [x·size, size] ─ gather unm, src (A token i is token 2i) ─ B rows + one-hot(dst)·src
 ///       ─ concat(unm[:pa], B[:pb], unm[pa:], B[pb:]) ─ x = sum / size
 /// ```
 pub fn merge(
