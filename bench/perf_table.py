@@ -43,10 +43,9 @@ def weights(name):
     return path
 
 
-def compile_model(src, target, extra=()):
-    out = src.replace(".onnx", f".r16.{target}.onnx")
-    subprocess.run([args.tome, src, "--r", "16", "--target", target, "-o", out, *extra], check=True,
-                   stdout=subprocess.DEVNULL)
+def compile_model(src, label, flags):
+    out = src.replace(".onnx", f".r16.{label}.onnx")
+    subprocess.run([args.tome, src, "--r", "16", *flags, "-o", out], check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -84,11 +83,10 @@ if not args.quick:
               ("vit_large_patch16_384", 1)]
 for name, batch in cases:
     src = weights(name)
-    default, trt = compile_model(src, "portable"), compile_model(src, "tensorrt")
+    default = compile_model(src, "portable", ["--target", "portable"])
+    trt = compile_model(src, "tensorrt", ["--target", "tensorrt"])
     # The timing bound: r tokens dropped per block, not merged (wrong outputs).
-    bound = src.replace(".onnx", ".r16.bound.onnx")
-    subprocess.run([args.tome, src, "--r", "16", "--bound", "--verify", "off", "-o", bound], check=True,
-                   stdout=subprocess.DEVNULL)
+    bound = compile_model(src, "bound", ["--bound", "--verify", "off"])
     iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
     t_orig, t_comp, ideal, _ = tract(src, batch, iters)
     tract_bound = tract(src, batch, iters, ["--bound"])[3]

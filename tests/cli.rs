@@ -93,13 +93,7 @@ fn small_cnn() -> pb::ModelProto {
         let n: i64 = dims.iter().product();
         tome_passes::graph::float_tensor(name, dims, &vec![0.1; n as usize])
     };
-    let node = |op: &str, ins: &[&str], out: &str| pb::NodeProto {
-        name: out.into(),
-        op_type: op.into(),
-        input: ins.iter().map(|s| s.to_string()).collect(),
-        output: vec![out.into()],
-        ..Default::default()
-    };
+    let node = |op: &str, ins: &[&str], out: &str| common::node(out, op, ins, &[out], vec![]);
     let value = |name: &str, dims: &[i64]| common::value(name, 1, dims);
     pb::ModelProto {
         ir_version: 8,

@@ -653,13 +653,7 @@ fn folding_bomb(rng: &mut Rng, m: &mut pb::ModelProto, _: &mut Vec<(String, Vec<
 
 /// One of six nodes whose output tract would fold from constants: 2^26 to 2^80 elements, or Range's division by 0.
 fn bomb(which: usize) -> (pb::NodeProto, Vec<pb::TensorProto>, String) {
-    let node = |op: &str, inputs: &[&str]| pb::NodeProto {
-        name: format!("fuzz.{op}"),
-        op_type: op.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![format!("fuzz.{op}.out")],
-        ..Default::default()
-    };
+    let node = |op: &str, inputs: &[&str]| common::node(&format!("fuzz.{op}"), op, inputs, &[&format!("fuzz.{op}.out")], vec![]);
     let big = 1i64 << 40;
     match which {
         0 => (node("Range", &["fuzz.a", "fuzz.b", "fuzz.c"]), vec![int64_tensor("fuzz.a", &[], &[0]), int64_tensor("fuzz.b", &[], &[big]), int64_tensor("fuzz.c", &[], &[1])], "Range(0, 2^40, 1)".into()),
@@ -992,7 +986,7 @@ fn tiny(extra: Vec<pb::NodeProto>, inits: Vec<pb::TensorProto>, opset: i64) -> p
     };
     let mut outputs = vec![value("y", &[1, 4])];
     outputs.extend(extra.iter().map(|n| pb::ValueInfoProto { name: n.output[0].clone(), ..Default::default() }));
-    let relu = pb::NodeProto { name: "relu".into(), op_type: "Relu".into(), input: vec!["x".into()], output: vec!["y".into()], ..Default::default() };
+    let relu = common::node("relu", "Relu", &["x"], &["y"], vec![]);
     pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: opset }],
@@ -1042,21 +1036,9 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
     add("invalid_model--external-outside-folder", tiny(vec![], vec![external], 17));
     out.push(("invalid_model--not-onnx.onnx".into(), b"ONNX? no, a text file\n".to_vec()));
     // Found by the fuzzer: Unsqueeze of a scalar at axis 3 panics inside tract.
-    let shape = pb::NodeProto { name: "shape".into(), op_type: "Shape".into(), input: vec!["x".into()], output: vec!["s".into()], ..Default::default() };
-    let gather = pb::NodeProto {
-        name: "gather".into(),
-        op_type: "Gather".into(),
-        input: vec!["s".into(), "zero".into()],
-        output: vec!["n".into()],
-        ..Default::default()
-    };
-    let unsqueeze = pb::NodeProto {
-        name: "unsqueeze".into(),
-        op_type: "Unsqueeze".into(),
-        input: vec!["n".into(), "axes".into()],
-        output: vec!["u".into()],
-        ..Default::default()
-    };
+    let shape = common::node("shape", "Shape", &["x"], &["s"], vec![]);
+    let gather = common::node("gather", "Gather", &["s", "zero"], &["n"], vec![]);
+    let unsqueeze = common::node("unsqueeze", "Unsqueeze", &["n", "axes"], &["u"], vec![]);
     let inits = vec![int64_tensor("zero", &[], &[0]), int64_tensor("axes", &[1], &[3])];
     let m = tiny(vec![shape, gather, unsqueeze], inits, 17);
     out.push(("internal--tract-panics-on-unsqueeze-axis-3-of-a-scalar.onnx".into(), m.encode_to_vec()));

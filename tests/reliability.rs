@@ -115,7 +115,7 @@ fn relu_model(opset: i64) -> pb::ModelProto {
         }),
         ..Default::default()
     };
-    let relu = pb::NodeProto { name: "relu".into(), op_type: "Relu".into(), input: vec!["x".into()], output: vec!["y".into()], ..Default::default() };
+    let relu = common::node("relu", "Relu", &["x"], &["y"], vec![]);
     pb::ModelProto {
         ir_version: 7,
         opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: opset }],

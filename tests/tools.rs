@@ -23,17 +23,6 @@ fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
 }
 
-fn node(name: &str, op: &str, ins: &[&str], outs: &[&str], attribute: Vec<pb::AttributeProto>) -> pb::NodeProto {
-    pb::NodeProto {
-        name: name.into(),
-        op_type: op.into(),
-        input: ins.iter().map(|s| s.to_string()).collect(),
-        output: outs.iter().map(|s| s.to_string()).collect(),
-        attribute,
-        ..Default::default()
-    }
-}
-
 
 fn model(opset: i64, graph: pb::GraphProto) -> pb::ModelProto {
     pb::ModelProto {

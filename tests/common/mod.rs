@@ -119,6 +119,18 @@ pub fn check_with_onnxruntime_within(dir: &Path, cases: &[(PathBuf, String, Stri
     assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), cases.len(), "{text}");
 }
 
+/// A node named `name` running `op` from `ins` to `outs`.
+pub fn node(name: &str, op: &str, ins: &[&str], outs: &[&str], attribute: Vec<tome_passes::pb::AttributeProto>) -> tome_passes::pb::NodeProto {
+    tome_passes::pb::NodeProto {
+        name: name.into(),
+        op_type: op.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: outs.iter().map(|s| s.to_string()).collect(),
+        attribute,
+        ..Default::default()
+    }
+}
+
 /// A graph input or output of element type `elem` and static shape `dims`.
 pub fn value(name: &str, elem: i32, dims: &[i64]) -> tome_passes::pb::ValueInfoProto {
     tome_passes::pb::ValueInfoProto {
