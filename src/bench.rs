@@ -234,7 +234,7 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
 /// Parses `proto`, fixes its batch axis to `batch` and optimises it for tract.
 fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<usize>), Error> {
     let err = |e: TractError| Error::Run(format!("{e:#}"));
-    let mut model = tract_onnx::onnx().parse(proto, dir.to_str()).map_err(err)?.model;
+    let mut model = crate::merge_op::onnx().parse(proto, dir.to_str()).map_err(err)?.model;
     if model.inputs.len() != 1 {
         return Err(Error::Input(format!("bench needs a model with one input, this one has {}", model.inputs.len())));
     }
@@ -291,7 +291,8 @@ pub fn render(r: &BenchReport) -> String {
     let label = match &o.against {
         Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         None if o.compile.bound => format!("bound --r {}", o.compile.schedule),
-        None => format!("compiled --r {}", o.compile.schedule),
+        None if o.compile.fused_merge => format!("compiled --r {}", o.compile.schedule),
+        None => format!("portable --r {}", o.compile.schedule),
     };
     for (name, t) in [("original", &r.original), (label.as_str(), &r.compiled)] {
         s += &format!(
@@ -347,6 +348,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "schedule": r.options.compile.schedule.to_string(),
         "prop_attn": r.options.compile.prop_attn,
         "bound": r.options.compile.bound,
+        "form": if r.options.compile.fused_merge { "tract" } else { "portable" },
         "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
         "against": r.options.against.as_ref().map(|p| p.display().to_string()),
         "original": timing(&r.original),

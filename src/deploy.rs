@@ -1,11 +1,14 @@
 //! Where a compiled model goes: the deployment target it must satisfy, the
 //! file format it is written in, and the in-memory entry point for pipelines.
 //!
-//! One graph form serves every target. The ToMe rewrite already avoids what
-//! TensorRT's ONNX parser mishandles (no reducing scatter, constant TopK K,
-//! constant axes, static token dims; see `tensorrt_rules`), so `--target`
-//! does not change the graph: it selects what the result is checked against
-//! before anything is written.
+//! One standard-op graph form serves TensorRT, onnxruntime and `portable`.
+//! The ToMe rewrite already avoids what TensorRT's ONNX parser mishandles (no
+//! reducing scatter, constant TopK K, constant axes, static token dims; see
+//! `tensorrt_rules`), so for those `--target` selects what the result is
+//! checked against before anything is written. `--target tract` (ONNX
+//! format) fuses each block's matching and merge into one `ai.tome`
+//! `BipartiteMerge` node, which tract runs with tome-compile's op
+//! (`merge_op`) and no other runtime knows.
 
 use std::fmt;
 use std::path::Path;
@@ -29,8 +32,17 @@ pub enum Target {
     TensorRt,
     /// onnxruntime: runs the portable form as is.
     OnnxRuntime,
-    /// tract: the portable form, which tract's type inference has checked.
+    /// tract with tome-compile's `BipartiteMerge` op (`merge_op::onnx`):
+    /// the matching and merge of each block in one node.
     Tract,
+}
+
+impl Target {
+    /// `opts` as this target and format compile them: only ONNX for tract
+    /// fuses the merge (tract's NNEF writer has no serialiser for the op).
+    pub fn options(self, opts: &Options, format: Format) -> Options {
+        Options { fused_merge: self == Target::Tract && format == Format::Onnx, ..opts.clone() }
+    }
 }
 
 impl FromStr for Target {
@@ -124,6 +136,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
             "--format nnef writes tract's NNEF archive, which {target} does not read; use --format onnx, or --target tract"
         )));
     }
+    let opts = &target.options(opts, format);
     crate::guard::catch_panics("compiling the model", || {
         let mut model = onnx_io::read(input)?;
         let types = crate::infer_types(&model.proto, &model.dir)?;
@@ -156,7 +169,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
 ///
 /// ```
 /// let bytes = std::fs::read("fixtures/timm_vit/model.onnx")?;
-/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, bound: false };
+/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, bound: false, fused_merge: false };
 /// let (compiled, report) = tome_compile::compile_bytes(&bytes, &opts)?;
 /// assert_eq!(report.tokens_out, 101); // 197 tokens, 16 merged in each of 6 blocks
 /// assert!(!compiled.is_empty()); // ONNX bytes, ready to write or hand to a runtime
@@ -180,7 +193,7 @@ pub fn compile_bytes_for(bytes: &[u8], opts: &Options, target: Target) -> Result
         });
     }
     let here = Path::new(".");
-    let report = crate::compile(&mut proto, here, opts)?;
+    let report = crate::compile(&mut proto, here, &target.options(opts, Format::Onnx))?;
     validate(&proto, here, target)?;
     Ok((proto.encode_to_vec(), report))
 }
@@ -190,7 +203,7 @@ pub fn compile_bytes_for(bytes: &[u8], opts: &Options, target: Target) -> Result
 /// `tract_nnef::nnef().with_onnx()` (or the `tract` CLI) loads it back.
 pub fn nnef_archive(proto: &pb::ModelProto, dir: &Path) -> Result<Vec<u8>, Error> {
     let nnef_err = |e: TractError| Error::Nnef(format!("{e:#}"));
-    let parsed = tract_onnx::onnx().parse(proto, dir.to_str()).map_err(nnef_err)?;
+    let parsed = crate::merge_op::onnx().parse(proto, dir.to_str()).map_err(nnef_err)?;
     let mut typed = parsed.model.into_typed().and_then(|m| m.into_decluttered()).map_err(nnef_err)?;
     expand_gelu_exact(&mut typed).map_err(nnef_err)?;
     let typed = typed.into_compact().map_err(nnef_err)?;

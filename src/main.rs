@@ -235,7 +235,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);
-    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge, bound: args.bound };
+    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge, bound: args.bound, fused_merge: false };
     let mode = match args.verify {
         VerifyArg::On => verify::Mode::On,
         VerifyArg::Off => verify::Mode::Off,
@@ -316,7 +316,7 @@ fn run(args: RunArgs) -> Result<()> {
 
 fn visualize(args: VisualizeArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false, bound: false };
+    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false, bound: false, fused_merge: false };
     let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
         bail!("--mean and --std take three comma-separated values, one per RGB channel");
     };

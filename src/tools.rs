@@ -197,12 +197,16 @@ pub struct BenchArgs {
     /// wrong outputs; the speedup any ToMe graph can at best reach here
     #[arg(long, conflicts_with = "against")]
     bound: bool,
+    /// Time the standard-op graph (what onnxruntime and TensorRT get) instead
+    /// of the tract target's, whose merges are one `BipartiteMerge` op each.
+    #[arg(long, conflicts_with = "against")]
+    portable: bool,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
     let opts = BenchOptions {
-        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: args.bound },
+        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: args.bound, fused_merge: !args.portable },
         threads: args.threads.unwrap_or_else(bench::all_cores),
         batch: args.batch,
         iters: args.iters,
@@ -242,7 +246,7 @@ pub struct InspectArgs {
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: false };
+    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: false, fused_merge: false };
     let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);

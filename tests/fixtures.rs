@@ -40,6 +40,21 @@ fn tensorrt_twin(source: &Path, default: &Path, opts: &tome_compile::Options) ->
     Some(out)
 }
 
+/// Compiles `source` for tract next to `default`: one `BipartiteMerge` per
+/// merging block in place of the standard-op merge, except where a block
+/// tracks token sources (`--unmerge`); returns its path.
+fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
+    let out = default.with_extension("tract.onnx");
+    let report = tome_compile::compile_file_with(source, &out, opts, Target::Tract, Format::Onnx).expect("compile --target tract");
+    let (fused, portable) = (tome_compile::onnx_io::read(&out).unwrap(), tome_compile::onnx_io::read(default).unwrap());
+    let nodes = |m: &tome_compile::onnx_io::OnnxFile| m.proto.graph.clone().unwrap_or_default().node;
+    let tracked = nodes(&portable).iter().any(|n| n.name.contains(".tome.unmerge"));
+    let merging = if tracked { 0 } else { report.blocks.iter().filter(|b| b.step.r > 0).count() };
+    let count = |op: &str| nodes(&fused).iter().filter(|n| n.op_type == op).count();
+    assert_eq!((count("BipartiteMerge"), count("TopK") > 0), (merging, tracked), "{}: fused merges, TopK left", out.display());
+    out
+}
+
 fn check_case(case: &str, model: &str) {
     let refs = references(case);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -62,6 +77,10 @@ fn check_case(case: &str, model: &str) {
             let err = max_relative_error(&y, &refs[&format!("logits_{name}")]);
             println!("tract {case}/{model} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case}/{model} {name}: tract relative error {err:e} > 1e-4");
+            let fused = tract_twin(&source, &out, &opts);
+            let err = max_relative_error(&run_tract(&fused, &refs), &refs[&format!("logits_{name}")]);
+            println!("tract --target tract {case}/{model} {name}: max relative error {err:.3e}");
+            assert!(err <= 1e-4, "{case}/{model} {name}: --target tract relative error {err:e} > 1e-4");
             ort_cases.push((trt.unwrap_or(out), case.to_string(), format!("logits_{name}")));
         }
     }

@@ -66,6 +66,11 @@ pub struct Options {
     /// attention, so the outputs are wrong and the speed is what any ToMe
     /// graph with this schedule can at best reach on a runtime.
     pub bound: bool,
+    /// Each block's matching and merge as one `BipartiteMerge` node
+    /// (`tome::FUSED_MERGE_OP`) after the similarity scores, for tract with
+    /// tome-compile's op registered (`--target tract`). Blocks that must
+    /// track token sources keep the standard-op form.
+    pub fused_merge: bool,
 }
 
 /// One block as compiled.
@@ -120,6 +125,10 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     if let Some(graph) = model.graph.as_mut() {
         graph.value_info.retain(|v| !changed.contains(&v.name));
     }
+    let fused = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::FUSED_MERGE_DOMAIN);
+    if fused && !model.opset_import.iter().any(|o| o.domain == tome::FUSED_MERGE_DOMAIN) {
+        model.opset_import.push(pb::OperatorSetIdProto { domain: tome::FUSED_MERGE_DOMAIN.into(), version: 1 });
+    }
     Ok(report)
 }
 
@@ -156,7 +165,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
             let track = (unmerge_at.is_some() || expose_sources).then_some(source.as_deref());
             let (p, m) = match opts.bound {
                 true => tome::truncate(g, block, step.tokens_in, step.r)?,
-                false => tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix)?,
+                false => tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix, opts.fused_merge)?,
             };
             labels.push(p.label.clone());
             patch::apply(g, p)?;

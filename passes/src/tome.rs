@@ -10,6 +10,14 @@ use crate::matcher::VitBlock;
 use crate::patch::{int_attr, tokens_type, Emitter, Patch, Rewire};
 use crate::PassError;
 
+/// The op and domain of a block's matching and merge as one node
+/// (`Options::fused_merge`): inputs x [B,N,C] and scores [B,⌈N/2⌉,⌊N/2⌋]
+/// (float32), then size [B,N,1] after the first merge; attributes `r` and
+/// `prefix`; outputs x and size [B,N-r,·]. Only tract with tome-compile's
+/// op registered runs it.
+pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
+pub const FUSED_MERGE_DOMAIN: &str = "ai.tome";
+
 /// The tensors a merge leaves for the blocks after it.
 #[derive(Clone, Debug)]
 pub struct Merged {
@@ -82,6 +90,7 @@ pub fn merge(
     size: Option<&str>,
     source: Option<Option<&str>>,
     prefix: usize,
+    fused: bool,
 ) -> Result<(Patch, Merged), PassError> {
     let (n, c) = (tokens as i64, block.width as i64);
     let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
@@ -99,6 +108,18 @@ pub fn merge(
         _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
     };
     let x = x.as_str();
+    if fused && source.is_none() {
+        let scores = similarity(&mut e, block, &keys, n);
+        let mut inputs = vec![x, scores.as_str()];
+        inputs.extend(size);
+        let attrs = vec![int_attr("r", r), int_attr("prefix", prefix as i64)];
+        let outs = e.op_multi(FUSED_MERGE_OP, "bipartite", &inputs, &["x", "size"], attrs);
+        if let Some(node) = e.patch.nodes.last_mut() {
+            node.domain = FUSED_MERGE_DOMAIN.into();
+        }
+        let [x_out, size_out] = [outs[0].clone(), outs[1].clone()];
+        return Ok(finish(patch, block, &x_ty, readers, x_out, size_out, None, (n - r) as usize));
+    }
 
     // Tokens start out standing for one patch each.
     let (size, weighted) = match size {
@@ -115,19 +136,7 @@ pub fn merge(
     let stacked = e.op("Concat", "with_size", &[&weighted, &size], vec![int_attr("axis", 2)]);
     let b = e.slice("b", &stacked, 1, 1, n, 2);
 
-    // Bipartite soft matching. The mean key's 1/heads cancels in the
-    // normalisation, so the sum stands for it.
-    let key_sum = e.reduce("ReduceSum", "key_sum", &keys, &[1], false);
-    let metric_raw = match block.keys_transposed {
-        true => e.transpose("metric_raw", &key_sum, &[0, 2, 1]),
-        false => key_sum,
-    };
-    let norm = e.reduce("ReduceL2", "metric_norm", &metric_raw, &[2], true);
-    let metric = e.op("Div", "metric", &[&metric_raw, &norm], vec![]);
-    let metric_a = e.slice("metric_a", &metric, 1, 0, n, 2);
-    let metric_b = e.slice("metric_b", &metric, 1, 1, n, 2);
-    let metric_b_t = e.transpose("metric_b_t", &metric_b, &[0, 2, 1]);
-    let mut scores = e.op("MatMul", "scores", &[&metric_a, &metric_b_t], vec![]);
+    let mut scores = similarity(&mut e, block, &keys, n);
     // -inf where a protected A token would move or a token would merge into a protected B token.
     let blocked = |i: i64, p: i64| if i < p { f32::NEG_INFINITY } else { 0.0 };
     if pa > 0 {
@@ -189,19 +198,50 @@ pub fn merge(
     let merged = e.op("Concat", "tokens", &refs, vec![int_attr("axis", 1)]);
     let sums = e.slice("sums", &merged, 2, 0, c, 1);
     let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
-    let mut x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
-    if x_ty.elem != FLOAT {
-        x_out = e.cast("x_cast", &x_out, x_ty.elem);
-    }
+    let x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
     let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
+    Ok(finish(patch, block, &x_ty, readers, x_out, size_out, source, (n - r) as usize))
+}
 
-    let out_tokens = (n - r) as usize;
-    patch.types.insert(x_out.clone(), tokens_type(&x_ty, out_tokens, block.width));
-    patch.types.insert(size_out.clone(), tokens_type(&x_ty, out_tokens, 1));
+/// Cosine similarity of the mean key between A (even) and B (odd) tokens,
+/// [B, ceil(n/2), floor(n/2)]. The mean's 1/heads cancels in the
+/// normalisation, so the sum over heads stands for it.
+fn similarity(e: &mut Emitter, block: &VitBlock, keys: &str, n: i64) -> String {
+    let key_sum = e.reduce("ReduceSum", "key_sum", keys, &[1], false);
+    let metric_raw = match block.keys_transposed {
+        true => e.transpose("metric_raw", &key_sum, &[0, 2, 1]),
+        false => key_sum,
+    };
+    let norm = e.reduce("ReduceL2", "metric_norm", &metric_raw, &[2], true);
+    let metric = e.op("Div", "metric", &[&metric_raw, &norm], vec![]);
+    let metric_a = e.slice("metric_a", &metric, 1, 0, n, 2);
+    let metric_b = e.slice("metric_b", &metric, 1, 1, n, 2);
+    let metric_b_t = e.transpose("metric_b_t", &metric_b, &[0, 2, 1]);
+    e.op("MatMul", "scores", &[&metric_a, &metric_b_t], vec![])
+}
+
+/// Casts the merged stream back to the model's type, records the new
+/// tensors' types and points every reader of the old stream at it.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    mut patch: Patch,
+    block: &VitBlock,
+    x_ty: &TensorType,
+    readers: Vec<(NodeIndex, usize)>,
+    mut x_out: String,
+    size_out: String,
+    source: Option<String>,
+    tokens: usize,
+) -> (Patch, Merged) {
+    if x_ty.elem != FLOAT {
+        x_out = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), 0).cast("x_cast", &x_out, x_ty.elem);
+    }
+    patch.types.insert(x_out.clone(), tokens_type(x_ty, tokens, block.width));
+    patch.types.insert(size_out.clone(), tokens_type(x_ty, tokens, 1));
     for (node, slot) in readers {
         patch.rewires.push(Rewire { node, slot, tensor: x_out.clone() });
     }
-    Ok((patch, Merged { x: x_out, size: size_out, tokens: out_tokens, source }))
+    (patch, Merged { x: x_out, size: size_out, tokens, source })
 }
 
 /// Where each token of this block lands after the merge, composed with the
