@@ -65,6 +65,9 @@ impl Expansion for Inference {
         s.equals(&outputs[1].shape[2], 1.to_dim())?;
         let r = self.0.r;
         s.given(&inputs[0].shape[1], move |s, n| {
+            if let Ok(n) = n.to_usize() {
+                self.0.check_tokens(n)?;
+            }
             s.equals(&outputs[0].shape[1], n.clone() - r)?;
             s.equals(&outputs[1].shape[1], n - r)
         })
@@ -93,6 +96,16 @@ impl TypedOp for BipartiteMerge {
         if x.rank() != 3 || inputs.iter().any(|f| f.datum_type != f32::datum_type() || f.rank() != 3) {
             bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], scores and size; got {inputs:?}");
         }
+        if let Ok(n) = x.shape[1].to_usize() {
+            self.check_tokens(n)?;
+            let expected = [n.div_ceil(2), n / 2];
+            if inputs[1].shape.iter().skip(1).map(|d| d.to_usize().ok()).ne(expected.map(Some)) {
+                bail!("{FUSED_MERGE_OP}: scores must be [B,{},{}] for {n} tokens, are {:?}", expected[0], expected[1], inputs[1].shape);
+            }
+            if inputs.get(2).is_some_and(|s| s.shape.iter().skip(1).map(|d| d.to_usize().ok()).ne([Some(n), Some(1)])) {
+                bail!("{FUSED_MERGE_OP}: size must be [B,{n},1], is {:?}", inputs[2].shape);
+            }
+        }
         let (batch, n, c) = (x.shape[0].clone(), x.shape[1].clone() - self.r, x.shape[2].clone());
         Ok(tvec!(f32::fact([batch.clone(), n.clone(), c]), f32::fact([batch, n, 1.to_dim()])))
     }
@@ -107,9 +120,7 @@ impl EvalOp for BipartiteMerge {
         let shape = inputs[0].shape().to_vec();
         let &[batch, n, c] = shape.as_slice() else { bail!("{FUSED_MERGE_OP}: x must be [B,N,C], is {shape:?}") };
         let (na, nb) = (n.div_ceil(2), n / 2);
-        if self.r > n.saturating_sub(self.prefix) / 2 {
-            bail!("{FUSED_MERGE_OP}: r={} is more than half of the {n} tokens past the {} protected", self.r, self.prefix);
-        }
+        self.check_tokens(n)?;
         if inputs[1].shape() != [batch, na, nb] {
             bail!("{FUSED_MERGE_OP}: scores must be [{batch},{na},{nb}], are {:?}", inputs[1].shape());
         }
@@ -159,6 +170,14 @@ enum Row {
 }
 
 impl BipartiteMerge {
+    /// At most half of the unprotected tokens can merge away (`r_eff`).
+    fn check_tokens(&self, n: usize) -> TractResult<()> {
+        if self.r > n.saturating_sub(self.prefix) / 2 {
+            bail!("{FUSED_MERGE_OP}: r={} is more than half of the {n} tokens past the {} protected", self.r, self.prefix);
+        }
+        Ok(())
+    }
+
     /// The matching (`TOME_SPEC.md`): each A token's best B token, the r
     /// best-scoring A tokens merge away, and the output order
     /// `unm[:pa], B[:pb], unm[pa:], B[pb:]`.

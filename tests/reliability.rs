@@ -334,17 +334,40 @@ fn auto_verification_skips_models_over_the_cost_limit() {
 
 // ------------------------------------------------------------ writes
 
+/// A `BipartiteMerge` node (`--target tract`) whose r or inputs do not fit
+/// its tokens is refused when tract plans the model, naming the node.
+#[test]
+fn a_corrupt_bipartite_merge_node_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let compiled = dir.path().join("tract.onnx");
+    let o = tome(&[path(&fixture("timm_vit/model.onnx")), "--r", "16", "--target", "tract", "-o", path(&compiled)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let edits: [(&str, fn(&mut pb::NodeProto), &str); 2] = [
+        ("r.onnx", |n| n.attribute.iter_mut().filter(|a| a.name == "r").for_each(|a| a.i = 1000), "r=1000 is more than half of the 197 tokens"),
+        ("scores.onnx", |n| n.input[1] = n.input[0].clone(), "scores must be [B,99,98] for 197 tokens"),
+    ];
+    for (name, edit, expected) in edits {
+        let mut proto = onnx_io::read(&compiled).unwrap().proto;
+        edit(proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "BipartiteMerge").expect("a fused merge"));
+        let bad = dir.path().join(name);
+        std::fs::write(&bad, proto.encode_to_vec()).unwrap();
+        let err = assert_fails(&tome(&["run", path(&bad), "--input", path(&fixture("timm_vit/io.npz"))]), 2);
+        assert!(err.contains("blocks.0.tome.merge.bipartite") && err.contains(expected), "{name}: {err}");
+    }
+}
+
 #[test]
 fn same_input_and_flags_give_byte_identical_output() {
     let dir = tempfile::tempdir().unwrap();
     let external = with_external_data(dir.path());
-    for (model, flags) in [(fixture("timm_vit/model_dynamo.onnx"), "16"), (external, "8:-1")] {
+    let cases = [(fixture("timm_vit/model_dynamo.onnx"), "16", "portable"), (external, "8:-1", "portable"), (fixture("timm_deit_distilled/model.onnx"), "8", "tract")];
+    for (model, flags, target) in cases {
         let mut written = vec![];
         for run in ["a", "b"] {
             let out_dir = dir.path().join(run);
             std::fs::create_dir_all(&out_dir).unwrap();
             let out = out_dir.join("compiled.onnx");
-            let o = tome(&[path(&model), "--r", flags, "-o", path(&out)]);
+            let o = tome(&[path(&model), "--r", flags, "--target", target, "-o", path(&out)]);
             assert!(o.status.success(), "{}", stderr(&o));
             let data = std::fs::read(out_dir.join("compiled.onnx.data")).ok();
             written.push((std::fs::read(&out).unwrap(), data));

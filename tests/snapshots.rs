@@ -84,3 +84,13 @@ fn fused_attention_op_block_rewrite() {
     let model = compiled("timm_vit_opset23/model.onnx", "8");
     insta::assert_snapshot!(tome_passes::dump_nodes(&model, "blocks.1.tome.prop_attn"));
 }
+
+/// `--target tract`: the similarity scores as before, then one
+/// `BipartiteMerge` node with DeiT's two protected tokens.
+#[test]
+fn tract_target_block_rewrite() {
+    let mut file = onnx_io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();
+    let opts = tome_compile::Options { fused_merge: true, ..options("8", true) };
+    tome_compile::compile(&mut file.proto, &file.dir, &opts).unwrap();
+    insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));
+}
