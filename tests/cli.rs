@@ -45,7 +45,16 @@ fn compiles_and_prints_the_schedule() {
     assert!(text.contains("197 tokens = 1 prefix + 196 patches, head: token 0"), "{text}");
     assert!(text.contains("blocks.5     16    117     101"), "{text}");
     assert!(text.contains("tokens leaving the last block: 101"), "{text}");
+    assert!(!text.contains("BipartiteMerge"), "the default target has standard ops only: {text}");
     assert!(out.exists());
+
+    let fused = dir.path().join("vit_r16_tract.onnx");
+    let o = tome(&[model.to_str().unwrap(), "--r", "16", "--target", "tract", "-o", fused.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("6 merges as one BipartiteMerge node each: runs in tract with tome-compile's op only"), "{text}");
+    let o = tome(&["run", fused.to_str().unwrap(), "--input", fixture("timm_vit/io.npz").to_str().unwrap()]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("image 3 top-5"), "{}", stderr(&o));
 }
 
 #[test]

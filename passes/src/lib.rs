@@ -165,7 +165,10 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
             let track = (unmerge_at.is_some() || expose_sources).then_some(source.as_deref());
             let (p, m) = match opts.bound {
                 true => tome::truncate(g, block, step.tokens_in, step.r)?,
-                false => tome::merge(g, block, step.tokens_in, step.r, size.as_deref(), track, vit.prefix, opts.fused_merge)?,
+                false => {
+                    let at = tome::MergeAt { tokens: step.tokens_in, r: step.r, prefix: vit.prefix };
+                    tome::merge(g, block, at, size.as_deref(), track, opts.fused_merge)?
+                }
             };
             labels.push(p.label.clone());
             patch::apply(g, p)?;

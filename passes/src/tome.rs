@@ -18,6 +18,15 @@ use crate::PassError;
 pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
 pub const FUSED_MERGE_DOMAIN: &str = "ai.tome";
 
+/// Where a merge happens: the tokens entering the block, how many of them
+/// merge away, and the protected prefix tokens (cls, dist, registers).
+#[derive(Clone, Copy, Debug)]
+pub struct MergeAt {
+    pub tokens: usize,
+    pub r: usize,
+    pub prefix: usize,
+}
+
 /// The tensors a merge leaves for the blocks after it.
 #[derive(Clone, Debug)]
 pub struct Merged {
@@ -85,13 +94,12 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result
 pub fn merge(
     g: &Graph,
     block: &VitBlock,
-    tokens: usize,
-    r: usize,
+    at: MergeAt,
     size: Option<&str>,
     source: Option<Option<&str>>,
-    prefix: usize,
     fused: bool,
 ) -> Result<(Patch, Merged), PassError> {
+    let MergeAt { tokens, r, prefix } = at;
     let (n, c) = (tokens as i64, block.width as i64);
     let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
     let nu = na - r;
@@ -117,8 +125,9 @@ pub fn merge(
         if let Some(node) = e.patch.nodes.last_mut() {
             node.domain = FUSED_MERGE_DOMAIN.into();
         }
-        let [x_out, size_out] = [outs[0].clone(), outs[1].clone()];
-        return Ok(finish(patch, block, &x_ty, readers, x_out, size_out, None, (n - r) as usize));
+        e.patch.label += &format!(" as {FUSED_MERGE_OP}");
+        let merged = Merged { x: outs[0].clone(), size: outs[1].clone(), tokens: (n - r) as usize, source: None };
+        return Ok(finish(patch, block, &x_ty, readers, merged));
     }
 
     // Tokens start out standing for one patch each.
@@ -200,7 +209,7 @@ pub fn merge(
     let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
     let x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
     let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
-    Ok(finish(patch, block, &x_ty, readers, x_out, size_out, source, (n - r) as usize))
+    Ok(finish(patch, block, &x_ty, readers, Merged { x: x_out, size: size_out, tokens: (n - r) as usize, source }))
 }
 
 /// Cosine similarity of the mean key between A (even) and B (odd) tokens,
@@ -222,26 +231,16 @@ fn similarity(e: &mut Emitter, block: &VitBlock, keys: &str, n: i64) -> String {
 
 /// Casts the merged stream back to the model's type, records the new
 /// tensors' types and points every reader of the old stream at it.
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    mut patch: Patch,
-    block: &VitBlock,
-    x_ty: &TensorType,
-    readers: Vec<(NodeIndex, usize)>,
-    mut x_out: String,
-    size_out: String,
-    source: Option<String>,
-    tokens: usize,
-) -> (Patch, Merged) {
+fn finish(mut patch: Patch, block: &VitBlock, x_ty: &TensorType, readers: Vec<(NodeIndex, usize)>, mut merged: Merged) -> (Patch, Merged) {
     if x_ty.elem != FLOAT {
-        x_out = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), 0).cast("x_cast", &x_out, x_ty.elem);
+        merged.x = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), 0).cast("x_cast", &merged.x, x_ty.elem);
     }
-    patch.types.insert(x_out.clone(), tokens_type(x_ty, tokens, block.width));
-    patch.types.insert(size_out.clone(), tokens_type(x_ty, tokens, 1));
+    patch.types.insert(merged.x.clone(), tokens_type(x_ty, merged.tokens, block.width));
+    patch.types.insert(merged.size.clone(), tokens_type(x_ty, merged.tokens, 1));
     for (node, slot) in readers {
-        patch.rewires.push(Rewire { node, slot, tensor: x_out.clone() });
+        patch.rewires.push(Rewire { node, slot, tensor: merged.x.clone() });
     }
-    (patch, Merged { x: x_out, size: size_out, tokens, source })
+    (patch, merged)
 }
 
 /// Where each token of this block lands after the merge, composed with the
