@@ -49,15 +49,19 @@ def compile_model(src, label, flags):
     return out
 
 
-def tract(src, batch, iters, extra=()):
+def tract(src, batch, iters):
+    """tract's medians and ratios, every variant timed in the same interleaved runs:
+    the --target tract graph (one BipartiteMerge op per block), the standard-op
+    graph onnxruntime and TensorRT get (portable), and the timing bound."""
     out = subprocess.run([args.tome, "bench", src, "--r", "16", "--batch", str(batch), "--threads",
-                          str(args.threads), "--iters", str(iters), "--warmup", "1", "--json", *extra],
+                          str(args.threads), "--iters", str(iters), "--warmup", "1", "--json",
+                          "--also", "portable,bound", "--profile", "3"],
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out)
+    also = {a["variant"]: a["speedup"] for a in r["also"]}
     # Share of the compiled model's profiled time in the matching and merge nodes.
-    nodes = (r["profile"] or {}).get("nodes", [])
-    merge = sum(n["ms"] for n in nodes if ".tome.merge." in n["name"]) / max(r["profile"]["total_ms"], 1e-9) if nodes else None
-    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"], r["speedup"], merge
+    merge = r["profile"]["merge_ms"] / r["profile"]["total_ms"]
+    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"], also, merge
 
 
 def ort_medians(paths, batch, iters):
@@ -91,11 +95,8 @@ for name, batch in cases:
     # The timing bound: r tokens dropped per block, not merged (wrong outputs).
     bound = compile_model(src, "bound", ["--bound", "--verify", "off"])
     iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
-    # tract runs the --target tract graph (one BipartiteMerge op per block);
-    # --portable times the standard-op graph onnxruntime and TensorRT get.
-    t_orig, t_comp, ideal, _, merge_share = tract(src, batch, iters, ["--profile", "3"])
-    tract_portable = tract(src, batch, iters, ["--portable"])[3]
-    tract_bound = tract(src, batch, iters, ["--bound"])[3]
+    t_orig, t_comp, ideal, also, merge_share = tract(src, batch, iters)
+    tract_portable, tract_bound = also["portable"], also["bound"]
     models = [src, default, trt, bound]
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
     if name == "vit_base_patch16_224":

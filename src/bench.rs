@@ -34,6 +34,44 @@ pub struct BenchOptions {
     /// Time this model as the "compiled" side instead of compiling the input
     /// (an earlier compile, another target, another exporter's ToMe graph).
     pub against: Option<std::path::PathBuf>,
+    /// Further compiles of the input, timed in the same interleaved runs.
+    pub also: Vec<Variant>,
+}
+
+/// Another compile of the input to time alongside (`bench --also`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The standard-op graph, as onnxruntime and TensorRT get it.
+    Portable,
+    /// The timing bound (`Options::bound`).
+    Bound,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Portable => "portable",
+            Variant::Bound => "bound",
+        }
+    }
+
+    fn options(self, opts: &Options) -> Options {
+        match self {
+            Variant::Portable => Options { fused_merge: false, bound: false, ..opts.clone() },
+            Variant::Bound => Options { bound: true, ..opts.clone() },
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Variant, String> {
+        match s {
+            "portable" => Ok(Variant::Portable),
+            "bound" => Ok(Variant::Bound),
+            _ => Err(format!("unknown variant '{s}': expected portable or bound")),
+        }
+    }
 }
 
 /// Latencies of one model.
@@ -72,6 +110,8 @@ pub struct BenchReport {
     pub report: Option<Report>,
     pub original: Timing,
     pub compiled: Timing,
+    /// The `--also` variants, timed in the same runs.
+    pub also: Vec<(Variant, Timing)>,
     /// Per-op time in the compiled model, when profiled.
     pub profile: Option<Profile>,
 }
@@ -81,11 +121,13 @@ pub struct BenchReport {
 pub struct Profile {
     /// (op name, milliseconds per run, nodes), largest first.
     pub by_op: Vec<(String, f64, usize)>,
-    /// Milliseconds per run in nodes the ToMe rewrite added (`*.tome.*` after
-    /// tract's optimiser, which keeps the anchor's name on fused nodes).
-    pub tome_ms: f64,
-    /// The merging nodes' time per op kind, largest first.
-    pub tome_by_op: Vec<(String, f64, usize)>,
+    /// Milliseconds per run in the matching and merge nodes (`*.tome.merge.*`
+    /// after tract's optimiser, which keeps the anchor's name on fused nodes:
+    /// in the portable graph the attention projection fuses into the merge's
+    /// first Mul and counts here).
+    pub merge_ms: f64,
+    /// The matching and merge nodes' time per op kind, largest first.
+    pub merge_by_op: Vec<(String, f64, usize)>,
     pub total_ms: f64,
     /// (node name as tract optimised it, op name, milliseconds per run),
     /// largest first; in `--json` only.
@@ -98,7 +140,11 @@ impl BenchReport {
     }
     /// Median latency of the original over that of the compiled model.
     pub fn speedup(&self) -> f64 {
-        self.original.median_ms() / self.compiled.median_ms()
+        self.speedup_of(&self.compiled)
+    }
+    /// Median latency of the original over that of `t`.
+    pub fn speedup_of(&self, t: &Timing) -> f64 {
+        self.original.median_ms() / t.median_ms()
     }
     /// MACs of the original over those of the compiled model (merging included).
     pub fn ideal_speedup(&self) -> f64 {
@@ -132,14 +178,18 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     // A peer graph may not type-check in tract's inference; its MACs are then unknown (0).
     let macs_after = crate::infer_types(&compiled, &compiled_dir).map(|t| macs::count(&compiled, &t)).unwrap_or_default();
     let (original_plan, shape) = plan(&file.proto, &file.dir, opts.batch)?;
-    let (compiled_plan, compiled_shape) = plan(&compiled, &compiled_dir, opts.batch)?;
-    if compiled_shape != shape {
-        return Err(Error::Input(format!("the models take different inputs: {shape:?} and {compiled_shape:?}")));
-    }
+    let mut plans = vec![original_plan, planned_like(&compiled, &compiled_dir, opts.batch, &shape)?];
     drop(compiled);
+    let mut also_macs = vec![];
+    for variant in &opts.also {
+        let mut proto = file.proto.clone();
+        crate::compile(&mut proto, &file.dir, &variant.options(&opts.compile))?;
+        also_macs.push(macs::count(&proto, &crate::infer_types(&proto, &file.dir)?));
+        plans.push(planned_like(&proto, &file.dir, opts.batch, &shape)?);
+    }
     let input: TValue = synthetic_input(&shape)?.into();
 
-    let total = (opts.warmup + opts.iters) as u64 * 2;
+    let total = (opts.warmup + opts.iters) as u64 * plans.len() as u64;
     let bar = if opts.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} runs, {elapsed}")
@@ -147,40 +197,50 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
             .progress_chars("=> "),
     );
     let executor = Executor::multithread(opts.threads);
-    let (a, b) = multithread_tract_scope(executor, || -> Result<(Vec<f64>, Vec<f64>), Error> {
-        let mut a = vec![];
-        let mut b = vec![];
+    let mut runs = multithread_tract_scope(executor, || -> Result<Vec<Vec<f64>>, Error> {
+        let mut runs = vec![vec![]; plans.len()];
         for i in 0..opts.warmup + opts.iters {
             let timed = i >= opts.warmup;
             bar.set_message(if timed { "timing" } else { "warm-up" });
-            // Alternate which model goes first so neither always follows the other.
-            let order: [(&Arc<TypedRunnableModel>, &mut Vec<f64>); 2] =
-                if i % 2 == 0 { [(&original_plan, &mut a), (&compiled_plan, &mut b)] } else { [(&compiled_plan, &mut b), (&original_plan, &mut a)] };
-            for (plan, runs) in order {
+            // Rotate which model goes first so none always follows another.
+            for k in (0..plans.len()).map(|j| (i + j) % plans.len()) {
                 let start = Instant::now();
-                plan.run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
+                plans[k].run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
                 if timed {
-                    runs.push(start.elapsed().as_secs_f64() * 1000.0);
+                    runs[k].push(start.elapsed().as_secs_f64() * 1000.0);
                 }
                 bar.inc(1);
             }
         }
-        Ok((a, b))
+        Ok(runs)
     })?;
     bar.finish_and_clear();
     let profile = if opts.profile_runs > 0 {
         let executor = Executor::multithread(opts.threads);
-        Some(multithread_tract_scope(executor, || profile(&compiled_plan, &input, opts.profile_runs))?)
+        Some(multithread_tract_scope(executor, || profile(&plans[1], &input, opts.profile_runs))?)
     } else {
         None
     };
+    let also = opts.also.iter().zip(runs.split_off(2)).zip(also_macs).map(|((v, runs_ms), macs)| (*v, Timing { runs_ms, macs })).collect();
+    let compiled = runs.pop().unwrap_or_default();
+    let original = runs.pop().unwrap_or_default();
     Ok(BenchReport {
         options: opts.clone(),
         report,
-        original: Timing { runs_ms: a, macs: macs_before },
-        compiled: Timing { runs_ms: b, macs: macs_after },
+        original: Timing { runs_ms: original, macs: macs_before },
+        compiled: Timing { runs_ms: compiled, macs: macs_after },
+        also,
         profile,
     })
+}
+
+/// `plan`, refusing a model whose input differs from the original's `shape`.
+fn planned_like(proto: &pb::ModelProto, dir: &Path, batch: usize, shape: &[usize]) -> Result<Arc<TypedRunnableModel>, Error> {
+    let (plan, other) = plan(proto, dir, batch)?;
+    if other != shape {
+        return Err(Error::Input(format!("the models take different inputs: {shape:?} and {other:?}")));
+    }
+    Ok(plan)
 }
 
 /// Times every node of `plan` over `runs` runs, grouped by op.
@@ -197,22 +257,22 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
                 let out = eval(ctx, op_state, node, inputs);
                 let entry = per_node
                     .entry(node.id)
-                    .or_insert_with(|| (0.0, node.op().name().to_string(), node.name.contains(".tome.")));
+                    .or_insert_with(|| (0.0, node.op().name().to_string(), node.name.contains(".tome.merge.")));
                 entry.0 += start.elapsed().as_secs_f64() * 1000.0;
                 out
             })
             .map_err(err)?;
     }
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
-    let mut tome_by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut merge_by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut profile = Profile::default();
     for (id, (ms, op, tome)) in per_node {
         let ms = ms / runs as f64;
         profile.nodes.push((plan.model().node(id).name.clone(), op.clone(), ms));
         profile.total_ms += ms;
         if tome {
-            profile.tome_ms += ms;
-            let e = tome_by_op.entry(op.clone()).or_default();
+            profile.merge_ms += ms;
+            let e = merge_by_op.entry(op.clone()).or_default();
             e.0 += ms;
             e.1 += 1;
         }
@@ -227,7 +287,7 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
     };
     profile.nodes.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
     profile.by_op = sorted(by_op);
-    profile.tome_by_op = sorted(tome_by_op);
+    profile.merge_by_op = sorted(merge_by_op);
     Ok(profile)
 }
 
@@ -294,7 +354,9 @@ pub fn render(r: &BenchReport) -> String {
         None if o.compile.fused_merge => format!("compiled --r {}", o.compile.schedule),
         None => format!("portable --r {}", o.compile.schedule),
     };
-    for (name, t) in [("original", &r.original), (label.as_str(), &r.compiled)] {
+    let also: Vec<(String, &Timing)> = r.also.iter().map(|(v, t)| (format!("{} --r {}", v.name(), o.compile.schedule), t)).collect();
+    let rows = [("original".to_string(), &r.original), (label, &r.compiled)].into_iter().chain(also);
+    for (name, t) in rows {
         s += &format!(
             "{:<18} {:>10.2} {:>10.2} {:>10.2} {:>12.2}\n",
             name,
@@ -310,20 +372,23 @@ pub fn render(r: &BenchReport) -> String {
         s += &format!("; tokens leaving the last block: {}", report.tokens_out);
     }
     s += "\n";
+    for (v, t) in &r.also {
+        s += &format!("{}: {:.2}x measured\n", v.name(), r.speedup_of(t));
+    }
     if let Some(p) = &r.profile {
         s += &format!(
-            "profile of the compiled model ({} runs): {:.2} ms per run in nodes, {:.2} ms ({:.1}%) in the merging nodes\n",
+            "profile of the compiled model ({} runs): {:.2} ms per run in nodes, {:.2} ms ({:.1}%) in the matching and merge nodes\n",
             o.profile_runs,
             p.total_ms,
-            p.tome_ms,
-            100.0 * p.tome_ms / p.total_ms.max(1e-9)
+            p.merge_ms,
+            100.0 * p.merge_ms / p.total_ms.max(1e-9)
         );
         s += &format!("{:<28} {:>8} {:>7} {:>6}\n", "op", "ms/run", "share", "nodes");
         for (op, ms, n) in p.by_op.iter().take(12) {
             s += &format!("{:<28} {:>8.2} {:>6.1}% {:>6}\n", op, ms, 100.0 * ms / p.total_ms.max(1e-9), n);
         }
-        let top: Vec<String> = p.tome_by_op.iter().take(6).map(|(op, ms, n)| format!("{op} {ms:.2} ms ({n})")).collect();
-        s += &format!("merging nodes by op: {}\n", top.join(", "));
+        let top: Vec<String> = p.merge_by_op.iter().take(6).map(|(op, ms, n)| format!("{op} {ms:.2} ms ({n})")).collect();
+        s += &format!("matching and merge nodes by op: {}\n", top.join(", "));
     }
     s
 }
@@ -353,12 +418,13 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "against": r.options.against.as_ref().map(|p| p.display().to_string()),
         "original": timing(&r.original),
         "compiled": timing(&r.compiled),
+        "also": r.also.iter().map(|(v, t)| json!({"variant": v.name(), "timing": timing(t), "speedup": r.speedup_of(t)})).collect::<Vec<_>>(),
         "speedup": r.speedup(),
         "ideal_speedup": Some(r.ideal_speedup()).filter(|x| x.is_finite()),
         "profile": r.profile.as_ref().map(|p| json!({
             "total_ms": p.total_ms,
-            "tome_ms": p.tome_ms,
-            "tome_by_op": p.tome_by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
+            "merge_ms": p.merge_ms,
+            "merge_by_op": p.merge_by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
             "by_op": p.by_op.iter().map(|(op, ms, n)| json!({"op": op, "ms": ms, "nodes": n})).collect::<Vec<_>>(),
             "nodes": p.nodes.iter().map(|(name, op, ms)| json!({"name": name, "op": op, "ms": ms})).collect::<Vec<_>>(),
         })),

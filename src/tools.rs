@@ -201,6 +201,10 @@ pub struct BenchArgs {
     /// of the tract target's, whose merges are one `BipartiteMerge` op each.
     #[arg(long, conflicts_with = "against")]
     portable: bool,
+    /// Also time these compiles of the input in the same interleaved runs
+    /// (comma list): portable (the standard-op graph), bound (the timing bound).
+    #[arg(long, value_delimiter = ',', value_name = "VARIANTS", conflicts_with = "against")]
+    also: Vec<bench::Variant>,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -214,6 +218,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         progress: !args.json,
         profile_runs: args.profile,
         against: args.against,
+        also: args.also,
     };
     let report = bench::bench(&args.model, &opts)?;
     if args.json {

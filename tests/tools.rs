@@ -212,17 +212,32 @@ fn compile_writes_an_nnef_archive_from_the_command_line() {
 #[test]
 fn bench_times_both_models_once_and_reports_json() {
     let model = fixture("timm_vit/model.onnx");
-    let o = tome(&["bench", model.to_str().unwrap(), "--r", "16", "--iters", "1", "--warmup", "0", "--threads", "1", "--batch", "2", "--json"]);
+    let args = ["--iters", "1", "--warmup", "0", "--threads", "1", "--batch", "2", "--json", "--also", "portable,bound", "--profile", "1"];
+    let o = tome(&[&["bench", model.to_str().unwrap(), "--r", "16"][..], &args].concat());
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let json: serde_json::Value = serde_json::from_str(&out).expect("bench --json prints JSON");
     assert_eq!(json["batch"], 2);
     assert_eq!(json["threads"], 1);
     assert_eq!(json["tokens_out"], 101);
-    for side in ["original", "compiled"] {
-        assert_eq!(json[side]["runs_ms"].as_array().map(Vec::len), Some(1), "{out}");
-        assert!(json[side]["median_ms"].as_f64().is_some_and(f64::is_finite), "{out}");
+    assert_eq!(json["form"], "tract");
+    let also = json["also"].as_array().expect("also");
+    let variants: Vec<&str> = also.iter().filter_map(|a| a["variant"].as_str()).collect();
+    assert_eq!(variants, ["portable", "bound"], "{out}");
+    let timings = [&json["original"], &json["compiled"], &also[0]["timing"], &also[1]["timing"]];
+    for t in timings {
+        assert_eq!(t["runs_ms"].as_array().map(Vec::len), Some(1), "{out}");
+        assert!(t["median_ms"].as_f64().is_some_and(f64::is_finite), "{out}");
     }
+    // The portable graph merges the same tokens with other ops: its MACs are
+    // the tract form's (the fused op's arithmetic is not counted) plus the
+    // one-hot scatter-add, within 1%.
+    let macs = |t: &serde_json::Value| t["macs_per_image"].as_f64().unwrap();
+    let (fused, portable) = (macs(&json["compiled"]), macs(&also[0]["timing"]));
+    assert!(portable >= fused && portable / fused < 1.01, "{fused} vs {portable}");
+    // In the tract form the matching and merge are the BipartiteMerge and the similarity nodes only.
+    let merge_ops: Vec<&str> = json["profile"]["merge_by_op"].as_array().unwrap().iter().filter_map(|o| o["op"].as_str()).collect();
+    assert!(merge_ops.contains(&"BipartiteMerge") && !merge_ops.contains(&"Topk"), "{merge_ops:?}");
     assert!(json["ideal_speedup"].as_f64().unwrap() > 1.0, "{out}");
     println!("{out}");
 

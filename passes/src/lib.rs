@@ -248,7 +248,7 @@ fn source_output_info(report: &Report) -> pb::ValueInfoProto {
 
 /// Every attention node of `model` and whether it anchors a block (see
 /// `matcher::diagnose`); `types` as for `compile`.
-pub fn diagnose(model: &pb::ModelProto, types: HashMap<String, TensorType>) -> Result<Vec<(String, String, Result<String, String>)>, PassError> {
+pub fn diagnose(model: &pb::ModelProto, types: HashMap<String, TensorType>) -> Result<Vec<matcher::Diagnosis>, PassError> {
     let mut copy = pb::ModelProto { graph: model.graph.clone(), opset_import: model.opset_import.clone(), ..Default::default() };
     let g = Graph::take_from(&mut copy, types)?;
     matcher::diagnose(&g)

@@ -112,10 +112,14 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
     Ok(VitModel { blocks, tokens, patches, prefix, head })
 }
 
+/// One attention node seen by `diagnose`: its name, its op, and the block it
+/// anchors or why it anchors none.
+pub type Diagnosis = (String, String, Result<String, String>);
+
 /// Every attention node (Softmax or `Attention`), in order, with the block
 /// it anchors or the reason it does not: what `inspect` shows when a model
 /// cannot be compiled.
-pub fn diagnose(g: &Graph) -> Result<Vec<(String, String, Result<String, String>)>, PassError> {
+pub fn diagnose(g: &Graph) -> Result<Vec<Diagnosis>, PassError> {
     let order = g.topological_order()?;
     let mut found = vec![];
     for &id in order.iter().filter(|&&id| matches!(g.node(id).op(), "Softmax" | "Attention")) {

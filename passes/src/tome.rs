@@ -104,12 +104,9 @@ pub fn merge(
     let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
     let nu = na - r;
     let (pa, pb) = ((prefix as i64 + 1) / 2, prefix as i64 / 2);
-    let x_ty = g.ty(&block.residual).cloned().ok_or_else(|| PassError::MissingType(block.residual.clone()))?;
-    let readers = g.consumers(&block.residual);
-
-    let mut patch = Patch::new(format!("{}: merge r={r}", block.name), block.attn_residual);
-    patch.resized_axis = Some(1);
-    let mut e = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), g.opset);
+    let mut stream = StreamRewrite::new(g, block, format!("{}: merge r={r}", block.name))?;
+    let x_ty = stream.ty.clone();
+    let mut e = Emitter::new(&mut stream.patch, format!("{}.tome.merge", block.name), g.opset);
     // Matching and merging run in float32 whatever the model's type.
     let (x, keys) = match x_ty.elem {
         FLOAT => (block.residual.clone(), block.keys.clone()),
@@ -126,8 +123,12 @@ pub fn merge(
             node.domain = FUSED_MERGE_DOMAIN.into();
         }
         e.patch.label += &format!(" as {FUSED_MERGE_OP}");
-        let merged = Merged { x: outs[0].clone(), size: outs[1].clone(), tokens: (n - r) as usize, source: None };
-        return Ok(finish(patch, block, &x_ty, readers, merged));
+        let x_out = match x_ty.elem {
+            FLOAT => outs[0].clone(),
+            elem => e.cast("x_cast", &outs[0], elem),
+        };
+        let merged = Merged { x: x_out, size: outs[1].clone(), tokens: (n - r) as usize, source: None };
+        return Ok(stream.finish(block, merged));
     }
 
     // Tokens start out standing for one patch each.
@@ -207,9 +208,12 @@ pub fn merge(
     let merged = e.op("Concat", "tokens", &refs, vec![int_attr("axis", 1)]);
     let sums = e.slice("sums", &merged, 2, 0, c, 1);
     let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
-    let x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    let mut x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    if x_ty.elem != FLOAT {
+        x_out = e.cast("x_cast", &x_out, x_ty.elem);
+    }
     let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
-    Ok(finish(patch, block, &x_ty, readers, Merged { x: x_out, size: size_out, tokens: (n - r) as usize, source }))
+    Ok(stream.finish(block, Merged { x: x_out, size: size_out, tokens: (n - r) as usize, source }))
 }
 
 /// Cosine similarity of the mean key between A (even) and B (odd) tokens,
@@ -229,18 +233,34 @@ fn similarity(e: &mut Emitter, block: &VitBlock, keys: &str, n: i64) -> String {
     e.op("MatMul", "scores", &[&metric_a, &metric_b_t], vec![])
 }
 
-/// Casts the merged stream back to the model's type, records the new
-/// tensors' types and points every reader of the old stream at it.
-fn finish(mut patch: Patch, block: &VitBlock, x_ty: &TensorType, readers: Vec<(NodeIndex, usize)>, mut merged: Merged) -> (Patch, Merged) {
-    if x_ty.elem != FLOAT {
-        merged.x = Emitter::new(&mut patch, format!("{}.tome.merge", block.name), 0).cast("x_cast", &merged.x, x_ty.elem);
+/// A patch that replaces the residual stream after attention with fewer
+/// tokens: the stream's type, and the readers to point at the new stream.
+struct StreamRewrite {
+    patch: Patch,
+    ty: TensorType,
+    readers: Vec<(NodeIndex, usize)>,
+}
+
+impl StreamRewrite {
+    fn new(g: &Graph, block: &VitBlock, label: String) -> Result<StreamRewrite, PassError> {
+        let ty = g.ty(&block.residual).cloned().ok_or_else(|| PassError::MissingType(block.residual.clone()))?;
+        let mut patch = Patch::new(label, block.attn_residual);
+        patch.resized_axis = Some(1);
+        Ok(StreamRewrite { patch, ty, readers: g.consumers(&block.residual) })
     }
-    patch.types.insert(merged.x.clone(), tokens_type(x_ty, merged.tokens, block.width));
-    patch.types.insert(merged.size.clone(), tokens_type(x_ty, merged.tokens, 1));
-    for (node, slot) in readers {
-        patch.rewires.push(Rewire { node, slot, tensor: merged.x.clone() });
+
+    /// Records the types of the shortened stream (and size, if any) and
+    /// points every reader of the old stream at it.
+    fn finish(mut self, block: &VitBlock, merged: Merged) -> (Patch, Merged) {
+        self.patch.types.insert(merged.x.clone(), tokens_type(&self.ty, merged.tokens, block.width));
+        if !merged.size.is_empty() {
+            self.patch.types.insert(merged.size.clone(), tokens_type(&self.ty, merged.tokens, 1));
+        }
+        for (node, slot) in self.readers {
+            self.patch.rewires.push(Rewire { node, slot, tensor: merged.x.clone() });
+        }
+        (self.patch, merged)
     }
-    (patch, merged)
 }
 
 /// Where each token of this block lands after the merge, composed with the
@@ -292,18 +312,10 @@ fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, 
 /// `tokens - r` tokens of the stream after attention. Same token counts as
 /// the merge, none of its cost, wrong numbers.
 pub fn truncate(g: &Graph, block: &VitBlock, tokens: usize, r: usize) -> Result<(Patch, Merged), PassError> {
-    let x_ty = g.ty(&block.residual).cloned().ok_or_else(|| PassError::MissingType(block.residual.clone()))?;
-    let readers = g.consumers(&block.residual);
-    let mut patch = Patch::new(format!("{}: drop r={r} (timing bound)", block.name), block.attn_residual);
-    patch.resized_axis = Some(1);
+    let mut stream = StreamRewrite::new(g, block, format!("{}: drop r={r} (timing bound)", block.name))?;
     let out = tokens - r;
-    let mut e = Emitter::new(&mut patch, format!("{}.tome.bound", block.name), g.opset);
-    let x = e.slice("x", &block.residual, 1, 0, out as i64, 1);
-    patch.types.insert(x.clone(), tokens_type(&x_ty, out, block.width));
-    for (node, slot) in readers {
-        patch.rewires.push(Rewire { node, slot, tensor: x.clone() });
-    }
-    Ok((patch, Merged { x, size: String::new(), tokens: out, source: None }))
+    let x = Emitter::new(&mut stream.patch, format!("{}.tome.bound", block.name), g.opset).slice("x", &block.residual, 1, 0, out as i64, 1);
+    Ok(stream.finish(block, Merged { x, size: String::new(), tokens: out, source: None }))
 }
 
 /// Gives every original token the value of the token it was merged into:
