@@ -30,6 +30,7 @@ impl Inspection {
 /// Compiles `path` in memory with `opts`, checks the result for `target`,
 /// and counts MACs before and after.
 pub fn inspect(path: &Path, opts: &Options, target: Target) -> Result<Inspection, Error> {
+    let opts = &target.options(opts, crate::Format::Onnx);
     let file = onnx_io::read(path)?;
     let types = crate::infer_types(&file.proto, &file.dir)?;
     let before = macs::count(&file.proto, &types);
@@ -77,10 +78,14 @@ pub fn render(i: &Inspection) -> String {
         first.step.tokens_in, r.prefix, r.patches, r.head
     );
     s += &format!(
-        "choices: --r {}, proportional attention {}, target {}, merge as one-hot MatMul (no reducing scatter)\n",
+        "choices: --r {}, proportional attention {}, target {}, {}\n",
         i.options.schedule,
         if i.options.prop_attn { "on" } else { "off" },
-        i.target
+        i.target,
+        match i.options.fused_merge {
+            true => "merge as one BipartiteMerge op per block (tract with tome-compile's op only)",
+            false => "merge as one-hot MatMul (no reducing scatter)",
+        }
     );
     s += &format!("{:<10} {:>5} {:>4} {:>10} {:>10}\n", "block", "asked", "r", "tokens in", "tokens out");
     for b in &r.blocks {
