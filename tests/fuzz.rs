@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tome_compile::run::Runner;
-use tome_compile::{verify, Error, ErrorKind, Options};
+use tome_compile::{verify, Error, ErrorKind, Options, Target};
 use tome_passes::graph::{float_tensor, int64_tensor};
 use tome_passes::pb;
 use tract_onnx::prelude::Tensor;
@@ -57,7 +57,7 @@ impl Rng {
 /// What a case feeds the library.
 enum Input {
     /// `model.onnx` (and side files such as external data), compiled with `compile_file_with`.
-    Model { bytes: Vec<u8>, side: Vec<(String, Vec<u8>)>, opts: Options, mode: verify::Mode },
+    Model { bytes: Vec<u8>, side: Vec<(String, Vec<u8>)>, opts: Options, mode: verify::Mode, target: Target },
     /// An archive read with `npz::read`.
     Npz(Vec<u8>),
     /// Pseudo-random tensors of these shapes, run through a compiled fixture.
@@ -113,7 +113,7 @@ fn opts(r: &str, prop_attn: bool) -> Options {
 /// Runs one case in `dir` and checks what it left there.
 fn run_case(input: &Input, dir: &Path) -> Result<Outcome, String> {
     match input {
-        Input::Model { bytes, side, opts, mode } => {
+        Input::Model { bytes, side, opts, mode, target } => {
             let model = dir.join("model.onnx");
             std::fs::write(&model, bytes).map_err(|e| e.to_string())?;
             for (name, data) in side {
@@ -122,7 +122,7 @@ fn run_case(input: &Input, dir: &Path) -> Result<Outcome, String> {
             let out_dir = dir.join("out");
             std::fs::create_dir(&out_dir).map_err(|e| e.to_string())?;
             let out = out_dir.join("compiled.onnx");
-            let file = tome_compile::FileOptions { verify: *mode, ..Default::default() };
+            let file = tome_compile::FileOptions { verify: *mode, target: *target, ..Default::default() };
             let result = tome_compile::compile_file_checked(&model, &out, opts, &file);
             let left: Vec<String> = std::fs::read_dir(&out_dir)
                 .map_err(|e| e.to_string())?
@@ -163,13 +163,15 @@ fn run_case(input: &Input, dir: &Path) -> Result<Outcome, String> {
     }
 }
 
-/// The timm fixture compiled at r = 8, planned once for the `Run` cases.
+/// The timm fixture compiled at r = 8 for tract (`BipartiteMerge` ops),
+/// planned once for the `Run` cases.
 fn compiled_runner() -> &'static Runner {
     static RUNNER: OnceLock<Runner> = OnceLock::new();
     RUNNER.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("r8.onnx");
-        common::compile_to(&common::fixture("timm_vit/model.onnx"), &out, &opts("8", true));
+        let model = common::fixture("timm_vit/model.onnx");
+        tome_compile::compile_file_with(&model, &out, &opts("8", true), Target::Tract, tome_compile::Format::Onnx).expect("compile");
         Runner::load(&out).expect("load the compiled fixture")
     })
 }
@@ -345,13 +347,19 @@ fn compiling_seeds() -> &'static [usize] {
 
 fn model_input(model: &pb::ModelProto, side: Vec<(String, Vec<u8>)>, rng: &mut Rng, mode: verify::Mode) -> (String, Input) {
     let r = *rng.pick(&["16", "4", "0", "8:-1", "2,2,2"]);
-    let input = Input::Model { bytes: model.encode_to_vec(), side, opts: opts(r, rng.chance(50)), mode };
-    (format!("--r {r}"), input)
+    let opts = opts(r, rng.chance(50));
+    let target = any_target(rng);
+    (format!("--r {r} --target {target}"), Input::Model { bytes: model.encode_to_vec(), side, opts, mode, target })
+}
+
+/// The default target, or tract's (whose merges are `BipartiteMerge` ops).
+fn any_target(rng: &mut Rng) -> Target {
+    if rng.chance(50) { Target::Tract } else { Target::Portable }
 }
 
 fn byte_input(bytes: Vec<u8>, rng: &mut Rng) -> Input {
     let r = *rng.pick(&["16", "4", "8:-1"]);
-    Input::Model { bytes, side: vec![], opts: opts(r, true), mode: verify::Mode::Auto }
+    Input::Model { bytes, side: vec![], opts: opts(r, true), mode: verify::Mode::Auto, target: Target::Portable }
 }
 
 // ---------------------------------------------------------------- mutations
@@ -844,8 +852,9 @@ impl Case {
                 let (seed_name, seed) = &seeds[compiling[rng.below(compiling.len())]];
                 let mut model = seed.clone();
                 let what = shuffle_nodes(&mut rng, &mut model, &mut vec![]);
-                let input = Input::Model { bytes: model.encode_to_vec(), side: vec![], opts: opts(SHUFFLED_R, rng.chance(50)), mode: verify::Mode::Auto };
-                (format!("{seed_name}: {what}, --r {SHUFFLED_R}"), input)
+                let (opts, target) = (opts(SHUFFLED_R, rng.chance(50)), any_target(&mut rng));
+                let input = Input::Model { bytes: model.encode_to_vec(), side: vec![], opts, mode: verify::Mode::Auto, target };
+                (format!("{seed_name}: {what}, --r {SHUFFLED_R} --target {target}"), input)
             }
             Recipe::Mutated(k) => {
                 let (mut model, mut side) = (seed.clone(), vec![]);
@@ -931,7 +940,7 @@ fn corpus_input(path: &Path) -> Input {
             Some((side, std::fs::read(e.path()).ok()?))
         })
         .collect();
-    Input::Model { bytes, side, opts: opts("4", true), mode: verify::Mode::Auto }
+    Input::Model { bytes, side, opts: opts("4", true), mode: verify::Mode::Auto, target: Target::Portable }
 }
 
 /// Each file in `tests/fuzz_corpus/` is named `<expected kind>--<what>.onnx`
