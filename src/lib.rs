@@ -48,8 +48,9 @@ pub enum Error {
     Shapes(String),
     #[error(transparent)]
     Pass(#[from] PassError),
+    /// tract's type check of the compiled graph failed, before anything ran.
     #[error("the compiled graph does not type-check in tract ({0}); this is a tome-compile bug, please report it with the model")]
-    Verify(String),
+    TypeCheck(String),
     #[error("{0}")]
     Input(String),
     #[error("tract failed to run the model: {0}")]
@@ -58,6 +59,7 @@ pub enum Error {
     Target { target: String, findings: String },
     #[error("tract cannot write the model as NNEF: {0}")]
     Nnef(String),
+    /// `--verify` ran the compiled model and found it wrong.
     #[error("verification failed, nothing was written: {0} (--verify off writes the model anyway)")]
     Verification(String),
     #[error("panic while {during}: {message}. The model is probably malformed (check it with onnx.checker); if it is valid, please report this with the model")]
@@ -121,7 +123,7 @@ impl Error {
             Error::Run(_) => ErrorKind::InvalidModel,
             Error::Target { .. } | Error::Nnef(_) => ErrorKind::UnsupportedModel,
             Error::Io { .. } => ErrorKind::Io,
-            Error::Verify(_) | Error::Verification(_) => ErrorKind::VerificationFailed,
+            Error::TypeCheck(_) | Error::Verification(_) => ErrorKind::VerificationFailed,
             Error::Panic { .. } => ErrorKind::Internal,
             Error::Pass(e) => ErrorKind::of_pass(e),
         }
@@ -154,7 +156,7 @@ pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result
 /// The passes, then tract's type check of their result.
 fn rewrite(proto: &mut pb::ModelProto, dir: &Path, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, Error> {
     let report = tome_passes::compile(proto, types, opts)?;
-    infer_types(proto, dir).map_err(|e| Error::Verify(e.to_string()))?;
+    infer_types(proto, dir).map_err(|e| Error::TypeCheck(e.to_string()))?;
     Ok(report)
 }
 
