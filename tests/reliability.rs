@@ -334,25 +334,32 @@ fn auto_verification_skips_models_over_the_cost_limit() {
 
 // ------------------------------------------------------------ writes
 
-/// A `BipartiteMerge` node (`--target tract`) whose r or inputs do not fit
-/// its tokens is refused when tract plans the model, naming the node.
+/// A `BipartiteMerge` or `ProportionalBias` node (`--target tract`) whose
+/// attributes or inputs do not fit is refused when tract plans the model,
+/// naming the node.
 #[test]
-fn a_corrupt_bipartite_merge_node_exits_2_naming_it() {
+fn a_corrupt_tract_target_node_exits_2_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let compiled = dir.path().join("tract.onnx");
     let o = tome(&[path(&fixture("timm_vit/model.onnx")), "--r", "16", "--target", "tract", "-o", path(&compiled)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for (name, expected) in [("r.onnx", "r=1000 is more than half of the 197 tokens"), ("scores.onnx", "scores must be [B,99,98] for 197 tokens")] {
+    let cases = [
+        ("r.onnx", "BipartiteMerge", "blocks.0.tome.merge.bipartite", "r=1000 is more than half of the 197 tokens"),
+        ("scores.onnx", "BipartiteMerge", "blocks.0.tome.merge.bipartite", "scores must be [B,99,98] for 197 tokens"),
+        ("bias.onnx", "ProportionalBias", "blocks.1.tome.prop_attn.logits", "inputs[1].rank == 4"),
+    ];
+    for (name, op, node_name, expected) in cases {
         let mut proto = onnx_io::read(&compiled).unwrap().proto;
-        let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "BipartiteMerge").expect("a fused merge");
+        let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == op).expect("a tract-target node");
         match name {
             "r.onnx" => node.attribute.iter_mut().filter(|a| a.name == "r").for_each(|a| a.i = 1000),
-            _ => node.input[1] = node.input[0].clone(),
+            "scores.onnx" => node.input[1] = node.input[0].clone(),
+            _ => node.input[1] = "blocks.0.tome.merge.bipartite.size".into(), // [B,N,1], not [B,1,1,N]
         }
         let bad = dir.path().join(name);
         std::fs::write(&bad, proto.encode_to_vec()).unwrap();
         let err = assert_fails(&tome(&["run", path(&bad), "--input", path(&fixture("timm_vit/io.npz"))]), 2);
-        assert!(err.contains("blocks.0.tome.merge.bipartite") && err.contains(expected), "{name}: {err}");
+        assert!(err.contains(node_name) && err.contains(expected), "{name}: {err}");
     }
 }
 

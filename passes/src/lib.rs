@@ -67,9 +67,10 @@ pub struct Options {
     /// graph with this schedule can at best reach on a runtime.
     pub bound: bool,
     /// Each block's matching and merge as one `BipartiteMerge` node
-    /// (`tome::FUSED_MERGE_OP`) after the similarity scores, for tract with
-    /// tome-compile's op registered (`--target tract`). Blocks that must
-    /// track token sources keep the standard-op form.
+    /// (`tome::FUSED_MERGE_OP`) after the similarity scores, and the
+    /// proportional-attention Add as a `ProportionalBias` node, for tract
+    /// with tome-compile's ops registered (`--target tract`). Blocks that
+    /// must track token sources keep the standard-op merge.
     pub fused_merge: bool,
 }
 
@@ -156,7 +157,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, false, Some(size)) = (opts.prop_attn, opts.bound, &size) {
-            let p = tome::proportional_attention(g, block, size)?;
+            let p = tome::proportional_attention(g, block, size, opts.fused_merge)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
         }

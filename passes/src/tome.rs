@@ -16,6 +16,9 @@ use crate::PassError;
 /// `prefix`; outputs x and size [B,N-r,·]. Only tract with tome-compile's
 /// op registered runs it.
 pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
+/// The tract target's proportional-attention Add: logits [B,H,N,N] float32
+/// plus bias [B,1,1,N], in the same domain.
+pub const PROP_BIAS_OP: &str = "ProportionalBias";
 pub const FUSED_MERGE_DOMAIN: &str = "ai.tome";
 
 /// Where a merge happens: the tokens entering the block, how many of them
@@ -43,10 +46,13 @@ pub struct Merged {
 /// `logits[b, h, i, j] += log(size[b, j])`. A fused `Attention` op takes the
 /// bias as (or added to) its additive mask, spelled out over the query rows
 /// as onnxruntime and tract require.
-pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result<Patch, PassError> {
+///
+/// With `fused` (the tract target) the Add is a `PROP_BIAS_OP` node: tract's
+/// generic broadcast Add is slow once the bias varies with the batch.
+pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bool) -> Result<Patch, PassError> {
     let attention = g.node(block.attention);
-    let fused = attention.op() == "Attention";
-    let logits = if fused { attention.input(3) } else { attention.input(0) }.map(str::to_string);
+    let fused_attention = attention.op() == "Attention";
+    let logits = if fused_attention { attention.input(3) } else { attention.input(0) }.map(str::to_string);
     let anchor = logits.as_deref().and_then(|l| g.producer(l)).unwrap_or(block.attention);
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
@@ -65,18 +71,25 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str) -> Result
     if elem != FLOAT {
         bias = e.cast("bias_cast", &bias, elem);
     }
-    if fused {
+    if fused_attention {
         let rows = e.const_i64("bias_rows", &[4], &[1, 1, n, n]);
         bias = e.op("Expand", "bias_expanded", &[&bias, &rows], vec![]);
     }
     let biased = match &logits {
+        Some(l) if fused && elem == FLOAT && !fused_attention => {
+            let out = e.op(PROP_BIAS_OP, "logits", &[l, &bias], vec![]);
+            if let Some(node) = e.patch.nodes.last_mut() {
+                node.domain = FUSED_MERGE_DOMAIN.into();
+            }
+            out
+        }
         Some(l) => e.op("Add", "logits", &[l, &bias], vec![]),
         None => bias,
     };
     if let Some(ty) = logits.as_deref().and_then(|l| g.ty(l)) {
         patch.types.insert(biased.clone(), ty.clone());
     }
-    let slot = if fused { 3 } else { 0 };
+    let slot = if fused_attention { 3 } else { 0 };
     patch.rewires.push(Rewire { node: block.attention, slot, tensor: biased });
     Ok(patch)
 }
