@@ -245,7 +245,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     print_report(&compiled.report, &schedule, opts.prop_attn);
     let fused = compiled.report.patch_labels.iter().filter(|l| l.ends_with(tome_passes::tome::FUSED_MERGE_OP)).count();
     if fused > 0 {
-        println!("{fused} merges as one {} node each: runs in tract with tome-compile's op only", tome_passes::tome::FUSED_MERGE_OP);
+        println!("{fused} merges as one {} node each: runs in tract with tome-compile's ops only", tome_passes::tome::FUSED_MERGE_OP);
     }
     println!("{}", compiled.verification);
     println!("wrote {}", output.display());

@@ -52,7 +52,7 @@ fn compiles_and_prints_the_schedule() {
     let o = tome(&[model.to_str().unwrap(), "--r", "16", "--target", "tract", "-o", fused.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(text.contains("6 merges as one BipartiteMerge node each: runs in tract with tome-compile's op only"), "{text}");
+    assert!(text.contains("6 merges as one BipartiteMerge node each: runs in tract with tome-compile's ops only"), "{text}");
     let o = tome(&["run", fused.to_str().unwrap(), "--input", fixture("timm_vit/io.npz").to_str().unwrap()]);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("image 3 top-5"), "{}", stderr(&o));
 }
