@@ -296,7 +296,7 @@ fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRu
     let err = |e: TractError| Error::Run(format!("{e:#}"));
     // The exporters' value_info spell the batch as a symbol, which would not
     // unify with the fixed batch; tract infers every shape without them.
-    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..crate::merge_op::onnx() };
+    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..crate::tract_ops::onnx() };
     let mut model = onnx.parse(proto, dir.to_str()).map_err(err)?.model;
     if model.inputs.len() != 1 {
         return Err(Error::Input(format!("bench needs a model with one input, this one has {}", model.inputs.len())));

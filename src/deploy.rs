@@ -7,8 +7,9 @@
 //! `tensorrt_rules`), so for those `--target` selects what the result is
 //! checked against before anything is written. `--target tract` (ONNX
 //! format) fuses each block's matching and merge into one `ai.tome`
-//! `BipartiteMerge` node, which tract runs with tome-compile's op
-//! (`merge_op`) and no other runtime knows.
+//! `BipartiteMerge` node and adds the proportional-attention bias with a
+//! `ProportionalBias` node, which tract runs with tome-compile's ops
+//! (`tract_ops`) and no other runtime knows.
 
 use std::fmt;
 use std::path::Path;
@@ -32,8 +33,8 @@ pub enum Target {
     TensorRt,
     /// onnxruntime: runs the portable form as is.
     OnnxRuntime,
-    /// tract with tome-compile's `BipartiteMerge` op (`merge_op::onnx`):
-    /// the matching and merge of each block in one node.
+    /// tract with tome-compile's ops (`tract_ops::onnx`): the matching and
+    /// merge of each block in one node, the proportional bias in another.
     Tract,
 }
 
@@ -203,7 +204,7 @@ pub fn compile_bytes_for(bytes: &[u8], opts: &Options, target: Target) -> Result
 /// `tract_nnef::nnef().with_onnx()` (or the `tract` CLI) loads it back.
 pub fn nnef_archive(proto: &pb::ModelProto, dir: &Path) -> Result<Vec<u8>, Error> {
     let nnef_err = |e: TractError| Error::Nnef(format!("{e:#}"));
-    let parsed = crate::merge_op::onnx().parse(proto, dir.to_str()).map_err(nnef_err)?;
+    let parsed = crate::tract_ops::onnx().parse(proto, dir.to_str()).map_err(nnef_err)?;
     let mut typed = parsed.model.into_typed().and_then(|m| m.into_decluttered()).map_err(nnef_err)?;
     expand_gelu_exact(&mut typed).map_err(nnef_err)?;
     let typed = typed.into_compact().map_err(nnef_err)?;

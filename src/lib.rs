@@ -8,14 +8,14 @@ pub mod deploy;
 pub mod guard;
 pub mod inspect;
 pub mod macs;
-pub mod merge_op;
 pub mod npz;
 pub mod onnx_io;
 pub mod run;
-pub mod visualize;
 pub mod tensorrt_rules;
+pub mod tract_ops;
 pub mod validate;
 pub mod verify;
+pub mod visualize;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -174,7 +174,7 @@ pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String,
     validate::check_declared(proto)?;
     let types = guard::catch_panics("analysing the model with tract", || {
         let dir = dir.to_str();
-        let parsed = crate::merge_op::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
+        let parsed = crate::tract_ops::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
         let mut model = parsed.model;
         model.analyse(false).map_err(|e| Error::Shapes(format!("{e:#}")))?;
         let mut types = HashMap::new();

@@ -36,7 +36,7 @@ impl Runner {
     pub fn from_proto(proto: &pb::ModelProto, dir: &Path) -> Result<Runner, Error> {
         crate::validate::check_declared(proto)?;
         crate::guard::catch_panics("loading the model with tract", || {
-            let parsed = crate::merge_op::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
+            let parsed = crate::tract_ops::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
             let model = parsed.model;
             let input_names =
                 model.input_outlets().map_err(run_err)?.iter().map(|o| model.node(o.node).name.clone()).collect();

@@ -63,7 +63,7 @@ fn run_first_image_at_batch_1(model: &Path, refs: &BTreeMap<String, Tensor>) -> 
     use tract_onnx::prelude::*;
     let pixels = refs["pixel_values"].slice(0, 0, 1).unwrap();
     let file = tome_compile::onnx_io::read(model).unwrap();
-    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::merge_op::onnx() };
+    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::tract_ops::onnx() };
     let mut m = onnx.parse(&file.proto, file.dir.to_str()).unwrap().model;
     m.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), pixels.shape())).unwrap();
     let plan = m.into_optimized().unwrap().into_runnable().unwrap();

@@ -1,9 +1,10 @@
-//! tract's `BipartiteMerge` op: a block's matching and size-weighted merge
-//! in one node (`--target tract`), from the similarity scores the graph
-//! computes with tract's own MatMul. The standard-op form of the same step
-//! costs about 30 small nodes per block; this one reads each token once.
-//! Semantics as `TOME_SPEC.md`, inputs and outputs as
-//! `tome_passes::tome::FUSED_MERGE_OP`.
+//! tract's ops for `--target tract` (semantics in `TOME_SPEC.md`, inputs and
+//! outputs as `tome_passes::tome::{FUSED_MERGE_OP, PROP_BIAS_OP}`):
+//! `BipartiteMerge`, a block's matching and size-weighted merge in one node
+//! from the similarity scores the graph computes with tract's own MatMul
+//! (the standard-op form costs about 30 small nodes per block; this one
+//! reads each token once), and `ProportionalBias`, the proportional-attention
+//! Add done in place.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
@@ -30,7 +31,7 @@ fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infere
     if !(2..=3).contains(&node.input.len()) || node.output.len() != 2 {
         bail!("{}: {FUSED_MERGE_OP} takes inputs (x, scores[, size]) and gives outputs (x, size)", node.name);
     }
-    Ok((expand(Inference(BipartiteMerge { r: r as usize, prefix: prefix as usize })), vec![]))
+    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize }), vec![]))
 }
 
 /// Bipartite soft matching on given scores, then the size-weighted merge.
@@ -41,11 +42,7 @@ pub struct BipartiteMerge {
     pub prefix: usize,
 }
 
-/// The op as tract's ONNX front end sees it, before types are known.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct Inference(BipartiteMerge);
-
-impl Expansion for Inference {
+impl Expansion for BipartiteMerge {
     fn name(&self) -> StaticName {
         FUSED_MERGE_OP.into()
     }
@@ -65,10 +62,10 @@ impl Expansion for Inference {
         }
         s.equals(&outputs[0].shape[2], &inputs[0].shape[2])?;
         s.equals(&outputs[1].shape[2], 1.to_dim())?;
-        let r = self.0.r;
+        let r = self.r;
         s.given(&inputs[0].shape[1], move |s, n| {
             if let Ok(n) = n.to_usize() {
-                self.0.check_tokens(n)?;
+                self.check_tokens(n)?;
             }
             s.equals(&outputs[0].shape[1], n.clone() - r)?;
             s.equals(&outputs[1].shape[1], n - r)
@@ -76,7 +73,7 @@ impl Expansion for Inference {
     }
 
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, self.0.clone(), inputs)
+        model.wire_node(prefix, self.clone(), inputs)
     }
 }
 
