@@ -163,28 +163,34 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
         return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
     }
     let file = onnx_io::read(path)?;
-    let (compiled, compiled_dir, report) = match &opts.against {
+    let types = crate::infer_types(&file.proto, &file.dir)?;
+    let macs_before = macs::count(&file.proto, &types);
+    // The input compiled with `compile`, and its MACs.
+    let compiled_with = |compile: &Options| -> Result<(pb::ModelProto, Report, Macs), Error> {
+        let mut proto = file.proto.clone();
+        let (report, compiled_types) = crate::compile_typed(&mut proto, &file.dir, types.clone(), compile)?;
+        let macs = macs::count(&proto, &compiled_types);
+        Ok((proto, report, macs))
+    };
+    let (compiled, compiled_dir, report, macs_after) = match &opts.against {
         Some(other) => {
             let other = onnx_io::read(other)?;
-            (other.proto, other.dir, None)
+            // A peer graph may not type-check in tract's inference; its MACs are then unknown (0).
+            let macs = crate::infer_types(&other.proto, &other.dir).map(|t| macs::count(&other.proto, &t)).unwrap_or_default();
+            (other.proto, other.dir, None, macs)
         }
         None => {
-            let mut compiled = file.proto.clone();
-            let report = crate::compile(&mut compiled, &file.dir, &opts.compile)?;
-            (compiled, file.dir.clone(), Some(report))
+            let (proto, report, macs) = compiled_with(&opts.compile)?;
+            (proto, file.dir.clone(), Some(report), macs)
         }
     };
-    let macs_before = macs::count(&file.proto, &crate::infer_types(&file.proto, &file.dir)?);
-    // A peer graph may not type-check in tract's inference; its MACs are then unknown (0).
-    let macs_after = crate::infer_types(&compiled, &compiled_dir).map(|t| macs::count(&compiled, &t)).unwrap_or_default();
     let (original_plan, shape) = plan(&file.proto, &file.dir, opts.batch)?;
     let mut plans = vec![original_plan, planned_like(&compiled, &compiled_dir, opts.batch, &shape)?];
     drop(compiled);
     let mut also_macs = vec![];
     for variant in &opts.also {
-        let mut proto = file.proto.clone();
-        crate::compile(&mut proto, &file.dir, &variant.options(&opts.compile))?;
-        also_macs.push(macs::count(&proto, &crate::infer_types(&proto, &file.dir)?));
+        let (proto, _, macs) = compiled_with(&variant.options(&opts.compile))?;
+        also_macs.push(macs);
         plans.push(planned_like(&proto, &file.dir, opts.batch, &shape)?);
     }
     let input: TValue = synthetic_input(&shape)?.into();

@@ -143,7 +143,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
         let types = crate::infer_types(&model.proto, &model.dir)?;
         let skip = verify::skip_reason(file.verify, &model.proto, &types);
         let original = skip.is_none().then(|| model.proto.clone());
-        let report = crate::rewrite(&mut model.proto, &model.dir, types, opts)?;
+        let (report, _) = crate::rewrite(&mut model.proto, &model.dir, types, opts)?;
         validate(&model.proto, &model.dir, target)?;
         let verification = match original {
             Some(original) => verify::verify(&original, &model.proto, &model.dir, opts, file.verify == verify::Mode::On)?,

@@ -149,15 +149,27 @@ impl ErrorKind {
 pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<Report, Error> {
     guard::catch_panics("compiling the model", || {
         let types = infer_types(proto, dir)?;
-        rewrite(proto, dir, types, opts)
+        rewrite(proto, dir, types, opts).map(|(report, _)| report)
     })
 }
 
-/// The passes, then tract's type check of their result.
-fn rewrite(proto: &mut pb::ModelProto, dir: &Path, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, Error> {
+/// The passes on a model whose types are `types`, then tract's type check of
+/// their result; returns the compiled model's types too.
+fn rewrite(proto: &mut pb::ModelProto, dir: &Path, types: HashMap<String, TensorType>, opts: &Options) -> Result<(Report, HashMap<String, TensorType>), Error> {
     let report = tome_passes::compile(proto, types, opts)?;
-    infer_types(proto, dir).map_err(|e| Error::TypeCheck(e.to_string()))?;
-    Ok(report)
+    let compiled = infer_types(proto, dir).map_err(|e| Error::TypeCheck(e.to_string()))?;
+    Ok((report, compiled))
+}
+
+/// `compile` for a model whose types are already known (several compiles
+/// of one model); returns the compiled model's types too.
+pub(crate) fn compile_typed(
+    proto: &mut pb::ModelProto,
+    dir: &Path,
+    types: HashMap<String, TensorType>,
+    opts: &Options,
+) -> Result<(Report, HashMap<String, TensorType>), Error> {
+    guard::catch_panics("compiling the model", || rewrite(proto, dir, types, opts))
 }
 
 /// Reads `input`, compiles it and writes `output` (plus `<output>.data` when

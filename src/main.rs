@@ -243,9 +243,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     let compiled = tools::compile_file(&input, &output, &opts, &args.deploy, mode)?;
     print_report(&compiled.report, &schedule, opts.prop_attn);
-    let fused = compiled.report.patch_labels.iter().filter(|l| l.ends_with(tome_passes::tome::FUSED_MERGE_OP)).count();
-    if fused > 0 {
-        println!("{fused} merges as one {} node each: runs in tract with tome-compile's ops only", tome_passes::tome::FUSED_MERGE_OP);
+    if compiled.report.fused_merges > 0 {
+        let (n, op) = (compiled.report.fused_merges, tome_passes::tome::FUSED_MERGE_OP);
+        println!("{n} merges as one {op} node each: runs in tract with tome-compile's ops only");
     }
     println!("{}", compiled.verification);
     println!("wrote {}", output.display());

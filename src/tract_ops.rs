@@ -92,7 +92,7 @@ impl Op for BipartiteMerge {
 impl TypedOp for BipartiteMerge {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = inputs[0];
-        if x.rank() != 3 || inputs.iter().any(|f| f.datum_type != f32::datum_type() || f.rank() != 3) {
+        if inputs.iter().any(|f| f.datum_type != f32::datum_type() || f.rank() != 3) {
             bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], scores and size; got {inputs:?}");
         }
         if let Ok(n) = x.shape[1].to_usize() {

@@ -93,6 +93,8 @@ pub struct Report {
     pub head: String,
     pub tokens_out: usize,
     pub patch_labels: Vec<String>,
+    /// Merges written as one `BipartiteMerge` node (`Options::fused_merge`).
+    pub fused_merges: usize,
 }
 
 /// Rewrites `model` in place to apply ToMe; `types` holds every tensor's type.
@@ -126,9 +128,9 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     if let Some(graph) = model.graph.as_mut() {
         graph.value_info.retain(|v| !changed.contains(&v.name));
     }
-    let fused = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::FUSED_MERGE_DOMAIN);
-    if fused && !model.opset_import.iter().any(|o| o.domain == tome::FUSED_MERGE_DOMAIN) {
-        model.opset_import.push(pb::OperatorSetIdProto { domain: tome::FUSED_MERGE_DOMAIN.into(), version: 1 });
+    let tract_ops = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::TRACT_OPS_DOMAIN);
+    if tract_ops && !model.opset_import.iter().any(|o| o.domain == tome::TRACT_OPS_DOMAIN) {
+        model.opset_import.push(pb::OperatorSetIdProto { domain: tome::TRACT_OPS_DOMAIN.into(), version: 1 });
     }
     Ok(report)
 }
@@ -225,6 +227,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         head: vit.head.describe(),
         tokens_out: steps.last().map(|s| s.tokens_out).unwrap_or(vit.tokens),
         patch_labels: labels,
+        fused_merges: g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).count(),
     };
     Ok((report, changed))
 }

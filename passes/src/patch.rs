@@ -154,6 +154,13 @@ impl<'p> Emitter<'p> {
         output
     }
 
+    /// Puts the node added last in `domain` (an op outside the ONNX standard).
+    pub fn in_domain(&mut self, domain: &str) {
+        if let Some(node) = self.patch.nodes.last_mut() {
+            node.domain = domain.into();
+        }
+    }
+
     pub fn const_i64(&mut self, what: &str, dims: &[i64], values: &[i64]) -> String {
         let name = self.name(what);
         self.patch.initializers.push(graph::int64_tensor(&name, dims, values));

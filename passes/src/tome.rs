@@ -19,7 +19,8 @@ pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
 /// The tract target's proportional-attention Add: logits [B,H,N,N] float32
 /// plus bias [B,1,1,N], in the same domain.
 pub const PROP_BIAS_OP: &str = "ProportionalBias";
-pub const FUSED_MERGE_DOMAIN: &str = "ai.tome";
+/// The domain of both tract-target ops.
+pub const TRACT_OPS_DOMAIN: &str = "ai.tome";
 
 /// Where a merge happens: the tokens entering the block, how many of them
 /// merge away, and the protected prefix tokens (cls, dist, registers).
@@ -78,9 +79,7 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
     let biased = match &logits {
         Some(l) if fused && elem == FLOAT && !fused_attention => {
             let out = e.op(PROP_BIAS_OP, "logits", &[l, &bias], vec![]);
-            if let Some(node) = e.patch.nodes.last_mut() {
-                node.domain = FUSED_MERGE_DOMAIN.into();
-            }
+            e.in_domain(TRACT_OPS_DOMAIN);
             out
         }
         Some(l) => e.op("Add", "logits", &[l, &bias], vec![]),
@@ -132,9 +131,7 @@ pub fn merge(
         inputs.extend(size);
         let attrs = vec![int_attr("r", r), int_attr("prefix", prefix as i64)];
         let outs = e.op_multi(FUSED_MERGE_OP, "bipartite", &inputs, &["x", "size"], attrs);
-        if let Some(node) = e.patch.nodes.last_mut() {
-            node.domain = FUSED_MERGE_DOMAIN.into();
-        }
+        e.in_domain(TRACT_OPS_DOMAIN);
         e.patch.label += &format!(" as {FUSED_MERGE_OP}");
         let x_out = match x_ty.elem {
             FLOAT => outs[0].clone(),
