@@ -202,8 +202,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
             .map_err(|e| Error::Input(e.to_string()))?
             .progress_chars("=> "),
     );
-    let executor = Executor::multithread(opts.threads);
-    let mut runs = multithread_tract_scope(executor, || -> Result<Vec<Vec<f64>>, Error> {
+    let mut runs = multithread_tract_scope(executor(opts.threads), || -> Result<Vec<Vec<f64>>, Error> {
         let mut runs = vec![vec![]; plans.len()];
         for i in 0..opts.warmup + opts.iters {
             let timed = i >= opts.warmup;
@@ -222,8 +221,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     })?;
     bar.finish_and_clear();
     let profile = if opts.profile_runs > 0 {
-        let executor = Executor::multithread(opts.threads);
-        Some(multithread_tract_scope(executor, || profile(&plans[1], &input, opts.profile_runs))?)
+        Some(multithread_tract_scope(executor(opts.threads), || profile(&plans[1], &input, opts.profile_runs))?)
     } else {
         None
     };
@@ -295,6 +293,13 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
     profile.by_op = sorted(by_op);
     profile.merge_by_op = sorted(merge_by_op);
     Ok(profile)
+}
+
+/// tract's executor for `threads` threads. One thread is tract's own
+/// single-threaded executor: a one-thread pool would make tract's matrix
+/// products fall back to rayon's global pool, one thread per core.
+fn executor(threads: usize) -> Executor {
+    if threads == 1 { Executor::SingleThread } else { Executor::multithread(threads) }
 }
 
 /// Parses `proto`, fixes its batch axis to `batch` and optimises it for tract.

@@ -84,7 +84,7 @@ pub fn render(i: &Inspection) -> String {
         i.target,
         match i.options.fused_merge {
             true => "merge as one BipartiteMerge op per block (tract with tome-compile's op only)",
-            false => "merge as one-hot MatMul (no reducing scatter)",
+            false => "merge as standard ops (gathers, no reducing scatter)",
         }
     );
     s += &format!("{:<10} {:>5} {:>4} {:>10} {:>10}\n", "block", "asked", "r", "tokens in", "tokens out");

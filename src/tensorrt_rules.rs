@@ -104,7 +104,7 @@ pub static RULES: &[Rule] = &[
         constraint: Attribute { name: "reduction", default: Value::Str("none"), allowed: Value::Str("none") },
         severity: Severity::Error,
         effect: "the parser ignores `reduction` and builds a plain scatter: duplicate indices overwrite instead of \
-                 accumulating (silently wrong results); use the one-hot MatMul form",
+                 accumulating (silently wrong results); sum with a one-hot MatMul instead",
         source: "onnx-tensorrt release/8.6-GA builtin_op_importers.cpp ScatterElements importer reads only `axis`; \
                  onnx/onnx-tensorrt#953",
     },
@@ -114,7 +114,7 @@ pub static RULES: &[Rule] = &[
         constraint: Attribute { name: "reduction", default: Value::Str("none"), allowed: Value::Str("none") },
         severity: Severity::Error,
         effect: "the parser routes a reducing ScatterElements to the ScatterElements plugin (not a built-in layer); \
-                 use the one-hot MatMul form",
+                 sum with a one-hot MatMul instead",
         source: "onnx-tensorrt release/10.1-GA onnxOpImporters.cpp ScatterElements -> scatterPluginHelper; \
                  TensorRT plugin/scatterElementsPlugin README",
     },

@@ -164,13 +164,12 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
             patch::apply(g, p)?;
         }
         if step.r > 0 {
-            let source = merged.last().and_then(|m| m.source.clone());
-            let track = (unmerge_at.is_some() || expose_sources).then_some(source.as_deref());
+            let track = unmerge_at.is_some() || expose_sources;
             let (p, m) = match opts.bound {
                 true => tome::truncate(g, block, step.tokens_in, step.r)?,
                 false => {
                     let at = tome::MergeAt { tokens: step.tokens_in, r: step.r, prefix: vit.prefix };
-                    tome::merge(g, block, at, size.as_deref(), track, opts.fused_merge)?
+                    tome::merge(g, block, at, merged.last(), track, opts.fused_merge)?
                 }
             };
             labels.push(p.label.clone());

@@ -41,6 +41,16 @@ pub struct Merged {
     /// For each original token, the index of the token now standing for it,
     /// [B, N0] int64; kept only when the head needs the full sequence back.
     pub source: Option<String>,
+    /// The image index, for the merges after this one (standard-op form only).
+    pub images: Option<Images>,
+}
+
+/// Each image's index, [B, 1, 1] int64, and that shape, [3] int64: built
+/// once, by the first standard-op merge, for the scatters of every merge.
+#[derive(Clone, Debug)]
+pub struct Images {
+    pub index: String,
+    pub shape: String,
 }
 
 /// Adds `log(size)` to the attention logits before the Softmax:
@@ -100,19 +110,24 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
 /// ```text
 ///  keys ─ sum over heads ─ L2 normalise ─ A=even, B=odd ─ A·Bᵀ (+ protect prefix)
 ///       ─ argmax, max per A ─ TopK order ─ src = first r, unm = rest (ascending)
-///  [x·size, size] ─ gather unm, src (A token i is token 2i) ─ B rows + one-hot(dst)·src
-///       ─ concat(unm[:pa], B[:pb], unm[pa:], B[pb:]) ─ x = sum / size
+///  x, size ─ gather the output rows concat(unm[:pa], B[:pb], unm[pa:], B[pb:])
+///       ─ per src: (size·x of dst + Σ size·x of src sharing it) / Σ size
+///       ─ written over each src's dst row (ScatterND, no reduction)
 /// ```
+///
+/// `previous` is the merge before this one; with `track` the merge also
+/// composes the token sources (`Merged::source`).
 pub fn merge(
     g: &Graph,
     block: &VitBlock,
     at: MergeAt,
-    size: Option<&str>,
-    source: Option<Option<&str>>,
+    previous: Option<&Merged>,
+    track: bool,
     fused: bool,
 ) -> Result<(Patch, Merged), PassError> {
+    let size = previous.map(|m| m.size.as_str());
     let MergeAt { tokens, r, prefix } = at;
-    let (n, c) = (tokens as i64, block.width as i64);
+    let n = tokens as i64;
     let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
     let nu = na - r;
     let (pa, pb) = ((prefix as i64 + 1) / 2, prefix as i64 / 2);
@@ -125,7 +140,7 @@ pub fn merge(
         _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
     };
     let x = x.as_str();
-    if fused && source.is_none() {
+    if fused && !track {
         let scores = similarity(&mut e, block, &keys, n);
         let mut inputs = vec![x, scores.as_str()];
         inputs.extend(size);
@@ -137,24 +152,9 @@ pub fn merge(
             FLOAT => outs[0].clone(),
             elem => e.cast("x_cast", &outs[0], elem),
         };
-        let merged = Merged { x: x_out, size: outs[1].clone(), tokens: (n - r) as usize, source: None };
+        let merged = Merged { x: x_out, size: outs[1].clone(), tokens: (n - r) as usize, source: None, images: None };
         return Ok(stream.finish(block, merged));
     }
-
-    // Tokens start out standing for one patch each.
-    let (size, weighted) = match size {
-        Some(s) => (s.to_string(), e.op("Mul", "weighted", &[x, s], vec![])),
-        None => {
-            let shape = e.op("Shape", "x_shape", &[x], vec![]);
-            let batch = e.slice("batch", &shape, 0, 0, 1, 1);
-            let tail = e.const_i64("ones_tail", &[2], &[1, 1]);
-            let target = e.op("Concat", "ones_shape", &[&batch, &tail], vec![int_attr("axis", 0)]);
-            let ones = e.const_f32("ones", &[1, n, 1], &vec![1.0; tokens]);
-            (e.op("Expand", "size_in", &[&ones, &target], vec![]), x.to_string())
-        }
-    };
-    let stacked = e.op("Concat", "with_size", &[&weighted, &size], vec![int_attr("axis", 2)]);
-    let b = e.slice("b", &stacked, 1, 1, n, 2);
 
     let mut scores = similarity(&mut e, block, &keys, n);
     // -inf where a protected A token would move or a token would merge into a protected B token.
@@ -191,39 +191,101 @@ pub fn merge(
         unm = e.cast("unm_ascending", &sorted[0], INT64);
     }
 
-    // Merge: unmerged A rows are gathered; src rows are added into their dst B rows.
-    let a_unm = e.op("GatherND", "a_unm", &[&stacked, &unm], vec![int_attr("batch_dims", 1)]);
-    let a_src = e.op("GatherND", "a_src", &[&stacked, &src], vec![int_attr("batch_dims", 1)]);
-    // One-hot [B, nb, r]: column s marks the B row that src token s joins.
-    let dst_row = e.transpose("dst_row", &dst, &[0, 2, 1]);
-    let b_positions = e.const_i64("b_positions", &[nb, 1], &(0..nb).collect::<Vec<_>>());
-    let hits = e.op("Equal", "dst_one_hot_bool", &[&b_positions, &dst_row], vec![]);
-    let one_hot = e.cast("dst_one_hot", &hits, FLOAT);
-    let added = e.op("MatMul", "scatter_add", &[&one_hot, &a_src], vec![]);
-    let b_merged = e.op("Add", "b_merged", &[&b, &added], vec![]);
-
-    // With no B prefix token the unmerged A tokens stay in one piece.
+    // The output rows in order, concat(unm[:pa], B[:pb], unm[pa:], B[pb:]),
+    // are gathered from the stream in one pass; B token j is token 2j+1.
+    let images = match previous.and_then(|m| m.images.clone()) {
+        Some(images) => images,
+        None => image_index(&mut e, x),
+    };
+    let batch_shape = images.shape.clone();
+    let b_tokens = |e: &mut Emitter, what: &str, from: i64, to: i64| {
+        let tokens: Vec<i64> = (from..to).map(|j| 2 * j + 1).collect();
+        let tokens = e.const_i64(what, &[1, to - from, 1], &tokens);
+        e.op("Expand", &format!("{what}_batch"), &[&tokens, &batch_shape], vec![])
+    };
     let mut parts = vec![];
     if pb > 0 {
-        parts.push(e.slice("unm_prefix", &a_unm, 1, 0, pa, 1));
-        parts.push(e.slice("b_prefix", &b_merged, 1, 0, pb, 1));
+        parts.push(e.slice("unm_prefix", &unm, 1, 0, pa, 1));
+        parts.push(b_tokens(&mut e, "b_prefix", 0, pb));
         if nu > pa {
-            parts.push(e.slice("unm_rest", &a_unm, 1, pa, nu, 1));
+            parts.push(e.slice("unm_rest", &unm, 1, pa, nu, 1));
         }
-        parts.push(e.slice("b_rest", &b_merged, 1, pb, nb, 1));
+        parts.push(b_tokens(&mut e, "b_rest", pb, nb));
     } else {
-        parts.extend([a_unm.clone(), b_merged.clone()]);
+        parts.extend([unm.clone(), b_tokens(&mut e, "b", 0, nb)]);
     }
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let merged = e.op("Concat", "tokens", &refs, vec![int_attr("axis", 1)]);
-    let sums = e.slice("sums", &merged, 2, 0, c, 1);
-    let size_out = e.slice("size", &merged, 2, c, c + 1, 1);
-    let mut x_out = e.op("Div", "x", &[&sums, &size_out], vec![]);
+    let rows = e.op("Concat", "rows", &refs, vec![int_attr("axis", 1)]);
+    let kept = e.op("GatherND", "kept", &[x, &rows], vec![int_attr("batch_dims", 1)]);
+
+    // Each src token's dst row becomes (size·x of dst + Σ size·x of the src
+    // tokens joining it) / (their sizes' sum). Src tokens sharing a dst see
+    // the same sum, through `same` [B, r, r]: 1 where two src share a dst.
+    let places = e.const_i64("b_places", &[nb], &b_places(nb, nu, pa, pb));
+    let dst_row = e.op("Gather", "dst_row", &[&places, &dst], vec![int_attr("axis", 0)]);
+    let a_src = e.op("GatherND", "a_src", &[x, &src], vec![int_attr("batch_dims", 1)]);
+    let dst_x = e.op("GatherND", "dst_x", &[&kept, &dst_row], vec![int_attr("batch_dims", 1)]);
+    let dst_t = e.transpose("dst_t", &dst, &[0, 2, 1]);
+    let same_bool = e.op("Equal", "same_dst_bool", &[&dst, &dst_t], vec![]);
+    let same = e.cast("same_dst", &same_bool, FLOAT);
+    let (kept_size, sum, size_sum) = match size {
+        Some(s) => {
+            let kept_size = e.op("GatherND", "kept_size", &[s, &rows], vec![int_attr("batch_dims", 1)]);
+            let src_size = e.op("GatherND", "src_size", &[s, &src], vec![int_attr("batch_dims", 1)]);
+            let dst_size = e.op("GatherND", "dst_size", &[&kept_size, &dst_row], vec![int_attr("batch_dims", 1)]);
+            let weighted = e.op("Mul", "src_weighted", &[&a_src, &src_size], vec![]);
+            let joined = e.op("MatMul", "joined", &[&same, &weighted], vec![]);
+            let dst_weighted = e.op("Mul", "dst_weighted", &[&dst_x, &dst_size], vec![]);
+            let sum = e.op("Add", "sum", &[&joined, &dst_weighted], vec![]);
+            let joined_size = e.op("MatMul", "joined_size", &[&same, &src_size], vec![]);
+            (kept_size, sum, e.op("Add", "size_sum", &[&joined_size, &dst_size], vec![]))
+        }
+        // Every token stands for one patch.
+        None => {
+            let ones = e.const_f32("ones", &[1, n - r, 1], &vec![1.0; (n - r) as usize]);
+            let kept_size = e.op("Expand", "kept_size", &[&ones, &batch_shape], vec![]);
+            let joined = e.op("MatMul", "joined", &[&same, &a_src], vec![]);
+            let sum = e.op("Add", "sum", &[&joined, &dst_x], vec![]);
+            let joined_size = e.reduce("ReduceSum", "joined_size", &same, &[2], true);
+            let one = e.const_f32("one", &[1], &[1.0]);
+            (kept_size, sum, e.op("Add", "size_sum", &[&joined_size, &one], vec![]))
+        }
+    };
+    let merged = e.op("Div", "merged", &[&sum, &size_sum], vec![]);
+    // Written over the gathered rows, at (image, dst row). Src tokens sharing
+    // a dst write the same row with the same value: no write needs to reduce.
+    let per_src = e.const_i64("per_src", &[3], &[1, r, 1]);
+    let image = e.op("Expand", "image_per_src", &[&images.index, &per_src], vec![]);
+    let cells = e.op("Concat", "dst_cells", &[&image, &dst_row], vec![int_attr("axis", 2)]);
+    let mut x_out = e.op("ScatterND", "x", &[&kept, &cells, &merged], vec![]);
+    let size_out = e.op("ScatterND", "size", &[&kept_size, &cells, &size_sum], vec![]);
     if x_ty.elem != FLOAT {
         x_out = e.cast("x_cast", &x_out, x_ty.elem);
     }
-    let source = source.map(|previous| track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb]));
-    Ok(stream.finish(block, Merged { x: x_out, size: size_out, tokens: (n - r) as usize, source }))
+    let source = track.then(|| {
+        let previous = previous.and_then(|m| m.source.as_deref());
+        track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb])
+    });
+    let merged = Merged { x: x_out, size: size_out, tokens: (n - r) as usize, source, images: Some(images) };
+    Ok(stream.finish(block, merged))
+}
+
+/// `Images` from the stream x [B, N, C].
+fn image_index(e: &mut Emitter, x: &str) -> Images {
+    let shape = e.op("Shape", "x_shape", &[x], vec![]);
+    let zero = e.const_i64("zero", &[], &[0]);
+    let batch = e.op("Gather", "batch", &[&shape, &zero], vec![int_attr("axis", 0)]);
+    let step = e.const_i64("step", &[], &[1]);
+    let index = e.op("Range", "image_range", &[&zero, &batch, &step], vec![]);
+    let column = e.const_i64("image_column", &[3], &[-1, 1, 1]);
+    let index = e.op("Reshape", "image", &[&index, &column], vec![]);
+    let shape = e.op("Shape", "image_shape", &[&index], vec![]);
+    Images { index, shape }
+}
+
+/// Where B token j lands in the output `concat(unm[:pa], B[:pb], unm[pa:], B[pb:])`.
+fn b_places(nb: i64, nu: i64, pa: i64, pb: i64) -> Vec<i64> {
+    (0..nb).map(|j| if j < pb { pa + j } else { nu + j }).collect()
 }
 
 /// Cosine similarity of the mean key between A (even) and B (odd) tokens,
@@ -292,7 +354,7 @@ fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, 
     // Merged A tokens: one-hot [B, r, na] weighted by where their dst landed.
     let src_hits = e.op("Equal", "src_one_hot_bool", &[src, &a_tokens], vec![]);
     let src_one_hot = e.cast("src_one_hot", &src_hits, FLOAT);
-    let b_place: Vec<f32> = (0..nb).map(|j| if j < pb { pa + j } else { nu + j } as f32).collect();
+    let b_place: Vec<f32> = b_places(nb, nu, pa, pb).into_iter().map(|p| p as f32).collect();
     let b_place = e.const_f32("b_place", &[nb], &b_place);
     let dst_place = e.op("Gather", "dst_place", &[&b_place, dst], vec![int_attr("axis", 0)]);
     let src_weighted = e.op("Mul", "src_placed", &[&src_one_hot, &dst_place], vec![]);
@@ -325,7 +387,7 @@ pub fn truncate(g: &Graph, block: &VitBlock, tokens: usize, r: usize) -> Result<
     let mut stream = StreamRewrite::new(g, block, format!("{}: drop r={r} (timing bound)", block.name))?;
     let out = tokens - r;
     let x = Emitter::new(&mut stream.patch, format!("{}.tome.bound", block.name), g.opset).slice("x", &block.residual, 1, 0, out as i64, 1);
-    Ok(stream.finish(block, Merged { x, size: String::new(), tokens: out, source: None }))
+    Ok(stream.finish(block, Merged { x, size: String::new(), tokens: out, source: None, images: None }))
 }
 
 /// Gives every original token the value of the token it was merged into:
