@@ -127,10 +127,6 @@ pub fn merge(
 ) -> Result<(Patch, Merged), PassError> {
     let size = previous.map(|m| m.size.as_str());
     let MergeAt { tokens, r, prefix } = at;
-    let n = tokens as i64;
-    let (na, nb, r) = ((n + 1) / 2, n / 2, r as i64);
-    let nu = na - r;
-    let (pa, pb) = ((prefix as i64 + 1) / 2, prefix as i64 / 2);
     let mut stream = StreamRewrite::new(g, block, format!("{}: merge r={r}", block.name))?;
     let x_ty = stream.ty.clone();
     let mut e = Emitter::new(&mut stream.patch, format!("{}.tome.merge", block.name), g.opset);
@@ -140,23 +136,47 @@ pub fn merge(
         _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
     };
     let x = x.as_str();
-    if fused && !track {
-        let scores = similarity(&mut e, block, &keys, n);
+    let (x_out, size_out, images, source) = if fused && !track {
+        let scores = similarity(&mut e, block, &keys, tokens as i64);
         let mut inputs = vec![x, scores.as_str()];
         inputs.extend(size);
-        let attrs = vec![int_attr("r", r), int_attr("prefix", prefix as i64)];
+        let attrs = vec![int_attr("r", r as i64), int_attr("prefix", prefix as i64)];
         let outs = e.op_multi(FUSED_MERGE_OP, "bipartite", &inputs, &["x", "size"], attrs);
         e.in_domain(TRACT_OPS_DOMAIN);
         e.patch.label += &format!(" as {FUSED_MERGE_OP}");
-        let x_out = match x_ty.elem {
-            FLOAT => outs[0].clone(),
-            elem => e.cast("x_cast", &outs[0], elem),
+        (outs[0].clone(), outs[1].clone(), None, None)
+    } else {
+        let matched = bipartite_match(&mut e, block, &keys, at);
+        let images = match previous.and_then(|m| m.images.clone()) {
+            Some(images) => images,
+            None => image_index(&mut e, x),
         };
-        let merged = Merged { x: x_out, size: outs[1].clone(), tokens: (n - r) as usize, source: None, images: None };
-        return Ok(stream.finish(block, merged));
-    }
+        let (x_out, size_out) = merge_rows(&mut e, x, size, &images, &matched, at);
+        let source = track.then(|| track_sources(&mut e, previous.and_then(|m| m.source.as_deref()), &matched, at));
+        (x_out, size_out, Some(images), source)
+    };
+    let x_out = match x_ty.elem {
+        FLOAT => x_out,
+        elem => e.cast("x_cast", &x_out, elem),
+    };
+    Ok(stream.finish(block, Merged { x: x_out, size: size_out, tokens: tokens - r, source, images }))
+}
 
-    let mut scores = similarity(&mut e, block, &keys, n);
+/// The outcome of bipartite matching, as indices [B, k, 1] int64 (the shape
+/// GatherND takes): `src`, the r A tokens that merge away, and `unm`, the
+/// A tokens that stay (ascending when there is a prefix), both as token
+/// indices (A token i is token 2i); `dst`, the B index each src joins.
+struct Matched {
+    src: String,
+    dst: String,
+    unm: String,
+}
+
+/// The A tokens' best B match by cosine similarity of the mean key; the r
+/// best-matched A tokens merge away (`TOME_SPEC.md`).
+fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -> Matched {
+    let Sizes { n, na, nb, r, nu, pa, pb } = Sizes::of(at);
+    let mut scores = similarity(e, block, keys, n);
     // -inf where a protected A token would move or a token would merge into a protected B token.
     let blocked = |i: i64, p: i64| if i < p { f32::NEG_INFINITY } else { 0.0 };
     if pa > 0 {
@@ -169,7 +189,6 @@ pub fn merge(
         let columns = e.const_f32("protect_b", &[1, nb], &columns);
         scores = e.op("Add", "scores_protect_b", &[&scores, &columns], vec![]);
     }
-    // Indices stay [B, k, 1] from here on, the shape GatherND takes.
     let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 1)]);
     let best = e.op("GatherElements", "best", &[&scores, &best_dst], vec![int_attr("axis", 2)]);
     let all = e.const_i64("order_k", &[1], &[na]);
@@ -177,12 +196,11 @@ pub fn merge(
     let order = e.op_multi("TopK", "order", &[&best, &all], &["score", "index"], sort_desc);
     let src_a = e.slice("src_a", &order[1], 1, 0, r, 1);
     let dst = e.op("GatherElements", "dst", &[&best_dst, &src_a], vec![int_attr("axis", 1)]);
-    // A token i is token 2i: src and unm index the stream itself.
     let two = e.const_i64("two", &[1], &[2]);
     let order_tokens = e.op("Mul", "order_tokens", &[&order[1], &two], vec![]);
     let src = e.slice("src", &order_tokens, 1, 0, r, 1);
     let mut unm = e.slice("unm", &order_tokens, 1, r, na, 1);
-    if prefix > 0 {
+    if at.prefix > 0 {
         // Unmerged tokens keep their positional order so the prefix stays in front.
         let as_float = e.cast("unm_float", &unm, FLOAT);
         let k = e.const_i64("unm_k", &[1], &[nu]);
@@ -190,49 +208,53 @@ pub fn merge(
         let sorted = e.op_multi("TopK", "unm_sorted", &[&as_float, &k], &["value", "index"], sort_asc);
         unm = e.cast("unm_ascending", &sorted[0], INT64);
     }
+    Matched { src, dst, unm }
+}
 
-    // The output rows in order, concat(unm[:pa], B[:pb], unm[pa:], B[pb:]),
-    // are gathered from the stream in one pass; B token j is token 2j+1.
-    let images = match previous.and_then(|m| m.images.clone()) {
-        Some(images) => images,
-        None => image_index(&mut e, x),
-    };
-    let batch_shape = images.shape.clone();
+/// The merged stream and sizes. The output rows in order,
+/// `concat(unm[:pa], B[:pb], unm[pa:], B[pb:])`, are gathered from the
+/// stream in one pass (B token j is token 2j+1). Each src token then
+/// computes its dst row's new value, (size·x of dst + Σ size·x of the src
+/// tokens joining it) / (their sizes' sum), the sum taken by `same`
+/// [B, r, r] (1 where two src share a dst), and writes it over that row.
+/// Src tokens sharing a dst write the same value, so no write reduces.
+fn merge_rows(e: &mut Emitter, x: &str, size: Option<&str>, images: &Images, m: &Matched, at: MergeAt) -> (String, String) {
+    let Sizes { n, nb, r, nu, pa, pb, .. } = Sizes::of(at);
     let b_tokens = |e: &mut Emitter, what: &str, from: i64, to: i64| {
         let tokens: Vec<i64> = (from..to).map(|j| 2 * j + 1).collect();
         let tokens = e.const_i64(what, &[1, to - from, 1], &tokens);
-        e.op("Expand", &format!("{what}_batch"), &[&tokens, &batch_shape], vec![])
+        e.op("Expand", &format!("{what}_batch"), &[&tokens, &images.shape], vec![])
     };
     let mut parts = vec![];
     if pb > 0 {
-        parts.push(e.slice("unm_prefix", &unm, 1, 0, pa, 1));
-        parts.push(b_tokens(&mut e, "b_prefix", 0, pb));
+        parts.push(e.slice("unm_prefix", &m.unm, 1, 0, pa, 1));
+        parts.push(b_tokens(e, "b_prefix", 0, pb));
         if nu > pa {
-            parts.push(e.slice("unm_rest", &unm, 1, pa, nu, 1));
+            parts.push(e.slice("unm_rest", &m.unm, 1, pa, nu, 1));
         }
-        parts.push(b_tokens(&mut e, "b_rest", pb, nb));
+        parts.push(b_tokens(e, "b_rest", pb, nb));
     } else {
-        parts.extend([unm.clone(), b_tokens(&mut e, "b", 0, nb)]);
+        parts.extend([m.unm.clone(), b_tokens(e, "b", 0, nb)]);
     }
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let rows = e.op("Concat", "rows", &refs, vec![int_attr("axis", 1)]);
-    let kept = e.op("GatherND", "kept", &[x, &rows], vec![int_attr("batch_dims", 1)]);
+    let gather = |e: &mut Emitter, what: &str, data: &str, index: &str| {
+        e.op("GatherND", what, &[data, index], vec![int_attr("batch_dims", 1)])
+    };
+    let kept = gather(e, "kept", x, &rows);
 
-    // Each src token's dst row becomes (size·x of dst + Σ size·x of the src
-    // tokens joining it) / (their sizes' sum). Src tokens sharing a dst see
-    // the same sum, through `same` [B, r, r]: 1 where two src share a dst.
     let places = e.const_i64("b_places", &[nb], &b_places(nb, nu, pa, pb));
-    let dst_row = e.op("Gather", "dst_row", &[&places, &dst], vec![int_attr("axis", 0)]);
-    let a_src = e.op("GatherND", "a_src", &[x, &src], vec![int_attr("batch_dims", 1)]);
-    let dst_x = e.op("GatherND", "dst_x", &[&kept, &dst_row], vec![int_attr("batch_dims", 1)]);
-    let dst_t = e.transpose("dst_t", &dst, &[0, 2, 1]);
-    let same_bool = e.op("Equal", "same_dst_bool", &[&dst, &dst_t], vec![]);
+    let dst_row = e.op("Gather", "dst_row", &[&places, &m.dst], vec![int_attr("axis", 0)]);
+    let a_src = gather(e, "a_src", x, &m.src);
+    let dst_x = gather(e, "dst_x", &kept, &dst_row);
+    let dst_t = e.transpose("dst_t", &m.dst, &[0, 2, 1]);
+    let same_bool = e.op("Equal", "same_dst_bool", &[&m.dst, &dst_t], vec![]);
     let same = e.cast("same_dst", &same_bool, FLOAT);
     let (kept_size, sum, size_sum) = match size {
         Some(s) => {
-            let kept_size = e.op("GatherND", "kept_size", &[s, &rows], vec![int_attr("batch_dims", 1)]);
-            let src_size = e.op("GatherND", "src_size", &[s, &src], vec![int_attr("batch_dims", 1)]);
-            let dst_size = e.op("GatherND", "dst_size", &[&kept_size, &dst_row], vec![int_attr("batch_dims", 1)]);
+            let kept_size = gather(e, "kept_size", s, &rows);
+            let src_size = gather(e, "src_size", s, &m.src);
+            let dst_size = gather(e, "dst_size", &kept_size, &dst_row);
             let weighted = e.op("Mul", "src_weighted", &[&a_src, &src_size], vec![]);
             let joined = e.op("MatMul", "joined", &[&same, &weighted], vec![]);
             let dst_weighted = e.op("Mul", "dst_weighted", &[&dst_x, &dst_size], vec![]);
@@ -243,7 +265,7 @@ pub fn merge(
         // Every token stands for one patch.
         None => {
             let ones = e.const_f32("ones", &[1, n - r, 1], &vec![1.0; (n - r) as usize]);
-            let kept_size = e.op("Expand", "kept_size", &[&ones, &batch_shape], vec![]);
+            let kept_size = e.op("Expand", "kept_size", &[&ones, &images.shape], vec![]);
             let joined = e.op("MatMul", "joined", &[&same, &a_src], vec![]);
             let sum = e.op("Add", "sum", &[&joined, &dst_x], vec![]);
             let joined_size = e.reduce("ReduceSum", "joined_size", &same, &[2], true);
@@ -252,22 +274,33 @@ pub fn merge(
         }
     };
     let merged = e.op("Div", "merged", &[&sum, &size_sum], vec![]);
-    // Written over the gathered rows, at (image, dst row). Src tokens sharing
-    // a dst write the same row with the same value: no write needs to reduce.
+    // ScatterND has no batch dims: each write names its (image, row).
     let per_src = e.const_i64("per_src", &[3], &[1, r, 1]);
     let image = e.op("Expand", "image_per_src", &[&images.index, &per_src], vec![]);
     let cells = e.op("Concat", "dst_cells", &[&image, &dst_row], vec![int_attr("axis", 2)]);
-    let mut x_out = e.op("ScatterND", "x", &[&kept, &cells, &merged], vec![]);
-    let size_out = e.op("ScatterND", "size", &[&kept_size, &cells, &size_sum], vec![]);
-    if x_ty.elem != FLOAT {
-        x_out = e.cast("x_cast", &x_out, x_ty.elem);
+    let x_out = e.op("ScatterND", "x", &[&kept, &cells, &merged], vec![]);
+    (x_out, e.op("ScatterND", "size", &[&kept_size, &cells, &size_sum], vec![]))
+}
+
+/// A merge's token counts: n tokens, A (even) and B (odd) halves, r merging
+/// away, nu A tokens staying, and the prefix split over A and B.
+#[derive(Clone, Copy)]
+struct Sizes {
+    n: i64,
+    na: i64,
+    nb: i64,
+    r: i64,
+    nu: i64,
+    pa: i64,
+    pb: i64,
+}
+
+impl Sizes {
+    fn of(at: MergeAt) -> Sizes {
+        let (n, r, p) = (at.tokens as i64, at.r as i64, at.prefix as i64);
+        let (na, nb) = ((n + 1) / 2, n / 2);
+        Sizes { n, na, nb, r, nu: na - r, pa: (p + 1) / 2, pb: p / 2 }
     }
-    let source = track.then(|| {
-        let previous = previous.and_then(|m| m.source.as_deref());
-        track_sources(&mut e, previous, &unm, &src, &dst, [na, nb, nu, pa, pb])
-    });
-    let merged = Merged { x: x_out, size: size_out, tokens: (n - r) as usize, source, images: Some(images) };
-    Ok(stream.finish(block, merged))
 }
 
 /// `Images` from the stream x [B, N, C].
@@ -339,10 +372,10 @@ impl StreamRewrite {
 /// sources so far. In the output `concat(unm[:pa], b[:pb], unm[pa:], b[pb:])`
 /// the p-th unmerged A token sits at `p + (p >= pa ? pb : 0)`, B token j at
 /// `j < pb ? pa + j : nu + j`, and a merged A token where its dst B token is.
-/// Positions are one-hot sums in float32, exact below 2^24. `unm` and `src`
-/// are token indices (A token i is token 2i), `dst` B indices, all [B, k, 1].
-fn track_sources(e: &mut Emitter, previous: Option<&str>, unm: &str, src: &str, dst: &str, sizes: [i64; 5]) -> String {
-    let [na, nb, nu, pa, pb] = sizes;
+/// Positions are one-hot sums in float32, exact below 2^24.
+fn track_sources(e: &mut Emitter, previous: Option<&str>, m: &Matched, at: MergeAt) -> String {
+    let Sizes { na, nb, nu, pa, pb, .. } = Sizes::of(at);
+    let (unm, src, dst) = (m.unm.as_str(), m.src.as_str(), m.dst.as_str());
     let a_tokens = e.const_i64("a_tokens", &[na], &(0..na).map(|i| 2 * i).collect::<Vec<_>>());
     // Unmerged A tokens: one-hot [B, nu, na] weighted by their output position.
     let unm_hits = e.op("Equal", "unm_one_hot_bool", &[unm, &a_tokens], vec![]);
