@@ -1,5 +1,5 @@
 //! `tome-compile bench`: the original model and its compiled form, both in
-//! tract on CPU, timed in one run (interleaved, so both see the same machine
+//! tract on CPU, timed in one run (taking turns, so both see the same machine
 //! state), next to the speedup the MAC count predicts.
 
 use std::path::Path;
@@ -34,7 +34,7 @@ pub struct BenchOptions {
     /// Time this model as the "compiled" side instead of compiling the input
     /// (an earlier compile, another target, another exporter's ToMe graph).
     pub against: Option<std::path::PathBuf>,
-    /// Further compiles of the input, timed in the same interleaved runs.
+    /// Further compiles of the input, timed in the same turns.
     pub also: Vec<Variant>,
 }
 
@@ -157,6 +157,13 @@ pub fn all_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// Timed runs of one model in a row. Models take turns, and each turn starts
+/// with an untimed run: the timed runs then find the model's weights in
+/// cache as far as they fit, as a deployed model running back to back
+/// does, while turns spread the machine's drift over every model alike.
+/// (Timing single runs in turn would time every model with cold weights.)
+const RUNS_PER_TURN: usize = 4;
+
 /// Compiles `path` in memory and times it against the original.
 pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     if opts.threads == 0 || opts.batch == 0 || opts.iters == 0 {
@@ -195,26 +202,37 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     }
     let input: TValue = synthetic_input(&shape)?.into();
 
-    let total = (opts.warmup + opts.iters) as u64 * plans.len() as u64;
+    let turns = opts.iters.div_ceil(RUNS_PER_TURN);
+    let total = (opts.warmup + turns + opts.iters) as u64 * plans.len() as u64;
     let bar = if opts.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} runs, {elapsed}")
             .map_err(|e| Error::Input(e.to_string()))?
             .progress_chars("=> "),
     );
+    let run = |k: usize| -> Result<f64, Error> {
+        let start = Instant::now();
+        plans[k].run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
+        bar.inc(1);
+        Ok(start.elapsed().as_secs_f64() * 1000.0)
+    };
     let mut runs = multithread_tract_scope(executor(opts.threads), || -> Result<Vec<Vec<f64>>, Error> {
+        bar.set_message("warm-up");
+        for k in 0..plans.len() {
+            for _ in 0..opts.warmup {
+                run(k)?;
+            }
+        }
+        bar.set_message("timing");
         let mut runs = vec![vec![]; plans.len()];
-        for i in 0..opts.warmup + opts.iters {
-            let timed = i >= opts.warmup;
-            bar.set_message(if timed { "timing" } else { "warm-up" });
+        for turn in 0..turns {
             // Rotate which model goes first so none always follows another.
-            for k in (0..plans.len()).map(|j| (i + j) % plans.len()) {
-                let start = Instant::now();
-                plans[k].run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
-                if timed {
-                    runs[k].push(start.elapsed().as_secs_f64() * 1000.0);
+            for k in (0..plans.len()).map(|j| (turn + j) % plans.len()) {
+                run(k)?;
+                while runs[k].len() < opts.iters.min((turn + 1) * RUNS_PER_TURN) {
+                    let ms = run(k)?;
+                    runs[k].push(ms);
                 }
-                bar.inc(1);
             }
         }
         Ok(runs)
@@ -351,7 +369,7 @@ fn synthetic_input(shape: &[usize]) -> Result<Tensor, Error> {
 pub fn render(r: &BenchReport) -> String {
     let o = &r.options;
     let mut s = format!(
-        "tract on CPU, {} thread{}, batch {}, {} timed runs per model after {} warm-up (interleaved)\n",
+        "tract on CPU, {} thread{}, batch {}, {} timed runs per model after {} warm-up (in turns of one untimed and up to {RUNS_PER_TURN} timed)\n",
         o.threads,
         if o.threads == 1 { "" } else { "s" },
         o.batch,

@@ -201,7 +201,7 @@ pub struct BenchArgs {
     /// of the tract target's, whose merges are one `BipartiteMerge` op each.
     #[arg(long, conflicts_with = "against")]
     portable: bool,
-    /// Also time these compiles of the input in the same interleaved runs
+    /// Also time these compiles of the input in the same turns
     /// (comma list): portable (the standard-op graph), bound (the timing bound).
     #[arg(long, value_delimiter = ',', value_name = "VARIANTS", conflicts_with = "against")]
     also: Vec<bench::Variant>,
