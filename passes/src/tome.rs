@@ -189,16 +189,14 @@ fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -
         let columns = e.const_f32("protect_b", &[1, nb], &columns);
         scores = e.op("Add", "scores_protect_b", &[&scores, &columns], vec![]);
     }
-    // TopK breaks ties towards the lower index, as argmax does.
-    let one = e.const_i64("best_k", &[1], &[1]);
-    let best_of = vec![int_attr("axis", 2), int_attr("largest", 1), int_attr("sorted", 1)];
-    let best = e.op_multi("TopK", "best", &[&scores, &one], &["score", "dst"], best_of);
-    let (best, best_dst) = (&best[0], &best[1]);
+    // Not TopK(k = 1): tract runs that over the last axis 20x slower.
+    let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 1)]);
+    let best = e.op("GatherElements", "best", &[&scores, &best_dst], vec![int_attr("axis", 2)]);
     let all = e.const_i64("order_k", &[1], &[na]);
     let sort_desc = vec![int_attr("axis", 1), int_attr("largest", 1), int_attr("sorted", 1)];
-    let order = e.op_multi("TopK", "order", &[best, &all], &["score", "index"], sort_desc);
+    let order = e.op_multi("TopK", "order", &[&best, &all], &["score", "index"], sort_desc);
     let src_a = e.slice("src_a", &order[1], 1, 0, r, 1);
-    let dst = e.op("GatherElements", "dst", &[best_dst, &src_a], vec![int_attr("axis", 1)]);
+    let dst = e.op("GatherElements", "dst", &[&best_dst, &src_a], vec![int_attr("axis", 1)]);
     let two = e.const_i64("two", &[1], &[2]);
     let order_tokens = e.op("Mul", "order_tokens", &[&order[1], &two], vec![]);
     let src = e.slice("src", &order_tokens, 1, 0, r, 1);
