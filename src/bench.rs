@@ -122,9 +122,7 @@ pub struct Profile {
     /// (op name, milliseconds per run, nodes), largest first.
     pub by_op: Vec<(String, f64, usize)>,
     /// Milliseconds per run in the matching and merge nodes (`*.tome.merge.*`
-    /// after tract's optimiser, which keeps the anchor's name on fused nodes:
-    /// in the portable graph the attention projection fuses into the merge's
-    /// first Mul and counts here).
+    /// after tract's optimiser, which keeps the anchor's name on fused nodes).
     pub merge_ms: f64,
     /// The matching and merge nodes' time per op kind, largest first.
     pub merge_by_op: Vec<(String, f64, usize)>,

@@ -231,7 +231,7 @@ fn bench_times_both_models_once_and_reports_json() {
     }
     // The portable graph merges the same tokens with other ops: its MACs are
     // the tract form's (the fused op's arithmetic is not counted) plus the
-    // one-hot scatter-add, within 1%.
+    // r x r sums of the merged rows, within 1%.
     let macs = |t: &serde_json::Value| t["macs_per_image"].as_f64().unwrap();
     let (fused, portable) = (macs(&json["compiled"]), macs(&also[0]["timing"]));
     assert!(portable >= fused && portable / fused < 1.01, "{fused} vs {portable}");
