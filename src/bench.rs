@@ -45,6 +45,9 @@ pub enum Variant {
     Portable,
     /// The timing bound (`Options::bound`).
     Bound,
+    /// The same target with nothing merged (r = 0): what the target's
+    /// lowerings (tract's `FusedAttention`) alone are worth.
+    Unmerged,
 }
 
 impl Variant {
@@ -52,13 +55,15 @@ impl Variant {
         match self {
             Variant::Portable => "portable",
             Variant::Bound => "bound",
+            Variant::Unmerged => "r0",
         }
     }
 
     fn options(self, opts: &Options) -> Options {
         match self {
-            Variant::Portable => Options { fused_merge: false, bound: false, ..opts.clone() },
+            Variant::Portable => Options { tract_ops: false, bound: false, ..opts.clone() },
             Variant::Bound => Options { bound: true, ..opts.clone() },
+            Variant::Unmerged => Options { schedule: tome_passes::Schedule::Constant(0), bound: false, ..opts.clone() },
         }
     }
 }
@@ -69,7 +74,8 @@ impl std::str::FromStr for Variant {
         match s {
             "portable" => Ok(Variant::Portable),
             "bound" => Ok(Variant::Bound),
-            _ => Err(format!("unknown variant '{s}': expected portable or bound")),
+            "r0" => Ok(Variant::Unmerged),
+            _ => Err(format!("unknown variant '{s}': expected portable, bound or r0")),
         }
     }
 }
@@ -381,7 +387,7 @@ pub fn render(r: &BenchReport) -> String {
     let label = match &o.against {
         Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         None if o.compile.bound => format!("bound --r {}", o.compile.schedule),
-        None if o.compile.fused_merge => format!("compiled --r {}", o.compile.schedule),
+        None if o.compile.tract_ops => format!("compiled --r {}", o.compile.schedule),
         None => format!("portable --r {}", o.compile.schedule),
     };
     let also: Vec<(String, &Timing)> = r.also.iter().map(|(v, t)| (format!("{} --r {}", v.name(), o.compile.schedule), t)).collect();
@@ -443,7 +449,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "schedule": r.options.compile.schedule.to_string(),
         "prop_attn": r.options.compile.prop_attn,
         "bound": r.options.compile.bound,
-        "form": if r.options.compile.fused_merge { "tract" } else { "portable" },
+        "form": if r.options.compile.tract_ops { "tract" } else { "portable" },
         "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
         "against": r.options.against.as_ref().map(|p| p.display().to_string()),
         "original": timing(&r.original),

@@ -42,7 +42,7 @@ impl Target {
     /// `opts` as this target and format compile them: only ONNX for tract
     /// fuses the merge (tract's NNEF writer has no serialiser for the op).
     pub fn options(self, opts: &Options, format: Format) -> Options {
-        Options { fused_merge: self == Target::Tract && format == Format::Onnx, ..opts.clone() }
+        Options { tract_ops: self == Target::Tract && format == Format::Onnx, ..opts.clone() }
     }
 }
 
@@ -170,7 +170,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
 ///
 /// ```
 /// let bytes = std::fs::read("fixtures/timm_vit/model.onnx")?;
-/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, bound: false, fused_merge: false };
+/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, bound: false, tract_ops: false };
 /// let (compiled, report) = tome_compile::compile_bytes(&bytes, &opts)?;
 /// assert_eq!(report.tokens_out, 101); // 197 tokens, 16 merged in each of 6 blocks
 /// assert!(!compiled.is_empty()); // ONNX bytes, ready to write or hand to a runtime

@@ -82,7 +82,7 @@ pub fn render(i: &Inspection) -> String {
         i.options.schedule,
         if i.options.prop_attn { "on" } else { "off" },
         i.target,
-        match i.options.fused_merge {
+        match i.options.tract_ops {
             true => "merge as one BipartiteMerge op per block (tract with tome-compile's op only)",
             false => "merge as standard ops (gathers, no reducing scatter)",
         }

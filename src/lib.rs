@@ -12,6 +12,7 @@ pub mod npz;
 pub mod onnx_io;
 pub mod run;
 pub mod tensorrt_rules;
+pub mod tract_attention;
 pub mod tract_ops;
 pub mod validate;
 pub mod verify;

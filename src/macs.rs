@@ -31,7 +31,8 @@ fn dims(t: &TensorType) -> Vec<u64> {
         .collect()
 }
 
-/// MACs of one node, when it is a MatMul, Gemm or Conv with known shapes.
+/// MACs of one node, when it is a MatMul, Gemm, Conv or tract's
+/// `FusedAttention` with known shapes.
 pub fn node_macs(node: &pb::NodeProto, types: &HashMap<String, TensorType>) -> Option<u64> {
     let ty = |slot: usize| node.input.get(slot).and_then(|t| types.get(t)).map(dims);
     let out = node.output.first().and_then(|t| types.get(t)).map(dims)?;
@@ -50,6 +51,12 @@ pub fn node_macs(node: &pb::NodeProto, types: &HashMap<String, TensorType>) -> O
         "Conv" => {
             let w = ty(1)?;
             Some(volume * w.iter().skip(1).product::<u64>())
+        }
+        // softmax(q·kᵀ)·v: [B,H,N,D]·[B,H,D,N], then [B,H,N,N]·[B,H,N,Dv].
+        "FusedAttention" => {
+            let (q, v) = (ty(0)?, ty(2)?);
+            let n = *q.get(2)?;
+            Some(q.iter().product::<u64>() * n + volume * v.get(2)?)
         }
         _ => None,
     }

@@ -235,7 +235,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);
-    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge, bound: args.bound, fused_merge: false };
+    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge, bound: args.bound, tract_ops: false };
     let mode = match args.verify {
         VerifyArg::On => verify::Mode::On,
         VerifyArg::Off => verify::Mode::Off,
@@ -246,6 +246,10 @@ fn compile(args: CompileArgs) -> Result<()> {
     if compiled.report.fused_merges > 0 {
         let (n, op) = (compiled.report.fused_merges, tome_passes::tome::FUSED_MERGE_OP);
         println!("{n} merges as one {op} node each: runs in tract with tome-compile's ops only");
+    }
+    if compiled.report.fused_attentions > 0 {
+        let (n, op) = (compiled.report.fused_attentions, tome_passes::lower::FUSED_ATTENTION_OP);
+        println!("{n} attentions as one {op} node each");
     }
     println!("{}", compiled.verification);
     println!("wrote {}", output.display());
@@ -320,7 +324,7 @@ fn run(args: RunArgs) -> Result<()> {
 
 fn visualize(args: VisualizeArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false, bound: false, fused_merge: false };
+    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false, bound: false, tract_ops: false };
     let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
         bail!("--mean and --std take three comma-separated values, one per RGB channel");
     };

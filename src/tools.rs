@@ -198,11 +198,13 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "against")]
     bound: bool,
     /// Time the standard-op graph (what onnxruntime and TensorRT get) instead
-    /// of the tract target's, whose merges are one `BipartiteMerge` op each.
+    /// of the tract target's, whose merges are one `BipartiteMerge` op and
+    /// attentions one `FusedAttention` op each.
     #[arg(long, conflicts_with = "against")]
     portable: bool,
     /// Also time these compiles of the input in the same turns
-    /// (comma list): portable (the standard-op graph), bound (the timing bound).
+    /// (comma list): portable (the standard-op graph), bound (the timing
+    /// bound), r0 (nothing merged: the target's own ops alone).
     #[arg(long, value_delimiter = ',', value_name = "VARIANTS", conflicts_with = "against")]
     also: Vec<bench::Variant>,
 }
@@ -210,7 +212,7 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
     let opts = BenchOptions {
-        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: args.bound, fused_merge: !args.portable },
+        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: args.bound, tract_ops: !args.portable },
         threads: args.threads.unwrap_or_else(bench::all_cores),
         batch: args.batch,
         iters: args.iters,
@@ -251,7 +253,7 @@ pub struct InspectArgs {
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: false, fused_merge: false };
+    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: false, tract_ops: false };
     let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);

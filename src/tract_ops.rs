@@ -12,13 +12,15 @@ use tract_onnx::tract_hir::internal::*;
 
 use tome_passes::tome::{FUSED_MERGE_OP, PROP_BIAS_OP};
 
-/// tract's ONNX front end, knowing `BipartiteMerge` and `ProportionalBias`.
+/// tract's ONNX front end, knowing `BipartiteMerge`, `ProportionalBias` and
+/// `FusedAttention` (`tract_attention`).
 /// Every place that hands a model to tract goes through here, so compiled
 /// `--target tract` files load.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register.insert(FUSED_MERGE_OP, build);
     onnx.op_register.insert(PROP_BIAS_OP, build_bias);
+    onnx.op_register.insert(tome_passes::lower::FUSED_ATTENTION_OP, crate::tract_attention::build);
     onnx
 }
 

@@ -334,7 +334,7 @@ fn auto_verification_skips_models_over_the_cost_limit() {
 
 // ------------------------------------------------------------ writes
 
-/// A `BipartiteMerge` or `ProportionalBias` node (`--target tract`) whose
+/// A `BipartiteMerge` or `FusedAttention` node (`--target tract`) whose
 /// attributes or inputs do not fit is refused when tract plans the model,
 /// naming the node.
 #[test]
@@ -346,15 +346,15 @@ fn a_corrupt_tract_target_node_exits_2_naming_it() {
     let cases = [
         ("r.onnx", "BipartiteMerge", "blocks.0.tome.merge.bipartite", "r=1000 is more than half of the 197 tokens"),
         ("scores.onnx", "BipartiteMerge", "blocks.0.tome.merge.bipartite", "scores must be [B,99,98] for 197 tokens"),
-        ("bias.onnx", "ProportionalBias", "blocks.1.tome.prop_attn.logits", "inputs[1].rank == 4"),
+        ("bias.onnx", "FusedAttention", "blocks.1.tome.attention.fused", "inputs[3].rank == 4"),
     ];
     for (name, op, node_name, expected) in cases {
         let mut proto = onnx_io::read(&compiled).unwrap().proto;
-        let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == op).expect("a tract-target node");
+        let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == op && n.name == node_name).expect("a tract-target node");
         match name {
             "r.onnx" => node.attribute.iter_mut().filter(|a| a.name == "r").for_each(|a| a.i = 1000),
             "scores.onnx" => node.input[1] = node.input[0].clone(),
-            _ => node.input[1] = "blocks.0.tome.merge.bipartite.size".into(), // [B,N,1], not [B,1,1,N]
+            _ => node.input[3] = "blocks.0.tome.merge.bipartite.size".into(), // [B,N,1], not [B,1,1,N]
         }
         let bad = dir.path().join(name);
         std::fs::write(&bad, proto.encode_to_vec()).unwrap();

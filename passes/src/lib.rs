@@ -8,11 +8,14 @@
 //! 4. Per block, in order, since each needs the sizes the previous merge left:
 //!    `tome::proportional_attention` (reads the incoming sizes), then `tome::merge`.
 //! 5. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
-//! 6. `tome::retarget_token_constants` last, once every merge tells how many
+//! 6. `tome::retarget_token_constants`, once every merge tells how many
 //!    tokens reach each node.
-//! 7. `Graph::write_into`: topologically sorted nodes back into the model.
+//! 7. For tract (`Options::tract_ops`), `lower::fuse_attention` per block,
+//!    last: it swallows the proportional bias the passes above add.
+//! 8. `Graph::write_into`: topologically sorted nodes back into the model.
 
 pub mod graph;
+pub mod lower;
 pub mod matcher;
 pub mod patch;
 pub mod schedule;
@@ -66,12 +69,13 @@ pub struct Options {
     /// attention, so the outputs are wrong and the speed is what any ToMe
     /// graph with this schedule can at best reach on a runtime.
     pub bound: bool,
-    /// Each block's matching and merge as one `BipartiteMerge` node
-    /// (`tome::FUSED_MERGE_OP`) after the similarity scores, and the
-    /// proportional-attention Add as a `ProportionalBias` node, for tract
-    /// with tome-compile's ops registered (`--target tract`). Blocks that
-    /// must track token sources keep the standard-op merge.
-    pub fused_merge: bool,
+    /// For tract with tome-compile's ops registered (`--target tract`):
+    /// each block's matching and merge as one `BipartiteMerge` node
+    /// (`tome::FUSED_MERGE_OP`) after the similarity scores, except where a
+    /// block must track token sources; the proportional-attention Add as a
+    /// `ProportionalBias` node; and each attention as one `FusedAttention`
+    /// node (`lower::FUSED_ATTENTION_OP`) that takes that bias.
+    pub tract_ops: bool,
 }
 
 /// One block as compiled.
@@ -93,8 +97,10 @@ pub struct Report {
     pub head: String,
     pub tokens_out: usize,
     pub patch_labels: Vec<String>,
-    /// Merges written as one `BipartiteMerge` node (`Options::fused_merge`).
+    /// Merges written as one `BipartiteMerge` node (`Options::tract_ops`).
     pub fused_merges: usize,
+    /// Attentions written as one `FusedAttention` node (`Options::tract_ops`).
+    pub fused_attentions: usize,
 }
 
 /// Rewrites `model` in place to apply ToMe; `types` holds every tensor's type.
@@ -126,7 +132,8 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
         graph.output.push(source_output_info(&report));
     }
     if let Some(graph) = model.graph.as_mut() {
-        graph.value_info.retain(|v| !changed.contains(&v.name));
+        let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
+        graph.value_info.retain(|v| !changed.contains(&v.name) && produced.contains(&v.name));
     }
     let tract_ops = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::TRACT_OPS_DOMAIN);
     if tract_ops && !model.opset_import.iter().any(|o| o.domain == tome::TRACT_OPS_DOMAIN) {
@@ -159,7 +166,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, false, Some(size)) = (opts.prop_attn, opts.bound, &size) {
-            let p = tome::proportional_attention(g, block, size, opts.fused_merge)?;
+            let p = tome::proportional_attention(g, block, size, opts.tract_ops)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
         }
@@ -169,7 +176,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                 true => tome::truncate(g, block, step.tokens_in, step.r)?,
                 false => {
                     let at = tome::MergeAt { tokens: step.tokens_in, r: step.r, prefix: vit.prefix };
-                    tome::merge(g, block, at, merged.last(), track, opts.fused_merge)?
+                    tome::merge(g, block, at, merged.last(), track, opts.tract_ops)?
                 }
             };
             labels.push(p.label.clone());
@@ -213,6 +220,15 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         .filter(|(id, n)| **n != vit.tokens && g.net.contains_node(**id))
         .flat_map(|(id, _)| g.node(*id).proto.output.clone())
         .collect();
+    // After `changed`: a fused node writes a tensor whose token count changed.
+    if opts.tract_ops {
+        for block in &vit.blocks {
+            if let Some(p) = lower::fuse_attention(g, block) {
+                labels.push(p.label.clone());
+                patch::apply(g, p)?;
+            }
+        }
+    }
     let blocks = vit
         .blocks
         .iter()
@@ -227,6 +243,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         tokens_out: steps.last().map(|s| s.tokens_out).unwrap_or(vit.tokens),
         patch_labels: labels,
         fused_merges: g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).count(),
+        fused_attentions: g.nodes().filter(|id| g.node(*id).op() == lower::FUSED_ATTENTION_OP).count(),
     };
     Ok((report, changed))
 }
@@ -276,7 +293,11 @@ pub fn dump_nodes(model: &pb::ModelProto, prefix: &str) -> String {
         let attrs: Vec<String> = node
             .attribute
             .iter()
-            .map(|a| if a.r#type == 7 { format!("{}={:?}", a.name, a.ints) } else { format!("{}={}", a.name, a.i) })
+            .map(|a| match a.r#type {
+                1 => format!("{}={}", a.name, a.f),
+                7 => format!("{}={:?}", a.name, a.ints),
+                _ => format!("{}={}", a.name, a.i),
+            })
             .collect();
         out += &format!("{} {}({}) -> {}", node.op_type, node.name, ins.join(", "), node.output.join(", "));
         if !attrs.is_empty() {

@@ -63,7 +63,9 @@ pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
         }
     }
     let base = patch.anchor.map(|a| g.node(a).order).unwrap_or((usize::MAX, 0));
+    let mut read_by_removed = vec![];
     for id in &patch.removals {
+        read_by_removed.extend(g.node(*id).proto.input.clone());
         g.remove(*id);
     }
     for (id, old, new) in &patch.renames {
@@ -80,6 +82,9 @@ pub fn apply(g: &mut Graph, patch: Patch) -> Result<(), PassError> {
         let old = g.node(rw.node).input(rw.slot).unwrap_or_default().to_string();
         g.set_input(rw.node, rw.slot, &rw.tensor);
         g.drop_if_orphaned(&old);
+    }
+    for tensor in read_by_removed {
+        g.drop_if_orphaned(&tensor);
     }
     Ok(())
 }

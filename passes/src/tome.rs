@@ -11,7 +11,7 @@ use crate::patch::{int_attr, tokens_type, Emitter, Patch, Rewire};
 use crate::PassError;
 
 /// The op and domain of a block's matching and merge as one node
-/// (`Options::fused_merge`): inputs x [B,N,C] and scores [B,⌈N/2⌉,⌊N/2⌋]
+/// (`Options::tract_ops`): inputs x [B,N,C] and scores [B,⌈N/2⌉,⌊N/2⌋]
 /// (float32), then size [B,N,1] after the first merge; attributes `r` and
 /// `prefix`; outputs x and size [B,N-r,·]. Only tract with tome-compile's
 /// op registered runs it.

@@ -1,0 +1,208 @@
+//! Compute kernels for tome-compile's tract ops, in their own crate so that
+//! debug builds (tests) still compile them optimised (`Cargo.toml`).
+//!
+//! `attend`: one head of `softmax(scale·q·kᵀ + bias)·v`, tiled so that
+//! each tile of query rows stays in registers and cache from logits to
+//! output.
+
+/// One head's inputs, row-major: q [n,d], kᵀ [d,n], v [n,dv], bias [n].
+pub struct Head<'a> {
+    pub q: &'a [f32],
+    pub kt: &'a [f32],
+    pub v: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub scale: f32,
+    pub n: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+/// Kᵀ and V packed into panels of whole tiles, one tile's query rows and
+/// probabilities transposed, and its logits; reused from head to head.
+#[derive(Default)]
+pub struct Scratch {
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    qt: Vec<f32>,
+    logits: Vec<f32>,
+    pt: Vec<f32>,
+}
+
+/// Runs the tiles compiled for the best instruction set this CPU has:
+/// 8 query rows × 32 columns (16 AVX-512 registers), or 4 × 16 (8 AVX2 or
+/// NEON ones).
+pub fn attend(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { attend_avx512(head, out, scratch) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { attend_avx2(head, out, scratch) };
+        }
+    }
+    attend_tiles::<{ cfg!(target_arch = "aarch64") }, 4, 16>(head, out, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn attend_avx512(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
+    attend_tiles::<true, 4, 32>(head, out, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
+    attend_tiles::<true, 4, 16>(head, out, scratch)
+}
+
+/// For each tile of `R` query rows: its logits against every key, the
+/// softmax of each row, then its output rows as P·V. Both products are sums
+/// of outer products `acc += a ⊗ b` over an `R × C` tile held in
+/// registers, reading Kᵀ and V from panels packed `C` columns wide.
+#[inline(always)]
+fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, out: &mut [f32], s: &mut Scratch) {
+    let Head { q, kt, v, bias, scale, n, d, dv } = *head;
+    let np = n.next_multiple_of(C);
+    pack_panels::<C>(&mut s.kt, kt, d, n);
+    pack_panels::<C>(&mut s.v, v, n, dv);
+    s.logits.resize(R * np, 0.0);
+    for i0 in (0..n).step_by(R) {
+        let rows = R.min(n - i0);
+        // A short last tile repeats its last row; the repeats are not written.
+        s.qt.clear();
+        for k in 0..d {
+            s.qt.extend((0..R).map(|r| q[(i0 + r.min(rows - 1)) * d + k]));
+        }
+        for (j0, panel) in (0..np).step_by(C).zip(s.kt.chunks_exact(d * C)) {
+            let mut acc = [[0f32; C]; R];
+            for (a, b) in s.qt.chunks_exact(R).zip(panel.chunks_exact(C)) {
+                outer_add::<FMA, R, C>(&mut acc, a, b);
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                s.logits[r * np + j0..][..C].copy_from_slice(acc);
+            }
+        }
+        for r in 0..rows {
+            softmax(&mut s.logits[r * np..][..n], bias, scale);
+        }
+        s.pt.clear();
+        for j in 0..n {
+            s.pt.extend((0..R).map(|r| s.logits[r * np + j]));
+        }
+        for (c0, panel) in (0..dv).step_by(C).zip(s.v.chunks_exact(n * C)) {
+            let mut acc = [[0f32; C]; R];
+            for (a, b) in s.pt.chunks_exact(R).zip(panel.chunks_exact(C)) {
+                outer_add::<FMA, R, C>(&mut acc, a, b);
+            }
+            let width = C.min(dv - c0);
+            for (r, acc) in acc.iter().take(rows).enumerate() {
+                out[(i0 + r) * dv + c0..][..width].copy_from_slice(&acc[..width]);
+            }
+        }
+    }
+}
+
+/// `acc[r][c] += a[r]·b[c]`, fused where the target has FMA (elsewhere
+/// `mul_add` would be a libm call).
+#[inline(always)]
+fn outer_add<const FMA: bool, const R: usize, const C: usize>(acc: &mut [[f32; C]; R], a: &[f32], b: &[f32]) {
+    let (a, b): (&[f32; R], &[f32; C]) = (a.try_into().expect("R values"), b.try_into().expect("C values"));
+    for r in 0..R {
+        for c in 0..C {
+            acc[r][c] = if FMA { a[r].mul_add(b[c], acc[r][c]) } else { a[r] * b[c] + acc[r][c] };
+        }
+    }
+}
+
+/// `src` [rows, width] as panels [⌈width/C⌉][rows][C], zero-padded on the
+/// right, so that a tile's inner loop reads memory in order.
+fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: &[f32], rows: usize, width: usize) {
+    dst.clear();
+    dst.resize(width.div_ceil(C) * rows * C, 0.0);
+    for (c0, panel) in (0..width).step_by(C).zip(dst.chunks_exact_mut(rows * C)) {
+        let w = C.min(width - c0);
+        for (row, out) in src.chunks_exact(width).zip(panel.chunks_exact_mut(C)) {
+            out[..w].copy_from_slice(&row[c0..c0 + w]);
+        }
+    }
+}
+
+/// `row = softmax(scale·row + bias)` in place, rounded as the reference
+/// rounds it (f32 `exp`, a sum in order, a division): ToMe's matching
+/// compares scores that can sit a few ulp apart, and the fixtures hold
+/// merge decisions that a faster exp or a reordered sum flips.
+#[inline(always)]
+fn softmax(row: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+    match bias {
+        Some(bias) => row.iter_mut().zip(bias).for_each(|(x, b)| *x = *x * scale + b),
+        None => row.iter_mut().for_each(|x| *x *= scale),
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    row.iter_mut().for_each(|x| *x /= sum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attention of one head as written (logits, softmax, sum), in f64
+    /// or, rounding every step, f32.
+    fn naive(h: &Head, round: fn(f64) -> f64) -> Vec<f64> {
+        let mut out = vec![0.0; h.n * h.dv];
+        for i in 0..h.n {
+            let logits: Vec<f64> = (0..h.n)
+                .map(|j| {
+                    let dot = (0..h.d).fold(0.0, |s, k| round(s + round(h.q[i * h.d + k] as f64 * h.kt[k * h.n + j] as f64)));
+                    round(round(dot * h.scale as f64) + h.bias.map_or(0.0, |b| b[j] as f64))
+                })
+                .collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|l| round(round(l - max).exp())).collect();
+            let sum = e.iter().fold(0.0, |s, x| round(s + x));
+            for c in 0..h.dv {
+                out[i * h.dv + c] = (0..h.n).fold(0.0, |s, j| round(s + round(round(e[j] / sum) * h.v[j * h.dv + c] as f64)));
+            }
+        }
+        out
+    }
+
+    /// Deterministic values in [-2, 2).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 8) as f32 / (1 << 22) as f32 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tiles_are_as_accurate_as_the_attention_written_out_in_f32() {
+        for (n, d, dv) in [(1, 1, 1), (5, 3, 7), (21, 32, 32), (37, 64, 64), (197, 64, 64), (33, 80, 40)] {
+            let (q, kt, v, bias) = (values(n * d, 1), values(d * n, 2), values(n * dv, 3), values(n, 4));
+            for bias in [None, Some(bias.as_slice())] {
+                let head = Head { q: &q, kt: &kt, v: &v, bias, scale: 0.7, n, d, dv };
+                let mut out = vec![f32::NAN; n * dv];
+                attend(&head, &mut out, &mut Scratch::default());
+                let exact = naive(&head, |x| x);
+                let worst = |got: &[f64]| got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                let ours = worst(&out.iter().map(|&x| x as f64).collect::<Vec<_>>());
+                let plain_f32 = worst(&naive(&head, |x| x as f32 as f64));
+                let what = format!("n={n} d={d} dv={dv} bias={}", bias.is_some());
+                assert!(ours <= 2.0 * plain_f32 + 1e-7, "{what}: off by {ours}, the f32 attention written out by {plain_f32}");
+            }
+        }
+    }
+}
+

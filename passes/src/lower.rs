@@ -1,0 +1,90 @@
+//! Lowerings for one runtime, run after the ToMe rewrites: they change how
+//! the graph computes, never what.
+
+use petgraph::stable_graph::NodeIndex;
+
+use crate::graph::{Graph, FLOAT};
+use crate::matcher::VitBlock;
+use crate::patch::{Emitter, Patch};
+use crate::tome::{PROP_BIAS_OP, TRACT_OPS_DOMAIN};
+
+/// A block's attention as one node, for tract with tome-compile's ops
+/// registered: inputs q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an
+/// optional bias [B,1,1,N] (float32); attribute `scale` (float); output
+/// `softmax(scale·q·kᵀ + bias)·v`, [B,H,N,Dv].
+pub const FUSED_ATTENTION_OP: &str = "FusedAttention";
+
+/// Replaces a block's Q·Kᵀ, scale, proportional bias, Softmax and P·V by
+/// one `FUSED_ATTENTION_OP` node writing the P·V output; `None` (the graph
+/// unchanged) where the block's attention has another shape.
+///
+/// ```text
+///  q ──┐
+///  kᵀ ─ MatMul ─ [Mul|Div by a constant] ─ [ProportionalBias(bias)] ─ Softmax ─┐
+///                                                                   v ─ MatMul ─ out
+///    ⇒  q, kᵀ, v[, bias] ─ FusedAttention(scale) ─ out
+/// ```
+/// Seen in timm (classic and dynamo exporters, SDPA split scale), DeiT,
+/// torchvision and Hugging Face ViT exports; the opset-23 `Attention` op
+/// and float16 graphs keep their nodes.
+pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
+    let softmax = g.node(block.attention);
+    if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
+        return None;
+    }
+    let mut chain = vec![block.attention];
+    // Each node of the chain must feed only the next one.
+    let sole_input = |g: &Graph, tensor: &str| -> Option<NodeIndex> {
+        let id = g.producer(tensor)?;
+        (g.consumers(tensor).len() == 1 && !g.outputs.iter().any(|o| o == tensor)).then_some(id)
+    };
+    let mut id = sole_input(g, softmax.input(0)?)?;
+    let mut bias = None;
+    if g.node(id).op() == PROP_BIAS_OP {
+        bias = Some(g.node(id).input(1)?.to_string());
+        chain.push(id);
+        id = sole_input(g, g.node(id).input(0)?)?;
+    }
+    let mut scale = 1.0;
+    if let Some((logits, factor)) = scalar_scale(g, id) {
+        scale = factor;
+        chain.push(id);
+        id = sole_input(g, logits)?;
+    }
+    let qk = g.node(id);
+    chain.push(id);
+    let probs = softmax.output();
+    let [(av, 0)] = g.consumers(probs)[..] else { return None };
+    let av = g.node(av);
+    let (q, kt, v) = (qk.input(0)?, qk.input(1)?, av.input(1)?);
+    let float4 = |t: &str| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == 4);
+    if qk.op() != "MatMul" || av.op() != "MatMul" || g.outputs.iter().any(|o| o == probs) || ![q, kt, v].into_iter().all(float4) {
+        return None;
+    }
+    let mut patch = Patch::new(format!("{}: fused attention", block.name), g.producer(av.output())?);
+    patch.removals = chain;
+    patch.removals.extend(g.producer(av.output()));
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
+    let mut inputs = vec![q, kt, v];
+    inputs.extend(bias.as_deref());
+    let scale_attr = crate::pb::AttributeProto { name: "scale".into(), r#type: 1, f: scale, ..Default::default() };
+    e.op(FUSED_ATTENTION_OP, "fused", &inputs, vec![scale_attr]);
+    e.in_domain(TRACT_OPS_DOMAIN);
+    patch.nodes.last_mut()?.output = vec![av.output().to_string()];
+    Some(patch)
+}
+
+/// `(logits, factor)` if `id` multiplies or divides the logits by a scalar
+/// constant.
+fn scalar_scale(g: &Graph, id: NodeIndex) -> Option<(&str, f32)> {
+    let node = g.node(id);
+    let scalar = |t: &str| match g.constant_f32(t).as_deref() {
+        Some(&[c]) if c.is_finite() && c != 0.0 => Some(c),
+        _ => None,
+    };
+    match (node.op(), node.input(0)?, node.input(1)?) {
+        ("Mul", a, b) => scalar(b).map(|c| (a, c)).or_else(|| scalar(a).map(|c| (b, c))),
+        ("Div", a, b) => scalar(b).map(|c| (a, 1.0 / c)),
+        _ => None,
+    }
+}
