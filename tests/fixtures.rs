@@ -56,6 +56,7 @@ fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> Pa
     let fused_nodes = nodes(&fused);
     let count = |op: &str| fused_nodes.iter().filter(|n| n.op_type == op).count();
     assert_eq!((count("BipartiteMerge"), count("TopK") > 0), (merging, tracked), "{}: fused merges, TopK left", out.display());
+    assert_eq!(count("FusedAttention"), report.fused_attentions, "{}: the report's fused attentions", out.display());
     out
 }
 

@@ -29,8 +29,8 @@ pub struct Scratch {
 }
 
 /// Runs the tiles compiled for the best instruction set this CPU has:
-/// 8 query rows × 32 columns (16 AVX-512 registers), or 4 × 16 (8 AVX2 or
-/// NEON ones).
+/// 4 query rows × 32 columns (8 AVX-512 registers), or 4 × 16 (8 AVX2 or
+/// NEON ones). Larger tiles spill: LLVM does not fully unroll them.
 pub fn attend(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
     #[cfg(target_arch = "x86_64")]
     {

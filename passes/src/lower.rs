@@ -25,8 +25,9 @@ pub const FUSED_ATTENTION_OP: &str = "FusedAttention";
 ///    ⇒  q, kᵀ, v[, bias] ─ FusedAttention(scale) ─ out
 /// ```
 /// Seen in timm (classic and dynamo exporters, SDPA split scale), DeiT,
-/// torchvision and Hugging Face ViT exports; the opset-23 `Attention` op
-/// and float16 graphs keep their nodes.
+/// torchvision, CLIP-, DINOv2-style and Hugging Face ViT SDPA exports. The
+/// opset-23 `Attention` op, float16 graphs and Hugging Face eager exports
+/// (a Cast between the Softmax and P·V) keep their nodes.
 pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     let softmax = g.node(block.attention);
     if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
@@ -34,36 +35,36 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     }
     let mut chain = vec![block.attention];
     // Each node of the chain must feed only the next one.
-    let sole_input = |g: &Graph, tensor: &str| -> Option<NodeIndex> {
+    let sole_input = |tensor: &str| -> Option<NodeIndex> {
         let id = g.producer(tensor)?;
         (g.consumers(tensor).len() == 1 && !g.outputs.iter().any(|o| o == tensor)).then_some(id)
     };
-    let mut id = sole_input(g, softmax.input(0)?)?;
+    let mut id = sole_input(softmax.input(0)?)?;
     let mut bias = None;
     if g.node(id).op() == PROP_BIAS_OP {
         bias = Some(g.node(id).input(1)?.to_string());
         chain.push(id);
-        id = sole_input(g, g.node(id).input(0)?)?;
+        id = sole_input(g.node(id).input(0)?)?;
     }
     let mut scale = 1.0;
     if let Some((logits, factor)) = scalar_scale(g, id) {
         scale = factor;
         chain.push(id);
-        id = sole_input(g, logits)?;
+        id = sole_input(logits)?;
     }
     let qk = g.node(id);
     chain.push(id);
     let probs = softmax.output();
-    let [(av, 0)] = g.consumers(probs)[..] else { return None };
-    let av = g.node(av);
+    let [(av_id, 0)] = g.consumers(probs)[..] else { return None };
+    let av = g.node(av_id);
     let (q, kt, v) = (qk.input(0)?, qk.input(1)?, av.input(1)?);
     let float4 = |t: &str| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == 4);
     if qk.op() != "MatMul" || av.op() != "MatMul" || g.outputs.iter().any(|o| o == probs) || ![q, kt, v].into_iter().all(float4) {
         return None;
     }
-    let mut patch = Patch::new(format!("{}: fused attention", block.name), g.producer(av.output())?);
+    let mut patch = Patch::new(format!("{}: fused attention", block.name), av_id);
     patch.removals = chain;
-    patch.removals.extend(g.producer(av.output()));
+    patch.removals.push(av_id);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
     let mut inputs = vec![q, kt, v];
     inputs.extend(bias.as_deref());
