@@ -4,12 +4,15 @@
 //! three ops over small per-head matrices at a fraction of its big MatMuls'
 //! rate (a fifth of ViT-B/16's time at r = 16 for 3% of its MACs); this op
 //! runs `tome_kernels::attend` on each head, heads spread over tract's threads.
+//! It reads q, k and v, and writes its output, in whatever axis order tract's
+//! axis-change pass hands it, so that the transposes around an attention
+//! vanish as they did into tract's MatMuls.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use tome_kernels::{attend, Head, Scratch};
+use tome_kernels::{attend, Head, Matrix, Scratch};
 use tome_passes::lower::FUSED_ATTENTION_OP;
 
 pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -17,21 +20,36 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn In
     if !(3..=4).contains(&node.input.len()) || node.output.len() != 1 || !scale.is_finite() {
         bail!("{}: {FUSED_ATTENTION_OP} takes inputs (q, kᵀ, v[, bias]), a finite scale, and gives one output", node.name);
     }
-    Ok((expand(FusedAttention { scale }), vec![]))
+    Ok((expand(FusedAttention { scale, layout: IN_ORDER }), vec![]))
 }
 
 /// q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an optional bias [B,1,1,N]
-/// added to every row of logits; output [B,H,N,Dv], float32.
+/// added to every row of logits; output [B,H,N,Dv], float32. `layout[t][a]`
+/// is the axis of tensor t (q, kᵀ, v, output) that holds its a-th axis in
+/// that order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FusedAttention {
     pub scale: f32,
+    pub layout: [[usize; 4]; 4],
 }
+
+const IN_ORDER: [[usize; 4]; 4] = [[0, 1, 2, 3]; 4];
+const OUTPUT: usize = 3;
 
 impl Eq for FusedAttention {}
 
 impl std::hash::Hash for FusedAttention {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.scale.to_bits().hash(state)
+        self.scale.to_bits().hash(state);
+        self.layout.hash(state)
+    }
+}
+
+impl FusedAttention {
+    /// Tensor `t`'s axes in the order above, picked from `axes` (its shape
+    /// or its strides).
+    fn ordered<T: Clone>(&self, t: usize, axes: &[T]) -> [T; 4] {
+        self.layout[t].map(|a| axes[a].clone())
     }
 }
 
@@ -63,7 +81,7 @@ impl Op for FusedAttention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("scale={}", self.scale)])
+        Ok(vec![format!("scale={}", self.scale), format!("axes of q, kT, v, output: {:?}", self.layout)])
     }
 
     op_as_typed_op!();
@@ -71,61 +89,128 @@ impl Op for FusedAttention {
 
 impl TypedOp for FusedAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [q, kt, v] = [inputs[0], inputs[1], inputs[2]];
-        let dims = |f: &TypedFact, axes: [usize; 4]| axes.map(|a| f.shape.get(a).cloned());
-        let fits = inputs.iter().all(|f| f.rank() == 4 && f.datum_type == f32::datum_type())
-            && dims(kt, [0, 1, 3, 2]) == dims(q, [0, 1, 2, 3])
-            && dims(v, [0, 1, 2, 2]) == dims(q, [0, 1, 2, 2])
-            && inputs.get(3).is_none_or(|b| {
-                b.shape[0] == q.shape[0] && b.shape[1].is_one() && b.shape[2].is_one() && b.shape[3] == q.shape[2]
-            });
+        let fits = inputs.len() >= 3 && inputs.iter().all(|f| f.rank() == 4 && f.datum_type == f32::datum_type());
         if !fits {
             bail!("{FUSED_ATTENTION_OP} takes float32 q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N]; got {inputs:?}");
         }
-        Ok(tvec!(f32::fact([q.shape[0].clone(), q.shape[1].clone(), q.shape[2].clone(), v.shape[3].clone()])))
+        let [b, h, n, d] = self.ordered(0, &inputs[0].shape);
+        let [kb, kh, kd, kn] = self.ordered(1, &inputs[1].shape);
+        let [vb, vh, vn, dv] = self.ordered(2, &inputs[2].shape);
+        let fits = [kb, vb] == [b.clone(), b.clone()]
+            && [kh, vh] == [h.clone(), h.clone()]
+            && [kn, vn] == [n.clone(), n.clone()]
+            && kd == d
+            && inputs.get(3).is_none_or(|bias| *bias.shape == [b.clone(), 1.into(), 1.into(), n.clone()]);
+        if !fits {
+            bail!("{FUSED_ATTENTION_OP} (axes {:?}) takes q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N]; got {inputs:?}", self.layout);
+        }
+        let mut shape = [b.clone(), h.clone(), n.clone(), dv.clone()];
+        for (dim, &axis) in [b, h, n, dv].into_iter().zip(&self.layout[OUTPUT]) {
+            shape[axis] = dim;
+        }
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    /// Takes a moved axis on q, kᵀ, v or the output into its layout.
+    fn change_axes(&self, _model: &TypedModel, _node: &TypedNode, io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
+        let (tensor, &AxisOp::Move(from, to)) = (match io {
+            InOut::In(slot) if slot < 3 => slot,
+            InOut::Out(0) => OUTPUT,
+            _ => return Ok(None),
+        }, change) else {
+            return Ok(None);
+        };
+        let mut op = self.clone();
+        for axis in &mut op.layout[tensor] {
+            *axis = match *axis {
+                a if a == from => to,
+                a if from < a && a <= to => a - 1,
+                a if to <= a && a < from => a + 1,
+                a => a,
+            };
+        }
+        Ok(Some(AxisChangeConsequence { substitute_op: Some(Box::new(op)), wire_changes: tvec!((io, change.clone())) }))
     }
 
     as_op!();
+}
+
+/// Head (b, h) of a tensor whose axes in order have `strides`.
+fn head_matrix(data: &[f32], strides: [usize; 4], b: usize, h: usize) -> Matrix<'_> {
+    Matrix { data: &data[b * strides[0] + h * strides[1]..], row_stride: strides[2], col_stride: strides[3] }
+}
+
+/// The output tensor, written by all threads at once: each head writes its
+/// own elements only.
+struct SharedOut(*mut f32, usize);
+// SAFETY: the threads write disjoint elements (below), and the tensor
+// outlives them.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Writes `values` at `first`, `step` apart.
+    ///
+    /// # Safety
+    /// No other thread may read or write those elements meanwhile.
+    unsafe fn write(&self, first: usize, step: usize, values: &[f32]) {
+        assert!(first + (values.len().max(1) - 1) * step < self.1, "{FUSED_ATTENTION_OP}: an output index out of range");
+        for (k, &x) in values.iter().enumerate() {
+            // SAFETY: in range (above).
+            unsafe { *self.0.add(first + k * step) = x };
+        }
+    }
 }
 
 impl EvalOp for FusedAttention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let &[batch, heads, n, d] = inputs[0].shape() else { bail!("{FUSED_ATTENTION_OP}: q must be [B,H,N,D], is {:?}", inputs[0].shape()) };
-        let dv = inputs[2].shape().last().copied().unwrap_or(0);
-        if inputs[1].shape() != [batch, heads, d, n] || inputs[2].shape() != [batch, heads, n, dv] {
-            bail!("{FUSED_ATTENTION_OP}: kᵀ must be [{batch},{heads},{d},{n}] and v [{batch},{heads},{n},Dv]; are {:?} and {:?}", inputs[1].shape(), inputs[2].shape());
-        }
-        if let Some(b) = inputs.get(3).filter(|b| b.shape() != [batch, 1, 1, n]) {
-            bail!("{FUSED_ATTENTION_OP}: bias must be [{batch},1,1,{n}], is {:?}", b.shape());
-        }
+        let facts: TVec<TypedFact> = inputs.iter().map(|t| TypedFact::shape_and_dt_of(t)).collect();
+        let out_shape = self.output_facts(&facts.iter().collect::<TVec<_>>())?.remove(0).shape.as_concrete().map(|s| s.to_vec());
+        let out_shape = out_shape.context("concrete shapes")?;
+        let [batch, heads, n, d] = self.ordered(0, inputs[0].shape());
+        let dv = self.ordered(2, inputs[2].shape())[3];
+        let strides = |t: usize, shape: &[usize]| -> [usize; 4] {
+            let mut s = [1; 4];
+            for axis in (0..3).rev() {
+                s[axis] = s[axis + 1] * shape[axis + 1];
+            }
+            self.ordered(t, &s)
+        };
+        let [q_s, kt_s, v_s, o_s] = [0, 1, 2, OUTPUT].map(|t| strides(t, if t == OUTPUT { &out_shape } else { inputs[t].shape() }));
         fn floats(t: &TValue) -> TractResult<&[f32]> {
             t.try_as_plain_ram()?.as_slice::<f32>()
         }
         let (q, kt, v) = (floats(&inputs[0])?, floats(&inputs[1])?, floats(&inputs[2])?);
         let bias = inputs.get(3).map(floats).transpose()?;
         // Every element is written below, one head at a time.
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&[batch, heads, n, dv])? };
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         if n > 0 && dv > 0 {
             let mut view = out.try_as_plain_ram_mut()?;
             let o = view.as_slice_mut::<f32>()?;
+            let shared = SharedOut(o.as_mut_ptr(), o.len());
+            let mut all_heads: Vec<usize> = (0..batch * heads).collect();
             let work = batch * heads * n * n * (d + dv);
-            tract_linalg::multithread::par_chunks_mut(o, n * dv, work, |first, chunk| {
+            tract_linalg::multithread::par_chunks_mut(&mut all_heads, 1, work, |_, chunk| {
                 let mut scratch = Scratch::default();
-                for (k, out) in chunk.chunks_exact_mut(n * dv).enumerate() {
-                    let h = first + k;
+                for &bh in chunk.iter() {
+                    let (b, h) = (bh / heads, bh % heads);
                     let head = Head {
-                        q: &q[h * n * d..][..n * d],
-                        kt: &kt[h * d * n..][..d * n],
-                        v: &v[h * n * dv..][..n * dv],
-                        bias: bias.map(|b| &b[h / heads * n..][..n]),
+                        q: head_matrix(q, q_s, b, h),
+                        kt: head_matrix(kt, kt_s, b, h),
+                        v: head_matrix(v, v_s, b, h),
+                        bias: bias.map(|bias| &bias[b * n..][..n]),
                         scale: self.scale,
                         n,
                         d,
                         dv,
                     };
-                    attend(&head, out, &mut scratch);
+                    let base = b * o_s[0] + h * o_s[1];
+                    attend(&head, &mut scratch, &mut |i, c, values| {
+                        // SAFETY: elements (b, h, i, c..) are this head's own,
+                        // as the layout is a permutation of the axes.
+                        unsafe { shared.write(base + i * o_s[2] + c * o_s[3], o_s[3], values) }
+                    });
                 }
                 Ok(())
             })?;

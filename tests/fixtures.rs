@@ -64,6 +64,7 @@ fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> Pa
 /// `ProportionalBias` back into its own Add and fuses it into Q·Kᵀ.
 fn run_first_image_at_batch_1(model: &Path, refs: &BTreeMap<String, Tensor>) -> Tensor {
     use tract_onnx::prelude::*;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
     let pixels = refs["pixel_values"].slice(0, 0, 1).unwrap();
     let file = tome_compile::onnx_io::read(model).unwrap();
     let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::tract_ops::onnx() };
@@ -72,6 +73,31 @@ fn run_first_image_at_batch_1(model: &Path, refs: &BTreeMap<String, Tensor>) -> 
     let plan = m.into_optimized().unwrap().into_runnable().unwrap();
     let names: Vec<String> = plan.model().nodes().iter().map(|n| n.op().name().to_string()).collect();
     assert!(!names.iter().any(|n| n == "ProportionalBias"), "{}: the bias is not fused at batch 1", model.display());
+    // FusedAttention reads q, k, v in the layout they are sliced from the
+    // projection in, and writes its output in the one the next projection
+    // reads: no transpose runs in between.
+    let optimized = plan.model();
+    let transposes = |node: &TypedNode| match node.op().downcast_ref::<AxisOp>() {
+        Some(&AxisOp::Move(from, to)) => {
+            let dims = optimized.outlet_fact(node.inputs[0]).unwrap().shape.clone();
+            let crossed = if from < to { from + 1..to + 1 } else { to..from };
+            !dims[from].is_one() && !crossed.into_iter().all(|a| dims[a].is_one())
+        }
+        _ => false,
+    };
+    for node in optimized.nodes().iter().filter(|n| n.op().name() == "FusedAttention") {
+        let mut todo: Vec<(usize, bool)> = node.inputs.iter().take(3).map(|i| (i.node, true)).collect();
+        todo.extend(node.outputs[0].successors.iter().map(|s| (s.node, false)));
+        while let Some((id, up)) = todo.pop() {
+            let next = optimized.node(id);
+            assert!(!transposes(next), "{}: {} transposes next to {}", model.display(), next.name, node.name);
+            match (next.op().name(), up) {
+                (op, _) if op.contains("MatMul") || op == "Slice" || op == "Gather" => (),
+                (_, true) => todo.extend(next.inputs.iter().map(|i| (i.node, true))),
+                (_, false) => todo.extend(next.outputs.iter().flat_map(|o| &o.successors).map(|s| (s.node, false))),
+            }
+        }
+    }
     plan.run(tvec![pixels.into()]).unwrap().remove(0).into_tensor()
 }
 

@@ -5,11 +5,27 @@
 //! each tile of query rows stays in registers and cache from logits to
 //! output.
 
-/// One head's inputs, row-major: q [n,d], kᵀ [d,n], v [n,dv], bias [n].
+/// A matrix in a slice: element (i, j) at `data[i·row_stride + j·col_stride]`,
+/// so that q, k and v can be read where the projection left them.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Matrix<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+}
+
+/// One head's inputs: q [n,d], kᵀ [d,n], v [n,dv], bias [n].
 pub struct Head<'a> {
-    pub q: &'a [f32],
-    pub kt: &'a [f32],
-    pub v: &'a [f32],
+    pub q: Matrix<'a>,
+    pub kt: Matrix<'a>,
+    pub v: Matrix<'a>,
     pub bias: Option<&'a [f32]>,
     pub scale: f32,
     pub n: usize,
@@ -30,32 +46,33 @@ pub struct Scratch {
 
 /// Runs the tiles compiled for the best instruction set this CPU has:
 /// 4 query rows × 32 columns (8 AVX-512 registers), or 4 × 16 (8 AVX2 or
-/// NEON ones). Larger tiles spill: LLVM does not fully unroll them.
-pub fn attend(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
+/// NEON ones). Larger tiles spill: LLVM does not fully unroll them. The
+/// output goes to `write(i, c, values)`: row `i`, columns `c..c + values.len()`.
+pub fn attend(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { attend_avx512(head, out, scratch) };
+            return unsafe { attend_avx512(head, scratch, write) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { attend_avx2(head, out, scratch) };
+            return unsafe { attend_avx2(head, scratch, write) };
         }
     }
-    attend_tiles::<{ cfg!(target_arch = "aarch64") }, 4, 16>(head, out, scratch)
+    attend_tiles::<{ cfg!(target_arch = "aarch64") }, 4, 16>(head, scratch, write)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn attend_avx512(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
-    attend_tiles::<true, 4, 32>(head, out, scratch)
+unsafe fn attend_avx512(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
+    attend_tiles::<true, 4, 32>(head, scratch, write)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
-    attend_tiles::<true, 4, 16>(head, out, scratch)
+unsafe fn attend_avx2(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
+    attend_tiles::<true, 4, 16>(head, scratch, write)
 }
 
 /// For each tile of `R` query rows: its logits against every key, the
@@ -63,7 +80,7 @@ unsafe fn attend_avx2(head: &Head, out: &mut [f32], scratch: &mut Scratch) {
 /// of outer products `acc += a ⊗ b` over an `R × C` tile held in
 /// registers, reading Kᵀ and V from panels packed `C` columns wide.
 #[inline(always)]
-fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, out: &mut [f32], s: &mut Scratch) {
+fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, s: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
     let Head { q, kt, v, bias, scale, n, d, dv } = *head;
     let np = n.next_multiple_of(C);
     pack_panels::<C>(&mut s.kt, kt, d, n);
@@ -74,7 +91,7 @@ fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, ou
         // A short last tile repeats its last row; the repeats are not written.
         s.qt.clear();
         for k in 0..d {
-            s.qt.extend((0..R).map(|r| q[(i0 + r.min(rows - 1)) * d + k]));
+            s.qt.extend((0..R).map(|r| q.at(i0 + r.min(rows - 1), k)));
         }
         for (j0, panel) in (0..np).step_by(C).zip(s.kt.chunks_exact(d * C)) {
             let mut acc = [[0f32; C]; R];
@@ -97,7 +114,7 @@ fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, ou
             }
             let width = C.min(dv - c0);
             for (r, acc) in acc.iter().take(rows).enumerate() {
-                out[(i0 + r) * dv + c0..][..width].copy_from_slice(&acc[..width]);
+                write(i0 + r, c0, &acc[..width]);
             }
         }
     }
@@ -117,13 +134,17 @@ fn outer_add<const FMA: bool, const R: usize, const C: usize>(acc: &mut [[f32; C
 
 /// `src` [rows, width] as panels [⌈width/C⌉][rows][C], zero-padded on the
 /// right, so that a tile's inner loop reads memory in order.
-fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: &[f32], rows: usize, width: usize) {
+fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, width: usize) {
     dst.clear();
     dst.resize(width.div_ceil(C) * rows * C, 0.0);
     for (c0, panel) in (0..width).step_by(C).zip(dst.chunks_exact_mut(rows * C)) {
         let w = C.min(width - c0);
-        for (row, out) in src.chunks_exact(width).zip(panel.chunks_exact_mut(C)) {
-            out[..w].copy_from_slice(&row[c0..c0 + w]);
+        for (r, out) in panel.chunks_exact_mut(C).enumerate() {
+            if src.col_stride == 1 {
+                out[..w].copy_from_slice(&src.data[r * src.row_stride + c0..][..w]);
+            } else {
+                out[..w].iter_mut().enumerate().for_each(|(c, x)| *x = src.at(r, c0 + c));
+            }
         }
     }
 }
@@ -199,7 +220,7 @@ mod tests {
         for i in 0..h.n {
             let logits: Vec<f64> = (0..h.n)
                 .map(|j| {
-                    let dot = (0..h.d).fold(0.0, |s, k| round(s + round(h.q[i * h.d + k] as f64 * h.kt[k * h.n + j] as f64)));
+                    let dot = (0..h.d).fold(0.0, |s, k| round(s + round(h.q.at(i, k) as f64 * h.kt.at(k, j) as f64)));
                     round(round(dot * h.scale as f64) + h.bias.map_or(0.0, |b| b[j] as f64))
                 })
                 .collect();
@@ -207,7 +228,7 @@ mod tests {
             let e: Vec<f64> = logits.iter().map(|l| round(round(l - max).exp())).collect();
             let sum = e.iter().fold(0.0, |s, x| round(s + x));
             for c in 0..h.dv {
-                out[i * h.dv + c] = (0..h.n).fold(0.0, |s, j| round(s + round(round(e[j] / sum) * h.v[j * h.dv + c] as f64)));
+                out[i * h.dv + c] = (0..h.n).fold(0.0, |s, j| round(s + round(round(e[j] / sum) * h.v.at(j, c) as f64)));
             }
         }
         out
@@ -247,18 +268,21 @@ mod tests {
     fn tiles_are_as_accurate_as_the_attention_written_out_in_f32() {
         for (n, d, dv) in [(1, 1, 1), (5, 3, 7), (21, 32, 32), (37, 64, 64), (197, 64, 64), (33, 80, 40)] {
             let (q, kt, v, bias) = (values(n * d, 1), values(d * n, 2), values(n * dv, 3), values(n, 4));
-            for bias in [None, Some(bias.as_slice())] {
-                let head = Head { q: &q, kt: &kt, v: &v, bias, scale: 0.7, n, d, dv };
+            let rows = |data, width| Matrix { data, row_stride: width, col_stride: 1 };
+            let columns = |data, height| Matrix { data, row_stride: 1, col_stride: height };
+            // In order, and transposed in memory (k as [n,d] the way Q·Kᵀ reads it).
+            let layouts = [(rows(&q, d), rows(&kt, n), rows(&v, dv)), (columns(&q, n), columns(&kt, d), columns(&v, n))];
+            for (bias, (q, kt, v)) in [None, Some(bias.as_slice())].into_iter().flat_map(|b| layouts.map(|l| (b, l))) {
+                let head = Head { q, kt, v, bias, scale: 0.7, n, d, dv };
                 let mut out = vec![f32::NAN; n * dv];
-                attend(&head, &mut out, &mut Scratch::default());
+                attend(&head, &mut Scratch::default(), &mut |i, c, values| out[i * dv + c..][..values.len()].copy_from_slice(values));
                 let exact = naive(&head, |x| x);
                 let worst = |got: &[f64]| got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
                 let ours = worst(&out.iter().map(|&x| x as f64).collect::<Vec<_>>());
                 let plain_f32 = worst(&naive(&head, |x| x as f32 as f64));
-                let what = format!("n={n} d={d} dv={dv} bias={}", bias.is_some());
+                let what = format!("n={n} d={d} dv={dv} bias={} q row stride {}", bias.is_some(), q.row_stride);
                 assert!(ours <= 2.0 * plain_f32 + 1e-7, "{what}: off by {ours}, the f32 attention written out by {plain_f32}");
             }
         }
     }
 }
-
