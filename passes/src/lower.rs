@@ -20,14 +20,14 @@ pub const FUSED_ATTENTION_OP: &str = "FusedAttention";
 ///
 /// ```text
 ///  q ──┐
-///  kᵀ ─ MatMul ─ [Mul|Div by a constant] ─ [ProportionalBias(bias)] ─ Softmax ─┐
-///                                                                   v ─ MatMul ─ out
+///  kᵀ ─ MatMul ─ [Mul|Div by a constant] ─ [ProportionalBias(bias)] ─ Softmax ─ [Cast to float]* ─┐
+///                                                                                    v ─ MatMul ─ out
 ///    ⇒  q, kᵀ, v[, bias] ─ FusedAttention(scale) ─ out
 /// ```
 /// Seen in timm (classic and dynamo exporters, SDPA split scale), DeiT,
-/// torchvision, CLIP-, DINOv2-style and Hugging Face ViT SDPA exports. The
-/// opset-23 `Attention` op, float16 graphs and Hugging Face eager exports
-/// (a Cast between the Softmax and P·V) keep their nodes.
+/// torchvision, CLIP-, DINOv2-style and Hugging Face ViT exports (eager ones
+/// cast the probabilities to float). The opset-23 `Attention` op and float16
+/// graphs keep their nodes.
 pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     let softmax = g.node(block.attention);
     if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
@@ -54,8 +54,16 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     }
     let qk = g.node(id);
     chain.push(id);
-    let probs = softmax.output();
-    let [(av_id, 0)] = g.consumers(probs)[..] else { return None };
+    let mut probs = softmax.output();
+    let [(mut av_id, 0)] = g.consumers(probs)[..] else { return None };
+    // Hugging Face eager exports cast the probabilities to the query's type,
+    // twice: float to float, nothing to compute.
+    while g.node(av_id).op() == "Cast" && g.node(av_id).attr_int("to") == Some(FLOAT as i64) && !g.outputs.iter().any(|o| o == probs) {
+        chain.push(av_id);
+        probs = g.node(av_id).output();
+        let [(next, 0)] = g.consumers(probs)[..] else { return None };
+        av_id = next;
+    }
     let av = g.node(av_id);
     let (q, kt, v) = (qk.input(0)?, qk.input(1)?, av.input(1)?);
     let float4 = |t: &str| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == 4);
