@@ -53,11 +53,12 @@ def compile_model(src, label, flags):
 
 def tract(src, batch, iters):
     """tract's medians and ratios, every variant timed in the same turns:
-    the --target tract graph (one BipartiteMerge op per block), the standard-op
-    graph onnxruntime and TensorRT get (portable), and the timing bound."""
+    the --target tract graph (BipartiteMerge and FusedAttention ops), the
+    standard-op graph onnxruntime and TensorRT get (portable), the timing
+    bound, and the --target tract graph at r = 0 (what its ops alone are worth)."""
     out = subprocess.run([args.tome, "bench", src, "--r", "16", "--batch", str(batch), "--threads",
                           str(args.threads), "--iters", str(iters), "--warmup", "1", "--json",
-                          "--also", "portable,bound", "--profile", "3"],
+                          "--also", "portable,bound,r0", "--profile", "3"],
                          check=True, capture_output=True, text=True).stdout
     r = json.loads(out)
     also = {a["variant"]: a["speedup"] for a in r["also"]}
@@ -118,7 +119,7 @@ for name, batch in cases:
     bound = compile_model(src, "bound", ["--bound", "--verify", "off"])
     iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
     t_orig, t_comp, ideal, also, merge_share = tract(src, batch, iters)
-    tract_portable, tract_bound = also["portable"], also["bound"]
+    tract_portable, tract_bound, tract_r0 = also["portable"], also["bound"], also["r0"]
     models = [src, default, trt, bound]
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
     if name == "vit_base_patch16_224":
@@ -132,7 +133,7 @@ for name, batch in cases:
            "ort_orig_ms": o[0], "ort_comp_ms": o[1], "ort_speedup": o[0] / o[1],
            "ort_trt_target_vs_default": o[1] / o[2],
            "tract_portable_speedup": tract_portable, "tract_merge_share": merge_share,
-           "tract_bound_speedup": tract_bound, "ort_bound_speedup": o[0] / o[3],
+           "tract_bound_speedup": tract_bound, "tract_r0_speedup": tract_r0, "ort_bound_speedup": o[0] / o[3],
            "paper_ort_speedup": o[0] / o[4] if len(o) > 4 else None,
            "paper_vs_r16_ort_paired": paired(times[:, 4], times[:, 1]) if len(o) > 4 else None,
            "tract_comp_vs_ort_orig": o[0] / t_comp}
@@ -145,18 +146,19 @@ print("bound = the same token counts with tokens dropped, not merged: no merging
 print("paper export ms / r16 ms = the paper export's time over ours, runs paired within turns (> 1: ours is faster); "
       "median, 95% bootstrap interval")
 print("tract r16 = the --target tract graph; tract portable = the standard-op graph (what ort and TensorRT get) in tract; "
+      "tract r0 = the --target tract graph with nothing merged (its fused ops alone); "
       "merge = the matching and merge nodes' share of tract's per-node profile")
-print("| model | batch | ideal (MACs) | tract orig ms | tract r16 ms | tract r16 | tract portable | tract bound | merge, tract "
+print("| model | batch | ideal (MACs) | tract orig ms | tract r16 ms | tract r16 | tract portable | tract bound | tract r0 | merge, tract "
       "| ort orig ms | ort r16 ms | ort r16 | ort bound | paper export, ort | paper export ms / r16 ms, ort (paired, 95% CI) "
       "| tensorrt target vs default, ort "
       "| tract r16 vs ort orig |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     paper = f"{r['paper_ort_speedup']:.2f}x" if r["paper_ort_speedup"] else "-"
     p = r["paper_vs_r16_ort_paired"]
     paper_paired = f"{p[0]:.3f} ({p[1]:.3f}-{p[2]:.3f})" if p else "-"
     print(f"| {r['model']} | {r['batch']} | {r['ideal']:.2f}x | {r['tract_orig_ms']:.1f} | {r['tract_comp_ms']:.1f} "
-          f"| {r['tract_speedup']:.2f}x | {r['tract_portable_speedup']:.2f}x | {r['tract_bound_speedup']:.2f}x "
+          f"| {r['tract_speedup']:.2f}x | {r['tract_portable_speedup']:.2f}x | {r['tract_bound_speedup']:.2f}x | {r['tract_r0_speedup']:.2f}x "
           f"| {100 * r['tract_merge_share']:.1f}% | {r['ort_orig_ms']:.1f} | {r['ort_comp_ms']:.1f} "
           f"| {r['ort_speedup']:.2f}x | {r['ort_bound_speedup']:.2f}x "
           f"| {paper} | {paper_paired} | {r['ort_trt_target_vs_default']:.2f}x | {r['tract_comp_vs_ort_orig']:.2f}x |")
