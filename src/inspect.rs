@@ -83,7 +83,7 @@ pub fn render(i: &Inspection) -> String {
         if i.options.prop_attn { "on" } else { "off" },
         i.target,
         match i.options.tract_ops {
-            true => "merge as one BipartiteMerge op per block (tract with tome-compile's op only)",
+            true => "merge as one BipartiteMerge op and attention as one FusedAttention op per block (tract with tome-compile's ops only)",
             false => "merge as standard ops (gathers, no reducing scatter)",
         }
     );

@@ -13,6 +13,8 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::{attend, Head, Matrix, Scratch};
+
+use crate::tract_ops::floats;
 use tome_passes::lower::FUSED_ATTENTION_OP;
 
 pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -170,21 +172,14 @@ impl EvalOp for FusedAttention {
         let out_shape = out_shape.context("concrete shapes")?;
         let [batch, heads, n, d] = self.ordered(0, inputs[0].shape());
         let dv = self.ordered(2, inputs[2].shape())[3];
-        let strides = |t: usize, shape: &[usize]| -> [usize; 4] {
-            let mut s = [1; 4];
-            for axis in (0..3).rev() {
-                s[axis] = s[axis + 1] * shape[axis + 1];
-            }
-            self.ordered(t, &s)
-        };
-        let [q_s, kt_s, v_s, o_s] = [0, 1, 2, OUTPUT].map(|t| strides(t, if t == OUTPUT { &out_shape } else { inputs[t].shape() }));
-        fn floats(t: &TValue) -> TractResult<&[f32]> {
-            t.try_as_plain_ram()?.as_slice::<f32>()
-        }
         let (q, kt, v) = (floats(&inputs[0])?, floats(&inputs[1])?, floats(&inputs[2])?);
-        let bias = inputs.get(3).map(floats).transpose()?;
+        let bias = inputs.get(3).map(|b| floats(b)).transpose()?;
         // Every element is written below, one head at a time.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        // Tensors are dense, so strides are non-negative.
+        let strides = |t: usize, tensor: &Tensor| self.ordered(t, tensor.strides()).map(|s| s as usize);
+        let [q_s, kt_s, v_s] = [0, 1, 2].map(|t| strides(t, &inputs[t]));
+        let o_s = strides(OUTPUT, &out);
         if n > 0 && dv > 0 {
             let mut view = out.try_as_plain_ram_mut()?;
             let o = view.as_slice_mut::<f32>()?;

@@ -24,6 +24,11 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx
 }
 
+/// A float32 tensor's values, in memory order.
+pub(crate) fn floats(t: &Tensor) -> TractResult<&[f32]> {
+    t.try_as_plain_ram()?.as_slice::<f32>()
+}
+
 fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let r: i64 = node.get_attr("r")?;
     let prefix: i64 = node.get_attr_opt("prefix")?.unwrap_or(0);
@@ -128,12 +133,8 @@ impl EvalOp for BipartiteMerge {
         if let Some(size) = inputs.get(2).filter(|s| s.shape() != [batch, n, 1]) {
             bail!("{FUSED_MERGE_OP}: size must be [{batch},{n},1], is {:?}", size.shape());
         }
-        let x = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
-        let scores = inputs[1].try_as_plain_ram()?.as_slice::<f32>()?;
-        let size = match inputs.get(2) {
-            Some(s) => Some(s.try_as_plain_ram()?.as_slice::<f32>()?),
-            None => None,
-        };
+        let (x, scores) = (floats(&inputs[0])?, floats(&inputs[1])?);
+        let size = inputs.get(2).map(|s| floats(s)).transpose()?;
         let out_n = n - self.r;
         // Every element is written below, row by row.
         let mut out_x = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, c])? };
@@ -337,7 +338,7 @@ impl EvalOp for ProportionalBias {
         if bias.shape() != [batch, 1, 1, n] {
             bail!("{PROP_BIAS_OP}: bias must be [{batch},1,1,{n}], is {:?}", bias.shape());
         }
-        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?;
+        let bias = floats(&bias)?;
         let mut view = logits.try_as_plain_ram_mut()?;
         let rows_per_image = shape[1] * shape[2];
         for (k, row) in view.as_slice_mut::<f32>()?.chunks_exact_mut(n).enumerate() {
