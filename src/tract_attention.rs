@@ -102,9 +102,10 @@ impl TypedOp for FusedAttention {
             && [kh, vh] == [h.clone(), h.clone()]
             && [kn, vn] == [n.clone(), n.clone()]
             && kd == d
+            && d.as_i64() != Some(0)
             && inputs.get(3).is_none_or(|bias| *bias.shape == [b.clone(), 1.into(), 1.into(), n.clone()]);
         if !fits {
-            bail!("{FUSED_ATTENTION_OP} (axes {:?}) takes q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N]; got {inputs:?}", self.layout);
+            bail!("{FUSED_ATTENTION_OP} (axes {:?}) takes q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N], D > 0; got {inputs:?}", self.layout);
         }
         let mut shape = [b.clone(), h.clone(), n.clone(), dv.clone()];
         for (dim, &axis) in [b, h, n, dv].into_iter().zip(&self.layout[OUTPUT]) {
@@ -202,9 +203,9 @@ impl EvalOp for FusedAttention {
                     };
                     let base = b * o_s[0] + h * o_s[1];
                     attend(&head, &mut scratch, &mut |i, c, values| {
-                        // SAFETY: elements (b, h, i, c..) are this head's own,
+                        // SAFETY: elements (b, h, i.., c) are this head's own,
                         // as the layout is a permutation of the axes.
-                        unsafe { shared.write(base + i * o_s[2] + c * o_s[3], o_s[3], values) }
+                        unsafe { shared.write(base + i * o_s[2] + c * o_s[3], o_s[2], values) }
                     });
                 }
                 Ok(())

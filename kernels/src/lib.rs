@@ -1,8 +1,8 @@
 //! Compute kernels for tome-compile's tract ops, in their own crate so that
 //! debug builds (tests) still compile them optimised (`Cargo.toml`).
 //!
-//! `attend`: one head of `softmax(scale·q·kᵀ + bias)·v`, tiled so that
-//! each tile of query rows stays in registers and cache from logits to
+//! `attend`: one head of `softmax(scale·q·kᵀ + bias)·v`, a panel of
+//! queries at a time, so that the panel stays in cache from logits to
 //! output.
 
 /// A matrix in a slice: element (i, j) at `data[i·row_stride + j·col_stride]`,
@@ -33,21 +33,21 @@ pub struct Head<'a> {
     pub dv: usize,
 }
 
-/// Kᵀ and V packed into panels of whole tiles, one tile's query rows and
-/// probabilities transposed, and its logits; reused from head to head.
+/// Q, K and V packed as the tiles read them, and one panel of queries'
+/// logits; reused from head to head.
 #[derive(Default)]
 pub struct Scratch {
-    kt: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
     v: Vec<f32>,
-    qt: Vec<f32>,
     logits: Vec<f32>,
-    pt: Vec<f32>,
 }
 
 /// Runs the tiles compiled for the best instruction set this CPU has:
-/// 4 query rows × 32 columns (8 AVX-512 registers), or 4 × 16 (8 AVX2 or
-/// NEON ones). Larger tiles spill: LLVM does not fully unroll them. The
-/// output goes to `write(i, c, values)`: row `i`, columns `c..c + values.len()`.
+/// 6 keys × 32 queries (12 AVX-512 registers of 16 lanes), 6 × 16 (12 AVX2
+/// ones), or 4 × 16 elsewhere. Larger tiles spill: LLVM does not fully
+/// unroll them. The output goes to
+/// `write(i, c, values)`: column `c`, rows `i..i + values.len()`.
 pub fn attend(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -66,55 +66,49 @@ pub fn attend(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn attend_avx512(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
-    attend_tiles::<true, 4, 32>(head, scratch, write)
+    attend_tiles::<true, 6, 32>(head, scratch, write)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(head: &Head, scratch: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
-    attend_tiles::<true, 4, 16>(head, scratch, write)
+    attend_tiles::<true, 6, 16>(head, scratch, write)
 }
 
-/// For each tile of `R` query rows: its logits against every key, the
-/// softmax of each row, then its output rows as P·V. Both products are sums
-/// of outer products `acc += a ⊗ b` over an `R × C` tile held in
-/// registers, reading Kᵀ and V from panels packed `C` columns wide.
+/// For each panel of `C` queries: its logits against every key, transposed
+/// (a row per key, a column per query), the softmax of each column, then
+/// its output, transposed too, as Vᵀ·Pᵀ. Both products are sums of outer
+/// products `acc += a ⊗ b` over an `R × C` tile held in registers: `a`
+/// holds `R` keys (or channels of V), read from packed tiles, and `b` the
+/// panel's `C` queries, which stay in cache across the tiles.
 #[inline(always)]
 fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, s: &mut Scratch, write: &mut dyn FnMut(usize, usize, &[f32])) {
     let Head { q, kt, v, bias, scale, n, d, dv } = *head;
-    let np = n.next_multiple_of(C);
-    pack_panels::<C>(&mut s.kt, kt, d, n);
-    pack_panels::<C>(&mut s.v, v, n, dv);
-    s.logits.resize(R * np, 0.0);
-    for i0 in (0..n).step_by(R) {
-        let rows = R.min(n - i0);
-        // A short last tile repeats its last row; the repeats are not written.
-        s.qt.clear();
-        for k in 0..d {
-            s.qt.extend((0..R).map(|r| q.at(i0 + r.min(rows - 1), k)));
-        }
-        for (j0, panel) in (0..np).step_by(C).zip(s.kt.chunks_exact(d * C)) {
+    let qt = Matrix { row_stride: q.col_stride, col_stride: q.row_stride, ..q };
+    pack_panels::<C>(&mut s.q, qt, d, n);
+    pack_panels::<R>(&mut s.k, kt, d, n);
+    pack_panels::<R>(&mut s.v, v, n, dv);
+    s.logits.resize(n.next_multiple_of(R) * C, 0.0);
+    for (i0, q_panel) in (0..n).step_by(C).zip(s.q.chunks_exact(d * C)) {
+        for (rows, k_tile) in s.logits.chunks_exact_mut(R * C).zip(s.k.chunks_exact(d * R)) {
             let mut acc = [[0f32; C]; R];
-            for (a, b) in s.qt.chunks_exact(R).zip(panel.chunks_exact(C)) {
+            for (a, b) in k_tile.chunks_exact(R).zip(q_panel.chunks_exact(C)) {
                 outer_add::<FMA, R, C>(&mut acc, a, b);
             }
-            for (r, acc) in acc.iter().enumerate() {
-                s.logits[r * np + j0..][..C].copy_from_slice(acc);
-            }
+            rows.copy_from_slice(acc.as_flattened());
         }
-        softmax_rows::<FMA, R>(&mut s.logits, np, n, bias, scale);
-        s.pt.clear();
-        for j in 0..n {
-            s.pt.extend((0..R).map(|r| s.logits[r * np + j]));
-        }
-        for (c0, panel) in (0..dv).step_by(C).zip(s.v.chunks_exact(n * C)) {
+        // Rows past n are padding (zero keys); a short last panel's
+        // missing queries are zeros, computed and not written.
+        let probabilities = &mut s.logits[..n * C];
+        softmax_columns::<FMA, C>(probabilities, bias, scale);
+        let queries = C.min(n - i0);
+        for (c0, v_tile) in (0..dv).step_by(R).zip(s.v.chunks_exact(n * R)) {
             let mut acc = [[0f32; C]; R];
-            for (a, b) in s.pt.chunks_exact(R).zip(panel.chunks_exact(C)) {
+            for (a, b) in v_tile.chunks_exact(R).zip(probabilities.chunks_exact(C)) {
                 outer_add::<FMA, R, C>(&mut acc, a, b);
             }
-            let width = C.min(dv - c0);
-            for (r, acc) in acc.iter().take(rows).enumerate() {
-                write(i0 + r, c0, &acc[..width]);
+            for (c, acc) in (c0..dv).zip(&acc) {
+                write(i0, c, &acc[..queries]);
             }
         }
     }
@@ -149,31 +143,31 @@ fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, wid
     }
 }
 
-/// Each of the `R` rows of `logits` (`stride` apart, `n` long) becomes
-/// `softmax(scale·row + bias)`, rounded as the reference rounds it: `exp`
-/// rounded to nearest in f32, a sum in order, a division. ToMe's matching
-/// compares scores that can sit a few ulp apart, and the fixtures hold merge
-/// decisions that a 2-ulp exp or a reordered sum flips. The rows' sums run
-/// side by side, each in order, so that they do not wait on each other.
+/// Each column of `logits` (`C` queries side by side, a row per key)
+/// becomes `softmax(scale·column + bias)`, rounded as the reference rounds
+/// it: `exp` rounded to nearest in f32, a sum in order, a division. ToMe's
+/// matching compares scores that can sit a few ulp apart, and the fixtures
+/// hold merge decisions that a 2-ulp exp or a reordered sum flips. The
+/// columns' sums run side by side, each in order.
 #[inline(always)]
-fn softmax_rows<const FMA: bool, const R: usize>(logits: &mut [f32], stride: usize, n: usize, bias: Option<&[f32]>, scale: f32) {
-    for row in logits.chunks_exact_mut(stride).take(R) {
-        let row = &mut row[..n];
+fn softmax_columns<const FMA: bool, const C: usize>(logits: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+    let mut max = [f32::NEG_INFINITY; C];
+    for (j, row) in logits.chunks_exact_mut(C).enumerate() {
         match bias {
-            Some(bias) => row.iter_mut().zip(bias).for_each(|(x, b)| *x = *x * scale + b),
+            Some(bias) => row.iter_mut().for_each(|x| *x = *x * scale + bias[j]),
             None => row.iter_mut().for_each(|x| *x *= scale),
         }
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        row.iter_mut().for_each(|x| *x = exp::<FMA>(*x - max));
+        max.iter_mut().zip(&*row).for_each(|(m, &x)| *m = m.max(x));
     }
-    let mut sums = [0f32; R];
-    for j in 0..n {
-        for (r, sum) in sums.iter_mut().enumerate() {
-            *sum += logits[r * stride + j];
+    let mut sum = [0f32; C];
+    for row in logits.chunks_exact_mut(C) {
+        for ((x, m), sum) in row.iter_mut().zip(&max).zip(&mut sum) {
+            *x = exp::<FMA>(*x - m);
+            *sum += *x;
         }
     }
-    for (row, sum) in logits.chunks_exact_mut(stride).zip(sums) {
-        row[..n].iter_mut().for_each(|x| *x /= sum);
+    for row in logits.chunks_exact_mut(C) {
+        row.iter_mut().zip(&sum).for_each(|(x, sum)| *x /= sum);
     }
 }
 
@@ -264,6 +258,28 @@ mod tests {
         assert!(exp::<true>(f32::NAN).is_nan() && exp::<false>(f32::NAN).is_nan());
     }
 
+    /// Each output element is summed in the same order whatever the tile,
+    /// so the tile shape cannot change a bit (the fixtures' merge decisions
+    /// rest on that).
+    #[test]
+    fn every_tile_shape_gives_the_same_bits() {
+        for (n, d, dv) in [(1, 1, 1), (7, 5, 3), (37, 64, 64), (197, 64, 64)] {
+            let (q, kt, v, bias) = (values(n * d, 5), values(d * n, 6), values(n * dv, 7), values(n, 8));
+            let m = |data, row_stride| Matrix { data, row_stride, col_stride: 1 };
+            let head = Head { q: m(&q, d), kt: m(&kt, n), v: m(&v, dv), bias: Some(&bias), scale: 0.3, n, d, dv };
+            type Tiles = fn(&Head, &mut Scratch, &mut dyn FnMut(usize, usize, &[f32]));
+            let run = |tiles: Tiles| {
+                let mut out = vec![f32::NAN; n * dv];
+                tiles(&head, &mut Scratch::default(), &mut |i, c, values| values.iter().enumerate().for_each(|(k, &x)| out[(i + k) * dv + c] = x));
+                out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            let reference = run(attend_tiles::<false, 1, 1>);
+            for (shape, out) in [("4x16", run(attend_tiles::<false, 4, 16>)), ("6x32", run(attend_tiles::<false, 6, 32>)), ("3x8", run(attend_tiles::<false, 3, 8>))] {
+                assert!(out == reference, "n={n} d={d} dv={dv}: the {shape} tiles round differently from 1x1 ones");
+            }
+        }
+    }
+
     #[test]
     fn tiles_are_as_accurate_as_the_attention_written_out_in_f32() {
         for (n, d, dv) in [(1, 1, 1), (5, 3, 7), (21, 32, 32), (37, 64, 64), (197, 64, 64), (33, 80, 40)] {
@@ -275,7 +291,7 @@ mod tests {
             for (bias, (q, kt, v)) in [None, Some(bias.as_slice())].into_iter().flat_map(|b| layouts.map(|l| (b, l))) {
                 let head = Head { q, kt, v, bias, scale: 0.7, n, d, dv };
                 let mut out = vec![f32::NAN; n * dv];
-                attend(&head, &mut Scratch::default(), &mut |i, c, values| out[i * dv + c..][..values.len()].copy_from_slice(values));
+                attend(&head, &mut Scratch::default(), &mut |i, c, values| values.iter().enumerate().for_each(|(k, &x)| out[(i + k) * dv + c] = x));
                 let exact = naive(&head, |x| x);
                 let worst = |got: &[f64]| got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
                 let ours = worst(&out.iter().map(|&x| x as f64).collect::<Vec<_>>());
