@@ -10,6 +10,9 @@
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::math::Mul;
 use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::{attend, Head, Matrix, Scratch};
@@ -22,17 +25,23 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn In
     if !(3..=4).contains(&node.input.len()) || node.output.len() != 1 || !scale.is_finite() {
         bail!("{}: {FUSED_ATTENTION_OP} takes inputs (q, kᵀ, v[, bias]), a finite scale, and gives one output", node.name);
     }
-    Ok((expand(FusedAttention { scale, layout: IN_ORDER }), vec![]))
+    Ok((expand(FusedAttention { scale, layout: IN_ORDER, factors: [1.0; 2], picks: [None; 3] }), vec![]))
 }
 
 /// q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an optional bias [B,1,1,N]
 /// added to every row of logits; output [B,H,N,Dv], float32. `layout[t][a]`
 /// is the axis of tensor t (q, kᵀ, v, output) that holds its a-th axis in
-/// that order.
+/// that order. What tract's declutter folds in on top of the ONNX op:
+/// `factors`, scalars q and kᵀ are multiplied by first (a graph's `q·s`,
+/// rounded as that Mul rounds), and `picks`: `Some((axis, i))` when q, kᵀ
+/// or v is index `i` of its input's `axis`, one axis more than the four
+/// (timm's q, k and v slices of the qkv projection, read where they lie).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FusedAttention {
     pub scale: f32,
     pub layout: [[usize; 4]; 4],
+    pub factors: [f32; 2],
+    pub picks: [Option<(usize, usize)>; 3],
 }
 
 const IN_ORDER: [[usize; 4]; 4] = [[0, 1, 2, 3]; 4];
@@ -43,7 +52,9 @@ impl Eq for FusedAttention {}
 impl std::hash::Hash for FusedAttention {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.scale.to_bits().hash(state);
-        self.layout.hash(state)
+        self.layout.hash(state);
+        self.factors.map(f32::to_bits).hash(state);
+        self.picks.hash(state)
     }
 }
 
@@ -83,7 +94,11 @@ impl Op for FusedAttention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("scale={}", self.scale), format!("axes of q, kT, v, output: {:?}", self.layout)])
+        Ok(vec![
+            format!("scale={}", self.scale),
+            format!("axes of q, kT, v, output: {:?}", self.layout),
+            format!("q, kT multiplied by {:?}; (axis, index) picked in q, kT, v: {:?}", self.factors, self.picks),
+        ])
     }
 
     op_as_typed_op!();
@@ -91,7 +106,9 @@ impl Op for FusedAttention {
 
 impl TypedOp for FusedAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let fits = inputs.len() >= 3 && inputs.iter().all(|f| f.rank() == 4 && f.datum_type == f32::datum_type());
+        let rank = |t: usize| if t < 3 && self.picks[t].is_some() { 5 } else { 4 };
+        let picked = |t: usize| self.picks[t].is_none_or(|(axis, i)| inputs[t].shape[axis].as_i64().is_some_and(|len| (i as i64) < len));
+        let fits = inputs.len() >= 3 && inputs.iter().enumerate().all(|(t, f)| f.rank() == rank(t) && f.datum_type == f32::datum_type()) && (0..3).all(picked);
         if !fits {
             bail!("{FUSED_ATTENTION_OP} takes float32 q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N]; got {inputs:?}");
         }
@@ -114,6 +131,22 @@ impl TypedOp for FusedAttention {
         Ok(tvec!(f32::fact(shape)))
     }
 
+    /// Folds in a scalar multiplication of q or kᵀ, and a one-wide slice
+    /// (with its axis removed) of q, kᵀ or v: tract would copy each.
+    fn declutter(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+        for slot in 0..3 {
+            let producer = model.node(node.inputs[slot].node);
+            let folded = if slot < 2 && self.factors[slot] == 1.0 { self.fold_factor(model, producer, slot)? } else { None };
+            let folded = folded.or(if self.picks[slot].is_none() { self.fold_pick(model, producer, slot) } else { None });
+            if let Some((op, input)) = folded {
+                let mut inputs = node.inputs.clone();
+                inputs[slot] = input;
+                return Ok(Some(TypedModelPatch::replace_single_op(model, node, &inputs, op)?));
+            }
+        }
+        Ok(None)
+    }
+
     /// Takes a moved axis on q, kᵀ, v or the output into its layout.
     fn change_axes(&self, _model: &TypedModel, _node: &TypedNode, io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
         let (tensor, &AxisOp::Move(from, to)) = (match io {
@@ -123,14 +156,16 @@ impl TypedOp for FusedAttention {
         }, change) else {
             return Ok(None);
         };
+        let moved = |axis: usize| match axis {
+            a if a == from => to,
+            a if from < a && a <= to => a - 1,
+            a if to <= a && a < from => a + 1,
+            a => a,
+        };
         let mut op = self.clone();
-        for axis in &mut op.layout[tensor] {
-            *axis = match *axis {
-                a if a == from => to,
-                a if from < a && a <= to => a - 1,
-                a if to <= a && a < from => a + 1,
-                a => a,
-            };
+        op.layout[tensor] = op.layout[tensor].map(moved);
+        if let Some((axis, _)) = op.picks.get_mut(tensor).and_then(|p| p.as_mut()) {
+            *axis = moved(*axis);
         }
         Ok(Some(AxisChangeConsequence { substitute_op: Some(Box::new(op)), wire_changes: tvec!((io, change.clone())) }))
     }
@@ -138,9 +173,56 @@ impl TypedOp for FusedAttention {
     as_op!();
 }
 
-/// Head (b, h) of a tensor whose axes in order have `strides`.
-fn head_matrix(data: &[f32], strides: [usize; 4], b: usize, h: usize) -> Matrix<'_> {
-    Matrix { data: &data[b * strides[0] + h * strides[1]..], row_stride: strides[2], col_stride: strides[3] }
+impl FusedAttention {
+    /// `x · c` on q or kᵀ, `c` a uniform float32 constant that does not
+    /// broadcast `x`: the op with factor `c`, and `x`.
+    fn fold_factor(&self, model: &TypedModel, mul: &TypedNode, slot: usize) -> TractResult<Option<(Self, OutletId)>> {
+        let is_mul = mul.op_as::<TypedBinOp>().is_some_and(|op| op.0.is::<Mul>() && op.1.is_none());
+        if !is_mul || mul.inputs.len() != 2 {
+            return Ok(None);
+        }
+        let out = &mul.outputs[0].fact;
+        for (x, c) in [(mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])] {
+            let (x_fact, c_fact) = (model.outlet_fact(x)?, model.outlet_fact(c)?);
+            let uniform = c_fact.konst.as_ref().and_then(|k| k.as_uniform()).filter(|k| k.datum_type() == f32::datum_type());
+            let factor = uniform.as_ref().and_then(|k| k.cast_to_scalar::<f32>().ok());
+            if let Some(factor) = factor.filter(|_| x_fact.konst.is_none() && x_fact.shape == out.shape && out.datum_type == f32::datum_type()) {
+                let mut op = self.clone();
+                op.factors[slot] = factor;
+                return Ok(Some((op, x)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `Rm(a)` of a one-wide `Slice` on axis `a` at `i`: the op reading
+    /// index `i` of the slice's input, and that input. Not while that input
+    /// is a moved axis: tract's axis changes push such moves down through
+    /// the slices into this op's layout, and they cannot pass it once q, k
+    /// and v read one tensor (a move reaches a node through one input at a
+    /// time).
+    fn fold_pick(&self, model: &TypedModel, rm: &TypedNode, slot: usize) -> Option<(Self, OutletId)> {
+        let &AxisOp::Rm(axis) = rm.op_as::<AxisOp>()? else { return None };
+        let slice_node = model.node(rm.inputs[0].node);
+        let slice = slice_node.op_as::<Slice>()?;
+        let start = slice.start.as_i64()?;
+        if slice.axis != axis || slice.end.as_i64()? != start + 1 || start < 0 {
+            return None;
+        }
+        if model.node(slice_node.inputs[0].node).op_as::<AxisOp>().is_some_and(|op| matches!(op, AxisOp::Move(..))) {
+            return None;
+        }
+        let mut op = self.clone();
+        op.layout[slot] = op.layout[slot].map(|a| if a >= axis { a + 1 } else { a });
+        op.picks[slot] = Some((axis, start as usize));
+        Some((op, slice_node.inputs[0]))
+    }
+}
+
+/// Head (b, h) of a tensor whose axes in order have `strides`, starting at
+/// `offset`, its elements multiplied by `factor`.
+fn head_matrix(data: &[f32], offset: usize, strides: [usize; 4], factor: f32, b: usize, h: usize) -> Matrix<'_> {
+    Matrix { data: &data[offset + b * strides[0] + h * strides[1]..], row_stride: strides[2], col_stride: strides[3], factor }
 }
 
 /// The output tensor, written by all threads at once: each head writes its
@@ -180,6 +262,7 @@ impl EvalOp for FusedAttention {
         // Tensors are dense, so strides are non-negative.
         let strides = |t: usize, tensor: &Tensor| self.ordered(t, tensor.strides()).map(|s| s as usize);
         let [q_s, kt_s, v_s] = [0, 1, 2].map(|t| strides(t, &inputs[t]));
+        let [q_at, kt_at, v_at] = [0, 1, 2].map(|t| self.picks[t].map_or(0, |(axis, i)| i * inputs[t].strides()[axis] as usize));
         let o_s = strides(OUTPUT, &out);
         if n > 0 && dv > 0 {
             let mut view = out.try_as_plain_ram_mut()?;
@@ -192,9 +275,9 @@ impl EvalOp for FusedAttention {
                 for &bh in chunk.iter() {
                     let (b, h) = (bh / heads, bh % heads);
                     let head = Head {
-                        q: head_matrix(q, q_s, b, h),
-                        kt: head_matrix(kt, kt_s, b, h),
-                        v: head_matrix(v, v_s, b, h),
+                        q: head_matrix(q, q_at, q_s, self.factors[0], b, h),
+                        kt: head_matrix(kt, kt_at, kt_s, self.factors[1], b, h),
+                        v: head_matrix(v, v_at, v_s, 1.0, b, h),
                         bias: bias.map(|bias| &bias[b * n..][..n]),
                         scale: self.scale,
                         n,

@@ -5,19 +5,22 @@
 //! queries at a time, so that the panel stays in cache from logits to
 //! output.
 
-/// A matrix in a slice: element (i, j) at `data[i·row_stride + j·col_stride]`,
-/// so that q, k and v can be read where the projection left them.
+/// A matrix in a slice: element (i, j) is `data[i·row_stride + j·col_stride]
+/// × factor`, the product rounded to f32 as a multiplication node would
+/// round it, so that q, k and v can be read where the projection left them
+/// and a graph's scaling of q or k costs no pass of its own.
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub data: &'a [f32],
     pub row_stride: usize,
     pub col_stride: usize,
+    pub factor: f32,
 }
 
 impl Matrix<'_> {
     #[inline(always)]
     fn at(&self, i: usize, j: usize) -> f32 {
-        self.data[i * self.row_stride + j * self.col_stride]
+        self.data[i * self.row_stride + j * self.col_stride] * self.factor
     }
 }
 
@@ -135,7 +138,7 @@ fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, wid
         let w = C.min(width - c0);
         for (r, out) in panel.chunks_exact_mut(C).enumerate() {
             if src.col_stride == 1 {
-                out[..w].copy_from_slice(&src.data[r * src.row_stride + c0..][..w]);
+                out[..w].iter_mut().zip(&src.data[r * src.row_stride + c0..][..w]).for_each(|(o, x)| *o = x * src.factor);
             } else {
                 out[..w].iter_mut().enumerate().for_each(|(c, x)| *x = src.at(r, c0 + c));
             }
@@ -265,7 +268,7 @@ mod tests {
     fn every_tile_shape_gives_the_same_bits() {
         for (n, d, dv) in [(1, 1, 1), (7, 5, 3), (37, 64, 64), (197, 64, 64)] {
             let (q, kt, v, bias) = (values(n * d, 5), values(d * n, 6), values(n * dv, 7), values(n, 8));
-            let m = |data, row_stride| Matrix { data, row_stride, col_stride: 1 };
+            let m = |data, row_stride| Matrix { data, row_stride, col_stride: 1, factor: 1.0 };
             let head = Head { q: m(&q, d), kt: m(&kt, n), v: m(&v, dv), bias: Some(&bias), scale: 0.3, n, d, dv };
             type Tiles = fn(&Head, &mut Scratch, &mut dyn FnMut(usize, usize, &[f32]));
             let run = |tiles: Tiles| {
@@ -284,8 +287,8 @@ mod tests {
     fn tiles_are_as_accurate_as_the_attention_written_out_in_f32() {
         for (n, d, dv) in [(1, 1, 1), (5, 3, 7), (21, 32, 32), (37, 64, 64), (197, 64, 64), (33, 80, 40)] {
             let (q, kt, v, bias) = (values(n * d, 1), values(d * n, 2), values(n * dv, 3), values(n, 4));
-            let rows = |data, width| Matrix { data, row_stride: width, col_stride: 1 };
-            let columns = |data, height| Matrix { data, row_stride: 1, col_stride: height };
+            let rows = |data, width| Matrix { data, row_stride: width, col_stride: 1, factor: 1.0 };
+            let columns = |data, height| Matrix { data, row_stride: 1, col_stride: height, factor: 1.0 };
             // In order, and transposed in memory (k as [n,d] the way Q·Kᵀ reads it).
             let layouts = [(rows(&q, d), rows(&kt, n), rows(&v, dv)), (columns(&q, n), columns(&kt, d), columns(&v, n))];
             for (bias, (q, kt, v)) in [None, Some(bias.as_slice())].into_iter().flat_map(|b| layouts.map(|l| (b, l))) {
