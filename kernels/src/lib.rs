@@ -130,12 +130,23 @@ fn outer_add<const FMA: bool, const R: usize, const C: usize>(acc: &mut [[f32; C
 }
 
 /// `src` [rows, width] as panels [⌈width/C⌉][rows][C], zero-padded on the
-/// right, so that a tile's inner loop reads memory in order.
+/// right, so that a tile's inner loop reads memory in order. Inlined, so
+/// that it compiles for the caller's instruction set.
+#[inline(always)]
 fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, width: usize) {
     dst.clear();
     dst.resize(width.div_ceil(C) * rows * C, 0.0);
     for (c0, panel) in (0..width).step_by(C).zip(dst.chunks_exact_mut(rows * C)) {
         let w = C.min(width - c0);
+        if src.row_stride == 1 && src.col_stride != 1 {
+            // Columns lie in order in memory (q or k read transposed):
+            // read each column in order, write it down the panel.
+            for c in 0..w {
+                let column = &src.data[(c0 + c) * src.col_stride..][..rows];
+                panel.iter_mut().skip(c).step_by(C).zip(column).for_each(|(o, x)| *o = x * src.factor);
+            }
+            continue;
+        }
         for (r, out) in panel.chunks_exact_mut(C).enumerate() {
             if src.col_stride == 1 {
                 out[..w].iter_mut().zip(&src.data[r * src.row_stride + c0..][..w]).for_each(|(o, x)| *o = x * src.factor);
@@ -156,11 +167,14 @@ fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, wid
 fn softmax_columns<const FMA: bool, const C: usize>(logits: &mut [f32], bias: Option<&[f32]>, scale: f32) {
     let mut max = [f32::NEG_INFINITY; C];
     for (j, row) in logits.chunks_exact_mut(C).enumerate() {
-        match bias {
-            Some(bias) => row.iter_mut().for_each(|x| *x = *x * scale + bias[j]),
-            None => row.iter_mut().for_each(|x| *x *= scale),
+        let row: &mut [f32; C] = row.try_into().expect("C logits");
+        for (x, m) in row.iter_mut().zip(&mut max) {
+            *x = match bias {
+                Some(bias) => *x * scale + bias[j],
+                None => *x * scale,
+            };
+            *m = m.max(*x);
         }
-        max.iter_mut().zip(&*row).for_each(|(m, &x)| *m = m.max(x));
     }
     let mut sum = [0f32; C];
     for row in logits.chunks_exact_mut(C) {
