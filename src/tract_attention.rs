@@ -64,6 +64,50 @@ impl FusedAttention {
     fn ordered<T: Clone>(&self, t: usize, axes: &[T]) -> [T; 4] {
         self.layout[t].map(|a| axes[a].clone())
     }
+
+    /// `x · c` on q or kᵀ, `c` a uniform float32 constant that does not
+    /// broadcast `x`: the op with factor `c`, and `x`.
+    fn fold_factor(&self, model: &TypedModel, mul: &TypedNode, slot: usize) -> TractResult<Option<(Self, OutletId)>> {
+        let is_mul = mul.op_as::<TypedBinOp>().is_some_and(|op| op.0.is::<Mul>() && op.1.is_none());
+        if !is_mul || mul.inputs.len() != 2 {
+            return Ok(None);
+        }
+        let out = &mul.outputs[0].fact;
+        for (x, c) in [(mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])] {
+            let (x_fact, c_fact) = (model.outlet_fact(x)?, model.outlet_fact(c)?);
+            let uniform = c_fact.konst.as_ref().and_then(|k| k.as_uniform()).filter(|k| k.datum_type() == f32::datum_type());
+            let factor = uniform.as_ref().and_then(|k| k.cast_to_scalar::<f32>().ok());
+            if let Some(factor) = factor.filter(|_| x_fact.konst.is_none() && x_fact.shape == out.shape && out.datum_type == f32::datum_type()) {
+                let mut op = self.clone();
+                op.factors[slot] = factor;
+                return Ok(Some((op, x)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `Rm(a)` of a one-wide `Slice` on axis `a` at `i`: the op reading
+    /// index `i` of the slice's input, and that input. Not while that input
+    /// is a moved axis: tract's axis changes push such moves down through
+    /// the slices into this op's layout, and they cannot pass it once q, k
+    /// and v read one tensor (a move reaches a node through one input at a
+    /// time).
+    fn fold_pick(&self, model: &TypedModel, rm: &TypedNode, slot: usize) -> Option<(Self, OutletId)> {
+        let &AxisOp::Rm(axis) = rm.op_as::<AxisOp>()? else { return None };
+        let slice_node = model.node(rm.inputs[0].node);
+        let slice = slice_node.op_as::<Slice>()?;
+        let start = slice.start.as_i64()?;
+        if slice.axis != axis || slice.end.as_i64()? != start + 1 || start < 0 {
+            return None;
+        }
+        if model.node(slice_node.inputs[0].node).op_as::<AxisOp>().is_some_and(|op| matches!(op, AxisOp::Move(..))) {
+            return None;
+        }
+        let mut op = self.clone();
+        op.layout[slot] = op.layout[slot].map(|a| if a >= axis { a + 1 } else { a });
+        op.picks[slot] = Some((axis, start as usize));
+        Some((op, slice_node.inputs[0]))
+    }
 }
 
 impl Expansion for FusedAttention {
@@ -171,52 +215,6 @@ impl TypedOp for FusedAttention {
     }
 
     as_op!();
-}
-
-impl FusedAttention {
-    /// `x · c` on q or kᵀ, `c` a uniform float32 constant that does not
-    /// broadcast `x`: the op with factor `c`, and `x`.
-    fn fold_factor(&self, model: &TypedModel, mul: &TypedNode, slot: usize) -> TractResult<Option<(Self, OutletId)>> {
-        let is_mul = mul.op_as::<TypedBinOp>().is_some_and(|op| op.0.is::<Mul>() && op.1.is_none());
-        if !is_mul || mul.inputs.len() != 2 {
-            return Ok(None);
-        }
-        let out = &mul.outputs[0].fact;
-        for (x, c) in [(mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])] {
-            let (x_fact, c_fact) = (model.outlet_fact(x)?, model.outlet_fact(c)?);
-            let uniform = c_fact.konst.as_ref().and_then(|k| k.as_uniform()).filter(|k| k.datum_type() == f32::datum_type());
-            let factor = uniform.as_ref().and_then(|k| k.cast_to_scalar::<f32>().ok());
-            if let Some(factor) = factor.filter(|_| x_fact.konst.is_none() && x_fact.shape == out.shape && out.datum_type == f32::datum_type()) {
-                let mut op = self.clone();
-                op.factors[slot] = factor;
-                return Ok(Some((op, x)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// `Rm(a)` of a one-wide `Slice` on axis `a` at `i`: the op reading
-    /// index `i` of the slice's input, and that input. Not while that input
-    /// is a moved axis: tract's axis changes push such moves down through
-    /// the slices into this op's layout, and they cannot pass it once q, k
-    /// and v read one tensor (a move reaches a node through one input at a
-    /// time).
-    fn fold_pick(&self, model: &TypedModel, rm: &TypedNode, slot: usize) -> Option<(Self, OutletId)> {
-        let &AxisOp::Rm(axis) = rm.op_as::<AxisOp>()? else { return None };
-        let slice_node = model.node(rm.inputs[0].node);
-        let slice = slice_node.op_as::<Slice>()?;
-        let start = slice.start.as_i64()?;
-        if slice.axis != axis || slice.end.as_i64()? != start + 1 || start < 0 {
-            return None;
-        }
-        if model.node(slice_node.inputs[0].node).op_as::<AxisOp>().is_some_and(|op| matches!(op, AxisOp::Move(..))) {
-            return None;
-        }
-        let mut op = self.clone();
-        op.layout[slot] = op.layout[slot].map(|a| if a >= axis { a + 1 } else { a });
-        op.picks[slot] = Some((axis, start as usize));
-        Some((op, slice_node.inputs[0]))
-    }
 }
 
 /// Head (b, h) of a tensor whose axes in order have `strides`, starting at

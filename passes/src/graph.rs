@@ -172,7 +172,7 @@ impl Graph {
     /// Drops the constant `tensor` (an initializer or a `Constant` node) once
     /// nothing reads it any more.
     pub(crate) fn drop_if_orphaned(&mut self, tensor: &str) {
-        if self.outputs.iter().any(|o| o == tensor) || !self.consumers(tensor).is_empty() {
+        if self.is_output(tensor) || !self.consumers(tensor).is_empty() {
             return;
         }
         match self.producer(tensor) {
@@ -292,6 +292,11 @@ impl Graph {
 
     pub fn producer(&self, tensor: &str) -> Option<NodeIndex> {
         self.producer.get(tensor).copied()
+    }
+
+    /// Whether `tensor` is one of the graph's outputs.
+    pub fn is_output(&self, tensor: &str) -> bool {
+        self.outputs.iter().any(|o| o == tensor)
     }
 
     pub fn producer_node(&self, tensor: &str) -> Option<&Node> {

@@ -125,7 +125,7 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
         Ok((_, changed)) => changed.clone(),
         Err(_) => HashSet::new(),
     };
-    let exposed = g.outputs.iter().any(|o| o == SOURCE_OUTPUT);
+    let exposed = g.is_output(SOURCE_OUTPUT);
     g.write_into(model)?;
     let (report, _) = result?;
     if let (true, Some(graph)) = (exposed, model.graph.as_mut()) {

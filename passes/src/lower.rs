@@ -37,7 +37,7 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     // Each node of the chain must feed only the next one.
     let sole_input = |tensor: &str| -> Option<NodeIndex> {
         let id = g.producer(tensor)?;
-        (g.consumers(tensor).len() == 1 && !g.outputs.iter().any(|o| o == tensor)).then_some(id)
+        (g.consumers(tensor).len() == 1 && !g.is_output(tensor)).then_some(id)
     };
     let mut id = sole_input(softmax.input(0)?)?;
     let mut bias = None;
@@ -58,7 +58,7 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     let [(mut av_id, 0)] = g.consumers(probs)[..] else { return None };
     // Hugging Face eager exports cast the probabilities to the query's type,
     // twice: float to float, nothing to compute.
-    while g.node(av_id).op() == "Cast" && g.node(av_id).attr_int("to") == Some(FLOAT as i64) && !g.outputs.iter().any(|o| o == probs) {
+    while g.node(av_id).op() == "Cast" && g.node(av_id).attr_int("to") == Some(FLOAT as i64) && !g.is_output(probs) {
         chain.push(av_id);
         probs = g.node(av_id).output();
         let [(next, 0)] = g.consumers(probs)[..] else { return None };
@@ -67,7 +67,7 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     let av = g.node(av_id);
     let (q, kt, v) = (qk.input(0)?, qk.input(1)?, av.input(1)?);
     let float4 = |t: &str| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == 4);
-    if qk.op() != "MatMul" || av.op() != "MatMul" || g.outputs.iter().any(|o| o == probs) || ![q, kt, v].into_iter().all(float4) {
+    if qk.op() != "MatMul" || av.op() != "MatMul" || g.is_output(probs) || ![q, kt, v].into_iter().all(float4) {
         return None;
     }
     let mut patch = Patch::new(format!("{}: fused attention", block.name), av_id);
