@@ -173,7 +173,8 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     if opts.threads == 0 || opts.batch == 0 || opts.iters == 0 {
         return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
     }
-    let file = onnx_io::read(path)?;
+    let mut file = onnx_io::read(path)?;
+    crate::prepare(&mut file.proto, &opts.compile)?;
     let types = crate::infer_types(&file.proto, &file.dir)?;
     let macs_before = macs::count(&file.proto, &types);
     // The input compiled with `compile`, and its MACs.

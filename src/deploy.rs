@@ -140,10 +140,12 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
     let opts = &target.options(opts, format);
     crate::guard::catch_panics("compiling the model", || {
         let mut model = onnx_io::read(input)?;
+        let prepared = crate::prepare(&mut model.proto, opts)?;
         let types = crate::infer_types(&model.proto, &model.dir)?;
         let skip = verify::skip_reason(file.verify, &model.proto, &types);
         let original = skip.is_none().then(|| model.proto.clone());
-        let (report, _) = crate::rewrite(&mut model.proto, &model.dir, types, opts)?;
+        let (mut report, _) = crate::rewrite(&mut model.proto, &model.dir, types, opts)?;
+        report.prepared = prepared;
         validate(&model.proto, &model.dir, target)?;
         let verification = match original {
             Some(original) => verify::verify(&original, &model.proto, &model.dir, opts, file.verify == verify::Mode::On)?,
@@ -170,7 +172,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
 ///
 /// ```
 /// let bytes = std::fs::read("fixtures/timm_vit/model.onnx")?;
-/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, bound: false, tract_ops: false };
+/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, merged_tokens: false, image_size: None, bound: false, tract_ops: false };
 /// let (compiled, report) = tome_compile::compile_bytes(&bytes, &opts)?;
 /// assert_eq!(report.tokens_out, 101); // 197 tokens, 16 merged in each of 6 blocks
 /// assert!(!compiled.is_empty()); // ONNX bytes, ready to write or hand to a runtime

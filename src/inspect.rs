@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::deploy::{validate, Target};
 use crate::macs::{self, Macs};
-use crate::{onnx_io, Error, Options, Report};
+use crate::{onnx_io, Error, Options, PassError, Report};
 
 /// The result of inspecting one model under one schedule.
 #[derive(Clone, Debug)]
@@ -18,6 +18,8 @@ pub struct Inspection {
     pub target: Target,
     pub before: Macs,
     pub after: Macs,
+    /// The flag the head needs when none was given (the plan shown is with `--unmerge`).
+    pub needs: Option<String>,
 }
 
 impl Inspection {
@@ -31,20 +33,29 @@ impl Inspection {
 /// and counts MACs before and after.
 pub fn inspect(path: &Path, opts: &Options, target: Target) -> Result<Inspection, Error> {
     let opts = &target.options(opts, crate::Format::Onnx);
-    let file = onnx_io::read(path)?;
+    let mut file = onnx_io::read(path)?;
+    let prepared = crate::prepare(&mut file.proto, opts)?;
     let types = crate::infer_types(&file.proto, &file.dir)?;
     let before = macs::count(&file.proto, &types);
     let mut compiled = file.proto.clone();
+    let mut needs = None;
     let report = match crate::compile(&mut compiled, &file.dir, opts) {
         Ok(report) => report,
+        // A head that needs a flag is reported, planned as with --unmerge.
+        Err(Error::Pass(e @ (PassError::TokenOutput(_) | PassError::TokenConsumer { .. }))) => {
+            needs = Some(e.to_string());
+            compiled = file.proto.clone();
+            crate::compile(&mut compiled, &file.dir, &Options { unmerge: true, ..opts.clone() })?
+        }
         Err(e) => {
             print!("{}", render_diagnosis(&file.proto, types));
             return Err(e);
         }
     };
+    let report = Report { prepared, ..report };
     validate(&compiled, &file.dir, target)?;
     let after = macs::count(&compiled, &crate::infer_types(&compiled, &file.dir)?);
-    Ok(Inspection { report, options: opts.clone(), target, before, after })
+    Ok(Inspection { report, options: opts.clone(), target, before, after, needs })
 }
 
 /// Each attention node with the block it anchors or why it does not, for a
@@ -77,6 +88,15 @@ pub fn render(i: &Inspection) -> String {
         "tokens: {} = {} prefix + {} patches; head: {}\n",
         first.step.tokens_in, r.prefix, r.patches, r.head
     );
+    if let Some(needs) = &i.needs {
+        s += &format!("needs a flag: {needs}\n(the plan below is with --unmerge)\n");
+    }
+    for line in &r.prepared {
+        s += &format!("{line}\n");
+    }
+    if !r.canonical.is_empty() {
+        s += &format!("seen through (compute nothing here): {}\n", r.canonical.join(", "));
+    }
     s += &format!(
         "choices: --r {}, proportional attention {}, target {}, {}\n",
         i.options.schedule,
@@ -132,5 +152,8 @@ pub fn to_json(i: &Inspection) -> serde_json::Value {
         "macs_after": i.after.total(),
         "macs_after_merging": i.after.tome,
         "predicted_speedup": i.predicted_speedup(),
+        "needs": i.needs,
+        "seen_through": r.canonical,
+        "prepared": r.prepared,
     })
 }

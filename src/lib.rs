@@ -149,8 +149,11 @@ impl ErrorKind {
 /// A panic inside (tract's, on an odd graph) comes back as `Error::Panic`.
 pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<Report, Error> {
     guard::catch_panics("compiling the model", || {
+        let prepared = prepare(proto, opts)?;
         let types = infer_types(proto, dir)?;
-        rewrite(proto, dir, types, opts).map(|(report, _)| report)
+        let (mut report, _) = rewrite(proto, dir, types, opts)?;
+        report.prepared = prepared;
+        Ok(report)
     })
 }
 
@@ -178,6 +181,12 @@ pub(crate) fn compile_typed(
 /// is cheap (`verify::Mode::Auto`). Nothing is written on error.
 pub fn compile_file(input: &Path, output: &Path, opts: &Options) -> Result<Report, Error> {
     compile_file_with(input, output, opts, Target::Portable, Format::Onnx)
+}
+
+/// Readies an export for inference (`tome_passes::prepare`): onnxruntime's
+/// contrib ops unfused, a symbolic image input pinned.
+pub fn prepare(proto: &mut pb::ModelProto, opts: &Options) -> Result<Vec<String>, Error> {
+    Ok(tome_passes::prepare(proto, opts.image_size)?)
 }
 
 /// Element type and shape of every tensor, from tract's analysis; the batch

@@ -58,6 +58,9 @@ struct VisualizeArgs {
     /// Per-channel standard deviation.
     #[arg(long, value_delimiter = ',', default_values_t = [0.229, 0.224, 0.225])]
     std: Vec<f32>,
+    /// Image size for an input the export left symbolic (see compile).
+    #[arg(long, value_name = "HxW", value_parser = tools::parse_image_size)]
+    image_size: Option<[i64; 2]>,
     /// The PNG to write.
     #[arg(short, long)]
     output: PathBuf,
@@ -81,8 +84,17 @@ struct CompileArgs {
     /// For heads that read every patch token (a Reshape back to an image grid,
     /// as in segmentation): give each patch the value of the token it merged
     /// into, restoring the full sequence before that head.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tokens")]
     unmerge: bool,
+    /// For a graph output of every token (a backbone's last_hidden_state):
+    /// `merged` outputs the merged tokens and adds graph output `tome_size`
+    /// (each token's size); `full` is --unmerge.
+    #[arg(long, value_enum, value_name = "merged|full")]
+    tokens: Option<tools::TokensArg>,
+    /// Image size for an input whose height and width the export left
+    /// symbolic and the graph does not fix: `224x224` or `224`.
+    #[arg(long, value_name = "HxW", value_parser = tools::parse_image_size)]
+    image_size: Option<[i64; 2]>,
     /// Write the timing bound instead (see `bench --bound`): tokens dropped,
     /// not merged, so the outputs are wrong. For benchmarks only.
     #[arg(long, hide = true)]
@@ -235,7 +247,16 @@ fn compile(args: CompileArgs) -> Result<()> {
     };
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);
-    let opts = Options { schedule: schedule.clone(), prop_attn, unmerge: args.unmerge, bound: args.bound, tract_ops: false };
+    let (unmerge, merged_tokens) = tools::token_choice(args.unmerge, args.tokens);
+    let opts = Options {
+        schedule: schedule.clone(),
+        prop_attn,
+        unmerge,
+        merged_tokens,
+        image_size: args.image_size,
+        bound: args.bound,
+        tract_ops: false,
+    };
     let mode = match args.verify {
         VerifyArg::On => verify::Mode::On,
         VerifyArg::Off => verify::Mode::Off,
@@ -269,6 +290,12 @@ fn print_report(report: &Report, schedule: &Schedule, prop_attn: bool) {
         first.step.tokens_in - report.prefix,
         report.head
     );
+    for line in &report.prepared {
+        println!("{line}");
+    }
+    if !report.canonical.is_empty() {
+        println!("seen through (compute nothing here): {}", report.canonical.join(", "));
+    }
     println!("schedule --r {schedule}, proportional attention {}", if prop_attn { "on" } else { "off" });
     println!("{:<10} {:>4} {:>6} {:>7}", "block", "r", "tokens", "merged");
     for b in &report.blocks {
@@ -276,6 +303,9 @@ fn print_report(report: &Report, schedule: &Schedule, prop_attn: bool) {
         println!("{:<10} {:>4} {:>6} {:>7}{clamp}", b.name, b.step.r, b.step.tokens_in, b.step.tokens_out);
     }
     println!("tokens leaving the last block: {}", report.tokens_out);
+    for out in &report.merged_outputs {
+        println!("graph output {out} carries the {} merged tokens; their sizes are graph output tome_size", report.tokens_out);
+    }
 }
 
 fn run(args: RunArgs) -> Result<()> {
@@ -324,7 +354,16 @@ fn run(args: RunArgs) -> Result<()> {
 
 fn visualize(args: VisualizeArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: matches!(args.prop_attn, Switch::On), unmerge: false, bound: false, tract_ops: false };
+    // Only the sources are read, so any head is fine: restore full sequences where one is needed.
+    let opts = Options {
+        schedule,
+        prop_attn: matches!(args.prop_attn, Switch::On),
+        unmerge: true,
+        merged_tokens: false,
+        image_size: args.image_size,
+        bound: false,
+        tract_ops: false,
+    };
     let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
         bail!("--mean and --std take three comma-separated values, one per RGB channel");
     };

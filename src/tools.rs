@@ -190,8 +190,14 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     profile: usize,
     /// Restore the full token sequence for heads that read every patch token (see compile).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tokens")]
     unmerge: bool,
+    /// For a graph output of every token: merged or full (see compile).
+    #[arg(long, value_enum, value_name = "merged|full")]
+    tokens: Option<TokensArg>,
+    /// Image size for an input the export left symbolic (see compile).
+    #[arg(long, value_name = "HxW", value_parser = parse_image_size)]
+    image_size: Option<[i64; 2]>,
     /// Time the timing bound instead of the ToMe graph: the last r tokens of
     /// each block dropped, not merged. Same token counts, no merging cost,
     /// wrong outputs; the speedup any ToMe graph can at best reach here
@@ -212,7 +218,18 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let schedule: Schedule = args.r.as_deref().unwrap_or("0").parse()?;
     let opts = BenchOptions {
-        compile: Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: args.bound, tract_ops: !args.portable },
+        compile: {
+            let (unmerge, merged_tokens) = token_choice(args.unmerge, args.tokens);
+            Options {
+                schedule,
+                prop_attn: args.prop_attn == OnOff::On,
+                unmerge,
+                merged_tokens,
+                image_size: args.image_size,
+                bound: args.bound,
+                tract_ops: !args.portable,
+            }
+        },
         threads: args.threads.unwrap_or_else(bench::all_cores),
         batch: args.batch,
         iters: args.iters,
@@ -247,13 +264,53 @@ pub struct InspectArgs {
     #[arg(long)]
     json: bool,
     /// Plan with --unmerge, for heads that read every patch token (see compile).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tokens")]
     unmerge: bool,
+    /// For a graph output of every token: merged or full (see compile).
+    #[arg(long, value_enum, value_name = "merged|full")]
+    tokens: Option<TokensArg>,
+    /// Image size for an input the export left symbolic (see compile).
+    #[arg(long, value_name = "HxW", value_parser = parse_image_size)]
+    image_size: Option<[i64; 2]>,
+}
+
+/// What a graph output of every token carries after merging.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TokensArg {
+    /// The merged tokens, with graph output `tome_size`.
+    Merged,
+    /// Every original token (as --unmerge).
+    Full,
+}
+
+/// `--image-size`: `HxW` or one number for a square image.
+pub fn parse_image_size(s: &str) -> Result<[i64; 2], String> {
+    let parts: Vec<&str> = s.split(['x', 'X']).collect();
+    let sizes: Vec<i64> = parts.iter().map(|p| p.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| format!("{s}: expected HxW such as 224x224"))?;
+    match sizes.as_slice() {
+        [s] if *s > 0 => Ok([*s, *s]),
+        [h, w] if *h > 0 && *w > 0 => Ok([*h, *w]),
+        _ => Err(format!("{s}: expected HxW such as 224x224, positive")),
+    }
+}
+
+/// (unmerge, merged_tokens) from `--unmerge` and `--tokens`.
+pub fn token_choice(unmerge: bool, tokens: Option<TokensArg>) -> (bool, bool) {
+    (unmerge || tokens == Some(TokensArg::Full), tokens == Some(TokensArg::Merged))
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let schedule: Schedule = args.r.parse()?;
-    let opts = Options { schedule, prop_attn: args.prop_attn == OnOff::On, unmerge: args.unmerge, bound: false, tract_ops: false };
+    let (unmerge, merged_tokens) = token_choice(args.unmerge, args.tokens);
+    let opts = Options {
+        schedule,
+        prop_attn: args.prop_attn == OnOff::On,
+        unmerge,
+        merged_tokens,
+        image_size: args.image_size,
+        bound: false,
+        tract_ops: false,
+    };
     let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);

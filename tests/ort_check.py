@@ -2,6 +2,8 @@
 onnxruntime's outputs against the reference logits.
 
 Usage: python3 ort_check.py MANIFEST, one case per line: MODEL NPZ KEY PIXELS [TOL],
+KEY being a reference in NPZ compared with the first output, or KEY@OUTPUT
+with the output named OUTPUT, or KEY@OUTPUT#T with its token T (axis 1);
 PIXELS being the .npz whose `pixel_values` are the inputs (cast to the
 model's input type), TOL a relative tolerance replacing the spec's (used for
 float16 models, whose own arithmetic moves the float32 references).
@@ -22,7 +24,12 @@ for line in open(sys.argv[1]):
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     x = np.load(pixels)["pixel_values"]
     x = x.astype(np.float16) if sess.get_inputs()[0].type == "tensor(float16)" else x
-    y = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float32)
+    key, _, output = key.partition("@")
+    output, _, token = output.partition("#")
+    names = [o.name for o in sess.get_outputs()]
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[names.index(output) if output else 0].astype(np.float32)
+    if token:
+        y = y[:, int(token)]
     ref = data[key]
     if tol:
         rel = [float(np.abs(y[i] - ref[i]).max() / np.abs(ref[i]).max()) for i in range(len(ref))]

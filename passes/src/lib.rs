@@ -3,23 +3,30 @@
 //!
 //! The pipeline, in order (`compile`):
 //! 1. `Graph::take_from`: ONNX nodes into a `StableGraph`, weights moved, not copied.
-//! 2. `matcher::match_vit`: blocks, prefix tokens and head, or a reason to refuse.
-//! 3. `schedule::plan`: r per block, clamped as tokens shrink.
-//! 4. Per block, in order, since each needs the sizes the previous merge left:
+//! 2. `canon::canonicalize`: nodes that compute nothing here (an all-true
+//!    attention mask, Identity, Dropout, ...) are seen through, first, so
+//!    that the matcher meets one form of what every exporter writes.
+//! 3. `matcher::match_vit`: blocks, prefix tokens and head, or a reason to refuse.
+//! 4. `schedule::plan`: r per block, clamped as tokens shrink.
+//! 5. Per block, in order, since each needs the sizes the previous merge left:
 //!    `tome::proportional_attention` (reads the incoming sizes), then `tome::merge`.
-//! 5. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
-//! 6. `tome::retarget_token_constants`, once every merge tells how many
+//! 6. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
+//! 7. `tome::retarget_token_constants`, once every merge tells how many
 //!    tokens reach each node.
-//! 7. For tract (`Options::tract_ops`), `lower::fuse_attention` per block,
+//! 8. For tract (`Options::tract_ops`), `lower::fuse_attention` per block,
 //!    last: it swallows the proportional bias the passes above add.
-//! 8. `Graph::write_into`: topologically sorted nodes back into the model.
+//! 9. `Graph::write_into`: topologically sorted nodes back into the model.
 
+pub mod canon;
+pub mod contrib;
 pub mod graph;
+pub mod inputs;
 pub mod lower;
 pub mod matcher;
 pub mod patch;
 pub mod schedule;
 pub mod tome;
+pub mod values;
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,6 +49,11 @@ pub enum PassError {
          breaks; pass --unmerge to restore the full token sequence before it"
     )]
     TokenConsumer { node: String, op: String },
+    #[error(
+        "graph output {0} is every token after the last block, which merging shortens; pass --tokens merged to output \
+         the merged tokens (and each one's size as graph output `tome_size`), or --unmerge to restore the full sequence"
+    )]
+    TokenOutput(String),
     #[error("bad --r {0}")]
     BadSchedule(String),
     #[error("tensor {0} has no inferred type")]
@@ -63,6 +75,12 @@ pub struct Options {
     pub prop_attn: bool,
     /// Restore the full token sequence for heads that read every patch token.
     pub unmerge: bool,
+    /// A graph output of every token carries the merged tokens instead, and
+    /// graph output `tome_size` [batch, tokens, 1] the patches each stands for.
+    pub merged_tokens: bool,
+    /// [height, width] of an image input the export left symbolic and whose
+    /// graph does not fix it (`inputs::pin_image_input`).
+    pub image_size: Option<[i64; 2]>,
     /// Not ToMe but its timing bound: drop the last r tokens of each block
     /// instead of merging them (`tome::truncate`). The blocks see the
     /// compiled token counts with no matching, merging or proportional
@@ -101,12 +119,33 @@ pub struct Report {
     pub fused_merges: usize,
     /// Attentions written as one `FusedAttention` node (`Options::tract_ops`).
     pub fused_attentions: usize,
+    /// What the canonical view saw through (`canon`), one line per kind.
+    pub canonical: Vec<String>,
+    /// Graph outputs that carry the merged tokens (`Options::merged_tokens`).
+    pub merged_outputs: Vec<String>,
+    /// What `prepare` did before inference: contrib ops unfused, a symbolic
+    /// image input pinned.
+    pub prepared: Vec<String>,
+}
+
+/// Readies an exported model for type inference, before `compile`:
+/// onnxruntime's fused contrib ops become standard ops (`contrib`), and an
+/// image input left symbolic gets its channels and size (`inputs`). Returns
+/// one line per thing done, for the report.
+pub fn prepare(model: &mut pb::ModelProto, image_size: Option<[i64; 2]>) -> Result<Vec<String>, PassError> {
+    let mut done: Vec<String> = contrib::unfuse(model)?.into_iter().map(|op| format!("unfused {op} (onnxruntime contrib op)")).collect();
+    done.extend(inputs::pin_image_input(model, image_size)?);
+    Ok(done)
 }
 
 /// Rewrites `model` in place to apply ToMe; `types` holds every tensor's type.
 pub fn compile(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, opts: &Options) -> Result<Report, PassError> {
     compile_with(model, types, opts, false)
 }
+
+/// Name of the graph output `Options::merged_tokens` adds: each output
+/// token's size (how many original tokens it stands for).
+pub const SIZE_OUTPUT: &str = "tome_size";
 
 /// Name of the extra graph output `compile_exposing_sources` adds.
 pub const SOURCE_OUTPUT: &str = "tome_source";
@@ -126,10 +165,22 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
         Err(_) => HashSet::new(),
     };
     let exposed = g.is_output(SOURCE_OUTPUT);
+    let sized = g.is_output(SIZE_OUTPUT);
     g.write_into(model)?;
     let (report, _) = result?;
-    if let (true, Some(graph)) = (exposed, model.graph.as_mut()) {
-        graph.output.push(source_output_info(&report));
+    if let Some(graph) = model.graph.as_mut() {
+        let batch = batch_dim(graph);
+        let tokens_in = report.blocks.first().map(|b| b.step.tokens_in).unwrap_or(0) as i64;
+        if exposed {
+            graph.output.push(output_info(SOURCE_OUTPUT, graph::INT64, vec![batch.clone(), Dim::Fixed(tokens_in)]));
+        }
+        if sized {
+            let tokens = Dim::Fixed(report.tokens_out as i64);
+            for out in graph.output.iter_mut().filter(|o| report.merged_outputs.contains(&o.name)) {
+                set_token_dim(out, report.tokens_out as i64);
+            }
+            graph.output.push(output_info(SIZE_OUTPUT, graph::FLOAT, vec![batch, tokens, Dim::Fixed(1)]));
+        }
     }
     if let Some(graph) = model.graph.as_mut() {
         let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
@@ -147,16 +198,26 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     if g.opset < 13 {
         return Err(PassError::OldOpset(g.opset));
     }
+    let canonical = canon::canonicalize(g)?;
     let vit = matcher::match_vit(g)?;
+    let dense = match &vit.head {
+        Head::Grid { tensor, op, .. } if op == "output" => Some(tensor.clone()),
+        _ => None,
+    };
     let unmerge_at = match &vit.head {
         Head::Grid { tensor, .. } if opts.unmerge => Some(tensor.clone()),
+        Head::Grid { .. } if dense.is_some() && opts.merged_tokens => None,
+        Head::Grid { tensor, op, .. } if op == "output" => return Err(PassError::TokenOutput(tensor.clone())),
         Head::Grid { reader, op, .. } => {
             return Err(PassError::TokenConsumer { node: reader.clone(), op: op.clone() });
         }
         _ => None,
     };
-    if opts.bound && (unmerge_at.is_some() || expose_sources) {
-        return Err(PassError::Unsupported("the timing bound drops tokens, so it cannot restore them (--unmerge) or map them".into()));
+    let size_output = dense.filter(|_| unmerge_at.is_none() && opts.merged_tokens);
+    if opts.bound && (unmerge_at.is_some() || expose_sources || size_output.is_some()) {
+        return Err(PassError::Unsupported(
+            "the timing bound drops tokens, so it cannot restore them (--unmerge), map them or size them (--tokens merged)".into(),
+        ));
     }
     let requested = opts.schedule.per_block(vit.blocks.len())?;
     let steps = schedule::plan(&requested, vit.tokens, vit.prefix);
@@ -202,6 +263,12 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         patch::apply(g, p)?;
         g.outputs.push(SOURCE_OUTPUT.into());
     }
+    if let Some(tokens) = &size_output {
+        let p = tome::size_output(g, tokens, merged.last().map(|m| m.size.as_str()), SIZE_OUTPUT)?;
+        labels.push(p.label.clone());
+        patch::apply(g, p)?;
+        g.outputs.push(SIZE_OUTPUT.into());
+    }
     let mut stages: Vec<(String, usize)> = merged.iter().map(|m| (m.x.clone(), m.tokens)).collect();
     if let (Some(tensor), Some(source)) = (&unmerge_at, merged.last().and_then(|m| m.source.as_deref())) {
         let (p, full) = tome::unmerge(g, tensor, source, vit.tokens)?;
@@ -244,21 +311,44 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         patch_labels: labels,
         fused_merges: g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).count(),
         fused_attentions: g.nodes().filter(|id| g.node(*id).op() == lower::FUSED_ATTENTION_OP).count(),
+        canonical,
+        merged_outputs: size_output.into_iter().collect(),
+        prepared: vec![],
     };
     Ok((report, changed))
 }
 
-/// `tome_source`: int64 [batch, tokens], batch named like the model's input.
-fn source_output_info(report: &Report) -> pb::ValueInfoProto {
+/// The batch axis as the model's first input names it ("batch" if it does not).
+fn batch_dim(graph: &pb::GraphProto) -> Dim {
+    use pb::tensor_shape_proto::dimension::Value;
+    let first = graph.input.iter().find(|i| !graph.initializer.iter().any(|t| t.name == i.name));
+    let dim0 = first.and_then(|i| {
+        let pb::type_proto::Value::TensorType(t) = i.r#type.as_ref()?.value.as_ref()?;
+        t.shape.as_ref()?.dim.first()?.value.clone()
+    });
+    match dim0 {
+        Some(Value::DimParam(p)) => Dim::Symbol(p),
+        Some(Value::DimValue(v)) => Dim::Fixed(v),
+        None => Dim::Symbol("batch".into()),
+    }
+}
+
+/// A graph output's declaration.
+fn output_info(name: &str, elem: i32, shape: Vec<Dim>) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    let tokens = report.blocks.first().map(|b| b.step.tokens_in).unwrap_or(0) as i64;
-    let dim = |v: Value| Dimension { value: Some(v), ..Default::default() };
+    let dim = |d: Dim| Dimension {
+        value: Some(match d {
+            Dim::Fixed(v) => Value::DimValue(v),
+            Dim::Symbol(s) => Value::DimParam(s),
+        }),
+        ..Default::default()
+    };
     pb::ValueInfoProto {
-        name: SOURCE_OUTPUT.into(),
+        name: name.into(),
         r#type: Some(pb::TypeProto {
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: graph::INT64,
-                shape: Some(pb::TensorShapeProto { dim: vec![dim(Value::DimParam("batch".into())), dim(Value::DimValue(tokens))] }),
+                elem_type: elem,
+                shape: Some(pb::TensorShapeProto { dim: shape.into_iter().map(dim).collect() }),
             })),
             ..Default::default()
         }),
@@ -266,11 +356,22 @@ fn source_output_info(report: &Report) -> pb::ValueInfoProto {
     }
 }
 
+/// Declares the token axis (axis 1) of a graph output as `tokens` long.
+fn set_token_dim(out: &mut pb::ValueInfoProto, tokens: i64) {
+    use pb::tensor_shape_proto::dimension::Value;
+    if let Some(pb::type_proto::Value::TensorType(t)) = out.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        if let Some(d) = t.shape.as_mut().and_then(|s| s.dim.get_mut(1)) {
+            d.value = Some(Value::DimValue(tokens));
+        }
+    }
+}
+
 /// Every attention node of `model` and whether it anchors a block (see
 /// `matcher::diagnose`); `types` as for `compile`.
 pub fn diagnose(model: &pb::ModelProto, types: HashMap<String, TensorType>) -> Result<Vec<matcher::Diagnosis>, PassError> {
     let mut copy = pb::ModelProto { graph: model.graph.clone(), opset_import: model.opset_import.clone(), ..Default::default() };
-    let g = Graph::take_from(&mut copy, types)?;
+    let mut g = Graph::take_from(&mut copy, types)?;
+    canon::canonicalize(&mut g)?;
     matcher::diagnose(&g)
 }
 

@@ -41,7 +41,10 @@ pub enum Head {
     /// which must become size-weighted.
     AveragePool { reduce: NodeIndex, slice: Option<NodeIndex>, start: usize },
     /// `reader` uses `tensor` as a sequence of every patch (a Reshape back to
-    /// an H×W grid, say): it needs the full sequence back (`--unmerge`).
+    /// an H×W grid, say): it needs the full sequence back (`--unmerge`). A
+    /// graph output of every token (`op` "output", a backbone's
+    /// `last_hidden_state`) may instead carry the merged tokens
+    /// (`Options::merged_tokens`). Prefix tokens read beside it never move.
     Grid { tensor: String, reader: String, op: String },
 }
 
@@ -51,6 +54,7 @@ impl Head {
             Head::Tokens(ix) if ix.len() == 1 => format!("token {}", ix[0]),
             Head::Tokens(ix) => format!("tokens {ix:?}"),
             Head::AveragePool { start, .. } => format!("average pool over tokens {start}.. (size-weighted)"),
+            Head::Grid { reader, op, .. } if op == "output" => format!("{reader} is every token"),
             Head::Grid { reader, op, .. } => format!("{reader} ({op}) reads every patch token (unmerged)"),
         }
     }
@@ -238,15 +242,24 @@ fn walk_to_matmul(g: &Graph, logits: &str, lt: &TensorType) -> Result<NodeIndex,
             "Mul" | "Div" | "Add" | "Sub" | "Cast" => {
                 let same = node.proto.input.iter().find(|i| g.ty(i).is_some_and(|t| t.shape == lt.shape));
                 let same = same.ok_or_else(|| format!("{} ({}) does not carry the logits", node.name(), node.op()))?;
-                let position_bias = node.proto.input.iter().filter(|i| *i != same).any(|i| {
-                    g.ty(i).is_some_and(|t| t.rank() >= 2 && t.shape[t.rank() - 2..].iter().all(|d| Some(d) == tokens.as_ref()))
-                });
-                if node.op() == "Add" && position_bias {
-                    return Err(format!(
-                        "{} adds a token-by-token bias to the logits (a relative position bias, as in BEiT or Swin); \
-                         merged tokens would misindex it",
-                        node.name()
-                    ));
+                let per_key = |t: &TensorType| t.rank() >= 2 && t.shape.last() == tokens.as_ref();
+                let bias = node.proto.input.iter().filter(|i| *i != same).filter_map(|i| g.ty(i)).find(|t| per_key(t));
+                match bias {
+                    Some(t) if node.op() == "Add" && Some(&t.shape[t.rank() - 2]) == tokens.as_ref() => {
+                        return Err(format!(
+                            "{} adds a token-by-token bias to the logits (a relative position bias, as in BEiT or Swin); \
+                             merged tokens would misindex it",
+                            node.name()
+                        ))
+                    }
+                    Some(_) if matches!(node.op(), "Add" | "Sub") => {
+                        return Err(format!(
+                            "{} adds a per-key attention mask to the logits that is not all zero; merged tokens would \
+                             misindex it, and tome-compile does not merge masks yet",
+                            node.name()
+                        ))
+                    }
+                    _ => (),
                 }
                 tensor = same.clone();
             }
@@ -338,11 +351,12 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
     let is_token_tensor = |t: &str| g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64));
     let mut read = vec![];
     let mut pool = None;
+    let mut dense = None;
     let mut queue = VecDeque::from([last.to_string()]);
     let mut seen = HashSet::new();
     while let Some(tensor) = queue.pop_front() {
-        if g.outputs.contains(&tensor) {
-            return Ok(Head::Grid { tensor: tensor.clone(), reader: format!("graph output {tensor}"), op: "output".into() });
+        if g.is_output(&tensor) && dense.is_none() {
+            dense = Some(Head::Grid { tensor: tensor.clone(), reader: format!("graph output {tensor}"), op: "output".into() });
         }
         let grid = |node: &crate::graph::Node| Head::Grid {
             tensor: tensor.clone(),
@@ -387,6 +401,10 @@ fn match_head(g: &Graph, last: &str, tokens: usize, prefix: usize) -> Result<Hea
         }
     }
     match (pool, read.is_empty()) {
+        (Some(_), _) if dense.is_some() => {
+            Err(PassError::Unsupported("the head mixes an average pool and a graph output of every token".into()))
+        }
+        (_, _) if dense.is_some() => Ok(dense.unwrap_or(Head::Tokens(vec![]))),
         (Some(p), true) => Ok(p),
         (None, false) => {
             read.sort();

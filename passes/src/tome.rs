@@ -576,3 +576,36 @@ pub fn retarget_token_constants(
     }
     patches
 }
+
+/// Graph output `name`: the size of each token of the graph output `tokens`
+/// ([B, N, 1] float32), `size` as the last merge left it, or ones when no
+/// block merges.
+pub fn size_output(g: &Graph, tokens: &str, size: Option<&str>, name: &str) -> Result<Patch, PassError> {
+    let producer = g.producer(tokens).ok_or_else(|| PassError::MissingType(tokens.to_string()))?;
+    let mut patch = Patch::new(format!("{name}: token sizes"), producer);
+    let mut e = Emitter::new(&mut patch, name, g.opset);
+    let size = match size {
+        Some(s) => s.to_string(),
+        None => {
+            let shape = e.op("Shape", "tokens_shape", &[tokens], vec![]);
+            let rows = e.slice("rows", &shape, 0, 0, 2, 1);
+            let one = e.const_i64("unit", &[1], &[1]);
+            let dims = e.op("Concat", "dims", &[&rows, &one], vec![int_attr("axis", 0)]);
+            let fill = crate::pb::AttributeProto {
+                name: "value".into(),
+                r#type: 4,
+                t: Some(crate::graph::float_tensor("", &[1], &[1.0])),
+                ..Default::default()
+            };
+            e.op("ConstantOfShape", "ones", &[&dims], vec![fill])
+        }
+    };
+    patch.nodes.push(crate::pb::NodeProto {
+        name: format!("{name}.identity"),
+        op_type: "Identity".into(),
+        input: vec![size],
+        output: vec![name.to_string()],
+        ..Default::default()
+    });
+    Ok(patch)
+}
