@@ -174,8 +174,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
         return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
     }
     let mut file = onnx_io::read(path)?;
-    crate::prepare(&mut file.proto, &opts.compile)?;
-    let types = crate::infer_types(&file.proto, &file.dir)?;
+    let (_, types) = crate::prepare(&mut file.proto, &file.dir, &opts.compile)?;
     let macs_before = macs::count(&file.proto, &types);
     // The input compiled with `compile`, and its MACs.
     let compiled_with = |compile: &Options| -> Result<(pb::ModelProto, Report, Macs), Error> {

@@ -140,8 +140,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
     let opts = &target.options(opts, format);
     crate::guard::catch_panics("compiling the model", || {
         let mut model = onnx_io::read(input)?;
-        let prepared = crate::prepare(&mut model.proto, opts)?;
-        let types = crate::infer_types(&model.proto, &model.dir)?;
+        let (prepared, types) = crate::prepare(&mut model.proto, &model.dir, opts)?;
         let skip = verify::skip_reason(file.verify, &model.proto, &types);
         let original = skip.is_none().then(|| model.proto.clone());
         let (mut report, _) = crate::rewrite(&mut model.proto, &model.dir, types, opts)?;

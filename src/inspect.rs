@@ -34,8 +34,7 @@ impl Inspection {
 pub fn inspect(path: &Path, opts: &Options, target: Target) -> Result<Inspection, Error> {
     let opts = &target.options(opts, crate::Format::Onnx);
     let mut file = onnx_io::read(path)?;
-    let prepared = crate::prepare(&mut file.proto, opts)?;
-    let types = crate::infer_types(&file.proto, &file.dir)?;
+    let (prepared, types) = crate::prepare(&mut file.proto, &file.dir, opts)?;
     let before = macs::count(&file.proto, &types);
     let mut compiled = file.proto.clone();
     let mut needs = None;

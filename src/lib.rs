@@ -149,8 +149,7 @@ impl ErrorKind {
 /// A panic inside (tract's, on an odd graph) comes back as `Error::Panic`.
 pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<Report, Error> {
     guard::catch_panics("compiling the model", || {
-        let prepared = prepare(proto, opts)?;
-        let types = infer_types(proto, dir)?;
+        let (prepared, types) = prepare(proto, dir, opts)?;
         let (mut report, _) = rewrite(proto, dir, types, opts)?;
         report.prepared = prepared;
         Ok(report)
@@ -183,10 +182,30 @@ pub fn compile_file(input: &Path, output: &Path, opts: &Options) -> Result<Repor
     compile_file_with(input, output, opts, Target::Portable, Format::Onnx)
 }
 
-/// Readies an export for inference (`tome_passes::prepare`): onnxruntime's
-/// contrib ops unfused, a symbolic image input pinned.
-pub fn prepare(proto: &mut pb::ModelProto, opts: &Options) -> Result<Vec<String>, Error> {
-    Ok(tome_passes::prepare(proto, opts.image_size)?)
+/// Readies an export for inference (`tome_passes::prepare`: local
+/// functions inlined, onnxruntime's contrib ops unfused, a symbolic image
+/// input pinned), then folds the shape vectors tract cannot follow
+/// (`tome_passes::fold_shapes`) until it follows them all. Returns what
+/// was done, one line each, and the types of the prepared model.
+pub fn prepare(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<(Vec<String>, HashMap<String, TensorType>), Error> {
+    let mut done = tome_passes::prepare(proto, opts.image_size)?;
+    let mut folded = 0;
+    let mut types = infer_types(proto, dir)?;
+    for _ in 0..4 {
+        let untyped = proto.graph.iter().flat_map(|g| &g.node).flat_map(|n| &n.output).any(|o| !o.is_empty() && !types.contains_key(o));
+        if !untyped {
+            break;
+        }
+        match tome_passes::fold_shapes(proto, types.clone())? {
+            0 => break,
+            n => folded += n,
+        }
+        types = infer_types(proto, dir)?;
+    }
+    if folded > 0 {
+        done.push(format!("folded {folded} shape vectors tract could not follow"));
+    }
+    Ok((done, types))
 }
 
 /// Element type and shape of every tensor, from tract's analysis; the batch
@@ -226,7 +245,8 @@ fn onnx_elem(dt: DatumType) -> i32 {
         DatumType::U16 => 4,
         DatumType::I16 => 5,
         DatumType::I32 => 6,
-        DatumType::I64 => 7,
+        // tract types shape vectors as TDim; in ONNX they are int64.
+        DatumType::I64 | DatumType::TDim => 7,
         DatumType::Bool => 9,
         DatumType::F16 => 10,
         DatumType::F64 => 11,

@@ -106,7 +106,7 @@ pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, 
         outputs.map_err(|e| Error::Verification(format!("tract cannot run {what} ({e}); {BUG}")))
     };
     let got = run(compiled, "the compiled model")?;
-    same_shapes(&names, &expected, &got, "the compiled model")?;
+    same_shapes(&names, &expected, &got, "the compiled model", opts.merged_tokens)?;
     for (name, y) in names.iter().zip(&got) {
         if !is_finite(y) {
             return fail(format!("the compiled model's output {name} has NaN or infinite values; {BUG}"));
@@ -116,7 +116,7 @@ pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, 
     let r0_opts = Options { schedule: Schedule::Constant(0), ..opts.clone() };
     crate::compile(&mut r0, dir, &r0_opts)?;
     let identity = run(&r0, "the model compiled with r = 0")?;
-    same_shapes(&names, &expected, &identity, "the model compiled with r = 0")?;
+    same_shapes(&names, &expected, &identity, "the model compiled with r = 0", opts.merged_tokens)?;
     let mut r0_max_abs = 0f32;
     for ((name, a), b) in names.iter().zip(&expected).zip(&identity) {
         let diff = max_abs_diff(a, b).unwrap_or(f32::INFINITY);
@@ -183,13 +183,30 @@ fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, String> {
     Ok(out)
 }
 
-fn same_shapes(names: &[String], expected: &[Tensor], got: &[Tensor], what: &str) -> Result<(), Error> {
-    if expected.len() != got.len() {
+/// The outputs have the original's shapes. With `merged` (`--tokens
+/// merged`), an output may have fewer tokens (axis 1), and one more output,
+/// the sizes, comes last: each image's sizes must add up to the original
+/// token count.
+fn same_shapes(names: &[String], expected: &[Tensor], got: &[Tensor], what: &str, merged: bool) -> Result<(), Error> {
+    let extra = usize::from(merged);
+    if expected.len() + extra != got.len() {
         return Err(Error::Verification(format!("{what} has {} outputs, the original {}; {BUG}", got.len(), expected.len())));
     }
+    let mut tokens = None;
     for ((name, a), b) in names.iter().zip(expected).zip(got) {
-        if a.shape() != b.shape() {
+        let shrunk = merged && a.rank() == 3 && b.rank() == 3 && a.shape()[0] == b.shape()[0] && a.shape()[2] == b.shape()[2];
+        if shrunk && a.shape()[1] >= b.shape()[1] {
+            tokens = Some(a.shape()[1]);
+        } else if a.shape() != b.shape() {
             return Err(Error::Verification(format!("{what}'s output {name} is {:?}, the original's {:?}; {BUG}", b.shape(), a.shape())));
+        }
+    }
+    if let (true, Some(sizes)) = (merged, got.last()) {
+        let per_image = as_f32(sizes).unwrap_or_default();
+        let count = tokens.unwrap_or(0) as f32;
+        let rows = sizes.shape().get(1).copied().unwrap_or(1).max(1);
+        if per_image.chunks(rows).any(|image| image.iter().sum::<f32>() != count) {
+            return Err(Error::Verification(format!("{what}'s token sizes do not add up to the original {count} tokens; {BUG}")));
         }
     }
     Ok(())

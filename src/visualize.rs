@@ -26,8 +26,7 @@ const BORDER: image::Rgb<u8> = image::Rgb([16, 16, 16]);
 /// draws the groups at the model's input resolution.
 pub fn visualize(model: &Path, opts: &Options, picture: &Path, mean: [f32; 3], std: [f32; 3]) -> Result<Visualization, Error> {
     let mut file = onnx_io::read(model)?;
-    crate::prepare(&mut file.proto, opts)?;
-    let types = crate::infer_types(&file.proto, &file.dir)?;
+    let (_, types) = crate::prepare(&mut file.proto, &file.dir, opts)?;
     let report = tome_passes::compile_exposing_sources(&mut file.proto, types, opts)?;
     let runner = Runner::from_proto(&file.proto, &file.dir)?;
     let (h, w) = match runner.input_shape.as_slice() {

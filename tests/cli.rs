@@ -263,3 +263,59 @@ fn visualize_draws_one_colour_group_per_final_patch_token() {
     colours.dedup();
     assert_eq!(colours.len(), final_patch_tokens, "one fill colour per group");
 }
+
+#[test]
+fn a_backbone_output_of_every_token_names_both_flags_and_inspect_still_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("optimum_dinov2/model.onnx");
+    let out = dir.path().join("dino.onnx");
+    let o = tome(&[model.to_str().unwrap(), "--r", "8", "--image-size", "224", "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("last_hidden_state") && err.contains("--tokens merged") && err.contains("--unmerge"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    let o = tome(&["inspect", model.to_str().unwrap(), "--r", "8", "--image-size", "224x224"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("257 = 1 prefix + 256 patches") && text.contains("needs a flag") && text.contains("--tokens merged"), "{text}");
+    assert!(text.contains("input pixel_values pinned to [batch, 3, 224, 224] by --image-size"), "{text}");
+    let o = tome(&[model.to_str().unwrap(), "--r", "8", "--image-size", "224", "--tokens", "merged", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("graph output last_hidden_state carries the 209 merged tokens"));
+}
+
+#[test]
+fn visualize_works_on_a_backbone_whose_output_is_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = dir.path().join("cat.png");
+    fixture_png(0, &cat);
+    for (model, extra) in [("timm_vit_features/model.onnx", vec![]), ("optimum_dinov2/model.onnx", vec!["--image-size", "224"])] {
+        let out = dir.path().join("merged.png");
+        let model = fixture(model);
+        let args = [model.to_str().unwrap(), "--r", "8", "--image", cat.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        let o = tome(&[&["visualize"], &args[..], &extra[..]].concat());
+        assert!(o.status.success(), "{}: {}", model.display(), stderr(&o));
+        assert!(image::open(&out).is_ok());
+    }
+}
+
+#[test]
+fn an_image_input_left_symbolic_is_pinned_from_the_position_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vit.onnx");
+    let o = tome(&[fixture("optimum_vit/model.onnx").to_str().unwrap(), "--r", "8", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("input pixel_values pinned to [batch, 3, 224, 224] by position embedding"), "{text}");
+    let o = tome(&[fixture("optimum_vit/model.onnx").to_str().unwrap(), "--r", "8", "--image-size", "12x", "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}
+
+#[test]
+fn onnxruntime_optimizer_layouts_for_one_cpu_are_refused_naming_the_node() {
+    let model = fixture("ort_optimized/timm_vit_opt99.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let o = tome(&[model.to_str().unwrap(), "--r", "8", "-o", dir.path().join("x.onnx").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("com.microsoft.nchwc") && stderr(&o).contains("compile the model as exported"), "{}", stderr(&o));
+}

@@ -92,6 +92,76 @@ fn passes_through(g: &Graph, id: NodeIndex, known: &HashMap<String, Value>) -> O
     Some((kept.0, kept.1.to_string()))
 }
 
+/// Shape vectors a runtime's shape inference may not follow (torch 2.4's
+/// exporter spells `expand(B, -1, -1)` as `Abs(Cast(Concat(B, -1, -1)))`),
+/// rewritten from what they evaluate to (`values::linear_shapes`):
+/// constants, and the batch axis read off the graph input with `Shape`.
+/// Only the shape inputs of nodes whose output has no inferred type
+/// (`untyped`) are touched; returns how many were rewritten.
+pub fn fold_shape_inputs(g: &mut Graph, untyped: &dyn Fn(&str) -> bool) -> Result<usize, PassError> {
+    let (shapes, Some(batch)) = values::linear_shapes(g) else { return Ok(0) };
+    let mut folded = 0;
+    let targets: Vec<(NodeIndex, usize)> = g
+        .nodes()
+        .filter(|&id| untyped(g.node(id).output()))
+        .filter_map(|id| shape_slot(g.node(id).op()).map(|slot| (id, slot)))
+        .collect();
+    for (id, slot) in targets {
+        let Some(tensor) = g.node(id).input(slot).map(str::to_string) else { continue };
+        let Some(elems) = shapes.get(&tensor).filter(|_| !g.is_constant(&tensor)) else { continue };
+        let name = format!("{}.tome.shape", g.node(id).name());
+        let mut p = Patch::new(format!("{}: shape folded", g.node(id).name()), id);
+        let shape = spell_shape(&mut crate::patch::Emitter::new(&mut p, &name, g.opset), elems, &batch);
+        if let Some(t) = g.ty(&tensor).cloned() {
+            p.types.insert(shape.clone(), t);
+        }
+        p.rewires.push(Rewire { node: id, slot, tensor: shape });
+        patch::apply(g, p)?;
+        folded += 1;
+    }
+    if folded > 0 {
+        remove_dead(g)?;
+    }
+    Ok(folded)
+}
+
+/// The input slot holding the shape of an op that takes one as data.
+pub fn shape_slot(op: &str) -> Option<usize> {
+    match op {
+        "Expand" | "Reshape" | "Tile" => Some(1),
+        "ConstantOfShape" => Some(0),
+        _ => None,
+    }
+}
+
+/// A shape vector `[a·batch + c, ...]` as nodes: constants, and the batch
+/// axis read with `Shape` off `batch` (graph input, axis). Returns its name.
+pub fn spell_shape(e: &mut crate::patch::Emitter, elems: &[(i64, i64)], batch: &(String, usize)) -> String {
+    use crate::patch::int_attr;
+    let mut parts = vec![];
+    for (k, &(a, c)) in elems.iter().enumerate() {
+        parts.push(match a {
+            0 => e.const_i64(&format!("c{k}"), &[1], &[c]),
+            _ => {
+                let (input, axis) = batch;
+                let attrs = vec![int_attr("start", *axis as i64), int_attr("end", *axis as i64 + 1)];
+                let mut dim = e.op("Shape", &format!("batch{k}"), &[input], attrs);
+                if a != 1 {
+                    let factor = e.const_i64(&format!("factor{k}"), &[1], &[a]);
+                    dim = e.op("Mul", &format!("scaled{k}"), &[&dim, &factor], vec![]);
+                }
+                if c != 0 {
+                    let offset = e.const_i64(&format!("offset{k}"), &[1], &[c]);
+                    dim = e.op("Add", &format!("shifted{k}"), &[&dim, &offset], vec![]);
+                }
+                dim
+            }
+        });
+    }
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    e.op("Concat", "shape", &refs, vec![int_attr("axis", 0)])
+}
+
 /// A constant vector (through Identity aliases, as TorchScript exports
 /// share equal weights): a bias or a scale of the model.
 fn is_weight_vector(g: &Graph, tensor: &str) -> bool {

@@ -26,14 +26,6 @@ const CONTRIB: &str = "com.microsoft";
 /// op kind rewritten (`"24 SkipLayerNormalization"`).
 pub fn unfuse(model: &mut pb::ModelProto) -> Result<Vec<String>, PassError> {
     let graph = model.graph.as_mut().ok_or(PassError::NoGraph)?;
-    let local = |n: &pb::NodeProto| model.functions.iter().any(|f| f.name.as_deref() == Some(n.op_type.as_str()) && f.domain.as_deref().unwrap_or("") == n.domain);
-    if let Some(n) = graph.node.iter().find(|n| local(n)) {
-        return Err(PassError::Unsupported(format!(
-            "{} calls the model-local function {}; tome-compile reads flat graphs: inline it first with \
-             `onnx.inliner.inline_local_functions` (onnx >= 1.15), or export with torch.onnx.export",
-            n.name, n.op_type
-        )));
-    }
     let foreign = |n: &&pb::NodeProto| n.domain.starts_with(CONTRIB) && n.domain != CONTRIB;
     if let Some(n) = graph.node.iter().find(foreign) {
         return Err(PassError::Unsupported(format!(

@@ -11,14 +11,15 @@
 //! 5. Per block, in order, since each needs the sizes the previous merge left:
 //!    `tome::proportional_attention` (reads the incoming sizes), then `tome::merge`.
 //! 6. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
-//! 7. `tome::retarget_token_constants`, once every merge tells how many
-//!    tokens reach each node.
+//! 7. `tome::retarget_token_constants` and `retarget_computed_shapes`, once
+//!    every merge tells how many tokens reach each node.
 //! 8. For tract (`Options::tract_ops`), `lower::fuse_attention` per block,
 //!    last: it swallows the proportional bias the passes above add.
 //! 9. `Graph::write_into`: topologically sorted nodes back into the model.
 
 pub mod canon;
 pub mod contrib;
+pub mod functions;
 pub mod graph;
 pub mod inputs;
 pub mod lower;
@@ -129,13 +130,30 @@ pub struct Report {
 }
 
 /// Readies an exported model for type inference, before `compile`:
-/// onnxruntime's fused contrib ops become standard ops (`contrib`), and an
+/// model-local functions are inlined (`functions`), onnxruntime's fused
+/// contrib ops become standard ops (`contrib`), and an
 /// image input left symbolic gets its channels and size (`inputs`). Returns
 /// one line per thing done, for the report.
 pub fn prepare(model: &mut pb::ModelProto, image_size: Option<[i64; 2]>) -> Result<Vec<String>, PassError> {
-    let mut done: Vec<String> = contrib::unfuse(model)?.into_iter().map(|op| format!("unfused {op} (onnxruntime contrib op)")).collect();
+    let mut done = vec![];
+    match functions::inline(model)? {
+        0 => {}
+        calls => done.push(format!("inlined {calls} calls of model-local functions")),
+    }
+    done.extend(contrib::unfuse(model)?.into_iter().map(|op| format!("unfused {op} (onnxruntime contrib op)")));
     done.extend(inputs::pin_image_input(model, image_size)?);
     Ok(done)
+}
+
+/// Rewrites the shape inputs that `types` (a runtime's inference) could
+/// not follow into constants and `Shape` reads of the batch axis
+/// (`canon::fold_shape_inputs`); returns how many. Infer again after.
+pub fn fold_shapes(model: &mut pb::ModelProto, types: HashMap<String, TensorType>) -> Result<usize, PassError> {
+    let typed: HashSet<String> = types.keys().cloned().collect();
+    let mut g = Graph::take_from(model, types)?;
+    let folded = canon::fold_shape_inputs(&mut g, &|t| !typed.contains(t));
+    g.write_into(model)?;
+    folded
 }
 
 /// Rewrites `model` in place to apply ToMe; `types` holds every tensor's type.
@@ -279,6 +297,10 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     let per_node = tome::tokens_per_node(g, vit.tokens, &stages)?;
     let original: HashSet<_> = original.into_iter().filter(|id| g.net.contains_node(*id)).collect();
     for p in tome::retarget_token_constants(g, vit.tokens, &per_node, &original) {
+        labels.push(p.label.clone());
+        patch::apply(g, p)?;
+    }
+    for p in tome::retarget_computed_shapes(g, vit.tokens, &per_node, &original) {
         labels.push(p.label.clone());
         patch::apply(g, p)?;
     }

@@ -107,10 +107,7 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
             b.name, b.tokens
         )));
     }
-    let patches = patch_count(g, &blocks[0])?;
-    let prefix = tokens.checked_sub(patches).ok_or_else(|| {
-        PassError::Unsupported(format!("the patch embedding yields {patches} patches but blocks see {tokens} tokens"))
-    })?;
+    let (prefix, patches) = prefix_and_patches(g, &blocks[0])?;
     let last = blocks.last().map(|b| b.block_output.clone()).unwrap_or_default();
     let head = match_head(g, &last, tokens, prefix)?;
     Ok(VitModel { blocks, tokens, patches, prefix, head })
@@ -320,27 +317,68 @@ fn find_mlp_residual(g: &Graph, attn_residual: NodeIndex, residual: &str) -> Res
         .ok_or_else(|| format!("no MLP residual Add reads {residual}"))
 }
 
-/// Patches from the patch-embedding convolution feeding the first block.
-fn patch_count(g: &Graph, first: &VitBlock) -> Result<usize, PassError> {
-    let start = g.producer(&first.block_input);
-    let upstream = match start {
-        Some(id) => {
-            let mut u = g.reachable(id, Direction::Incoming);
-            u.insert(id);
-            u
-        }
-        None => HashSet::new(),
-    };
+/// Patches from the patch embedding feeding the first block: a Conv of any
+/// rank (Conv2d over images, Conv3d over video tubelets, overlapping strides
+/// over spectrograms), whose output's spatial axes multiply to the patch
+/// count. The prefix tokens are what Concats on the way to the first block
+/// put in front of them, which must add up with the patches to the block's
+/// tokens; a model where the two disagree is refused, naming the Conv.
+fn prefix_and_patches(g: &Graph, first: &VitBlock) -> Result<(usize, usize), PassError> {
+    let mut upstream = g.producer(&first.block_input).map(|id| g.reachable(id, Direction::Incoming)).unwrap_or_default();
+    upstream.extend(g.producer(&first.block_input));
     let conv = g.nodes().filter(|id| upstream.contains(id) && g.node(*id).op() == "Conv").find_map(|id| {
         let t = g.ty(g.node(id).output())?;
-        Some((t.dim(2)? * t.dim(3)?) as usize)
+        let spatial: Option<Vec<i64>> = (2..t.rank()).map(|a| t.dim(a)).collect();
+        Some((id, spatial?.iter().product::<i64>() as usize))
     });
-    conv.ok_or_else(|| {
-        PassError::Unsupported(
-            "no patch-embedding Conv before the first block, so the prefix tokens (cls, dist, registers) are unknown"
-                .into(),
-        )
-    })
+    let Some((conv, patches)) = conv else {
+        return Err(PassError::Unsupported(
+            "no patch-embedding Conv before the first block, so the prefix tokens (cls, dist, registers) are unknown".into(),
+        ));
+    };
+    // The patch tokens' path: what the Conv's values flow through (not its
+    // shape, which the cls token's Expand reads for the batch size).
+    let mut path = HashSet::from([conv]);
+    let mut todo = vec![conv];
+    while let Some(id) = todo.pop() {
+        for (next, _) in g.node(id).proto.output.iter().flat_map(|o| g.consumers(o)) {
+            if upstream.contains(&next) && g.node(next).op() != "Shape" && path.insert(next) {
+                todo.push(next);
+            }
+        }
+    }
+    let mut prefix = 0;
+    for id in path.iter().copied().filter(|id| g.node(*id).op() == "Concat") {
+        let node = g.node(id);
+        if g.ty(node.output()).is_none_or(|t| t.rank() != 3) {
+            continue;
+        }
+        let axis = node.attr_int("axis").unwrap_or(0);
+        if axis != 1 && axis != -2 {
+            continue;
+        }
+        let on_path = |t: &str| g.producer(t).is_some_and(|p| path.contains(&p));
+        let inputs = &node.proto.input;
+        let Some(last_patch) = inputs.iter().rposition(|t| on_path(t)) else { continue };
+        if inputs[last_patch + 1..].iter().any(|t| g.ty(t).and_then(|t| t.dim(1)).unwrap_or(0) > 0) {
+            return Err(PassError::Unsupported(format!(
+                "{} puts tokens after the patch tokens; tome-compile protects prefix tokens only",
+                node.name()
+            )));
+        }
+        for t in inputs.iter().filter(|t| !on_path(t)) {
+            prefix += g.ty(t).and_then(|t| t.dim(1)).unwrap_or(0) as usize;
+        }
+    }
+    if prefix + patches != first.tokens {
+        return Err(PassError::Unsupported(format!(
+            "the patch embedding {} yields {patches} patches and {prefix} tokens are put in front of them, but the first \
+             block sees {} tokens: the prefix tokens cannot be established",
+            g.node(conv).name(),
+            first.tokens
+        )));
+    }
+    Ok((prefix, patches))
 }
 
 /// Follows the tokens after the last block to the head. A reader that is

@@ -609,3 +609,74 @@ pub fn size_output(g: &Graph, tokens: &str, size: Option<&str>, name: &str) -> R
     });
     Ok(patch)
 }
+
+/// Shape vectors computed from the graph input's batch size with the
+/// original token count baked in (torch 2.4's exporter: `[batch·197, 64]`
+/// as `Cast(Concat(Mul(197, batch), 64))`), re-spelled as constants and the
+/// batch read off the input, with the count of tokens that reach them. Shape
+/// vectors that read an inner tensor's `Shape` follow the merge already and
+/// are left alone; so are the constant spellings `retarget_token_constants` handles.
+pub fn retarget_computed_shapes(
+    g: &Graph,
+    tokens: usize,
+    per_node: &HashMap<NodeIndex, usize>,
+    original: &HashSet<NodeIndex>,
+) -> Vec<Patch> {
+    let (shapes, Some(batch)) = crate::values::linear_shapes(g) else { return vec![] };
+    // Constants that `retarget_token_constants` replaced are gone.
+    let mut ids: Vec<NodeIndex> = original.iter().copied().filter(|id| g.net.contains_node(*id)).collect();
+    ids.sort_by_key(|id| g.node(*id).order);
+    let mut patches = vec![];
+    for id in ids {
+        let now = per_node.get(&id).copied().unwrap_or(tokens);
+        let node = g.node(id);
+        let Some(slot) = crate::canon::shape_slot(node.op()) else { continue };
+        let Some(shape) = node.input(slot) else { continue };
+        let Some(elems) = shapes.get(shape) else { continue };
+        if now == tokens || g.is_constant(shape) || !reads_only_input_shapes(g, shape) {
+            continue;
+        }
+        let n = tokens as i64;
+        let respelled: Vec<(i64, i64)> = elems
+            .iter()
+            .map(|&(a, c)| match (a, c) {
+                (0, c) if c == n => (0, now as i64),
+                (a, 0) if a == n => (now as i64, 0),
+                other => other,
+            })
+            .collect();
+        if respelled == *elems {
+            continue;
+        }
+        let name = format!("{}.tome.tokens{slot}", node.name());
+        let mut patch = Patch::new(format!("{}: {now} tokens", node.name()), id);
+        let spelled = crate::canon::spell_shape(&mut Emitter::new(&mut patch, &name, g.opset), &respelled, &batch);
+        patch.types.insert(spelled.clone(), TensorType::new(INT64, vec![Dim::Fixed(elems.len() as i64)]));
+        patch.rewires.push(Rewire { node: id, slot, tensor: spelled });
+        patches.push(patch);
+    }
+    patches
+}
+
+/// Whether every `Shape` that `tensor` is computed from reads a graph input.
+fn reads_only_input_shapes(g: &Graph, tensor: &str) -> bool {
+    let mut todo = vec![tensor.to_string()];
+    let mut seen = HashSet::new();
+    while let Some(t) = todo.pop() {
+        let Some(node) = g.producer_node(&t) else { continue };
+        if !seen.insert(t.clone()) {
+            continue;
+        }
+        if seen.len() > 64 {
+            return false;
+        }
+        if node.op() == "Shape" {
+            if !node.input(0).is_some_and(|i| g.inputs.iter().any(|x| x == i)) {
+                return false;
+            }
+            continue;
+        }
+        todo.extend(node.proto.input.iter().filter(|i| !i.is_empty()).cloned());
+    }
+    true
+}

@@ -62,6 +62,13 @@ impl Value {
 
 /// Every tensor whose value `Value` can state, by name.
 pub fn evaluate(g: &Graph) -> HashMap<String, Value> {
+    evaluate_with(g, &HashMap::new())
+}
+
+/// As `evaluate`, with symbolic dims (the batch axis) given the values in
+/// `probe`: evaluated at two probes, an element that follows the symbol is
+/// the symbol (`canon::fold_shape_inputs`).
+pub fn evaluate_with(g: &Graph, probe: &HashMap<String, i64>) -> HashMap<String, Value> {
     let mut known: HashMap<String, Value> = HashMap::new();
     let Ok(order) = g.topological_order() else { return known };
     for id in order {
@@ -70,7 +77,7 @@ pub fn evaluate(g: &Graph) -> HashMap<String, Value> {
             let name = node.input(slot)?;
             known.get(name).cloned().or_else(|| g.initializer(name).and_then(from_tensor))
         };
-        if let Some(v) = eval_node(g, node, &|slot| input(slot, &known)) {
+        if let Some(v) = eval_node(g, node, probe, &|slot| input(slot, &known)) {
             if v.data.len() <= MAX_ELEMENTS {
                 known.insert(node.output().to_string(), v);
             }
@@ -101,7 +108,7 @@ pub fn from_tensor(t: &pb::TensorProto) -> Option<Value> {
     (data.len() == n).then(|| Value { elem: t.data_type, shape: t.dims.iter().map(|&d| d as usize).collect(), data: data.into_iter().map(Some).collect() })
 }
 
-fn eval_node(g: &Graph, node: &graph::Node, input: &dyn Fn(usize) -> Option<Value>) -> Option<Value> {
+fn eval_node(g: &Graph, node: &graph::Node, probe: &HashMap<String, i64>, input: &dyn Fn(usize) -> Option<Value>) -> Option<Value> {
     let out_ty = g.ty(node.output());
     let rank = out_ty.map(|t| t.rank());
     let elem = out_ty.map(|t| t.elem).unwrap_or(graph::FLOAT);
@@ -114,7 +121,11 @@ fn eval_node(g: &Graph, node: &graph::Node, input: &dyn Fn(usize) -> Option<Valu
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
             let start = clamp(node.attr_int("start").unwrap_or(0));
             let end = clamp(node.attr_int("end").unwrap_or(r));
-            let data: Vec<Option<f64>> = ty.shape[start..end.max(start)].iter().map(|d| d.fixed().map(|v| v as f64)).collect();
+            let dim = |d: &Dim| match d {
+                Dim::Fixed(v) => Some(*v as f64),
+                Dim::Symbol(s) => probe.get(s).map(|&v| v as f64),
+            };
+            let data: Vec<Option<f64>> = ty.shape[start..end.max(start)].iter().map(dim).collect();
             Some(Value { elem: graph::INT64, shape: vec![data.len()], data })
         }
         "Cast" => cast(&input(0)?, node.attr_int("to")? as i32),
@@ -140,7 +151,11 @@ fn eval_node(g: &Graph, node: &graph::Node, input: &dyn Fn(usize) -> Option<Valu
         "Squeeze" => {
             let x = input(0)?;
             let r = x.shape.len();
-            let axes = axes(node, input, r)?;
+            let axes = match (node.attr_ints("axes"), node.input(1)) {
+                // No axes: every unit axis of the input.
+                (None, None) => g.ty(node.input(0)?)?.shape.iter().enumerate().filter(|(_, d)| **d == Dim::Fixed(1)).map(|(a, _)| a).collect(),
+                _ => axes(node, input, r)?,
+            };
             let shape = x.shape.iter().enumerate().filter(|(a, _)| !axes.contains(a)).map(|(_, &d)| d).collect();
             Some(Value { shape, ..x })
         }
@@ -441,4 +456,49 @@ fn slice(g: &Graph, node: &graph::Node, input: &dyn Fn(usize) -> Option<Value>) 
     let (s, e) = (clamp(*s), clamp(*e));
     let data = x.data[s..e.max(s)].to_vec();
     Some(Value { shape: vec![data.len()], data, ..x })
+}
+
+/// Probe values for the symbolic axis: large enough that no real constant
+/// equals them by chance.
+const PROBES: [i64; 2] = [1031, 2053];
+
+/// Integer vectors whose every element is `a·batch + c` for integers a, c
+/// (shape vectors: `[batch·197, 64]`, `[batch, -1, 197]`), found by
+/// evaluating the graph at two batch sizes; with where the batch axis lives
+/// (a graph input and axis). Models with more than one symbolic axis, or
+/// none, give nothing.
+pub fn linear_shapes(g: &Graph) -> (HashMap<String, Vec<(i64, i64)>>, Option<(String, usize)>) {
+    let mut symbols: Vec<(String, String, usize)> = vec![];
+    for input in &g.inputs {
+        for (axis, d) in g.ty(input).map(|t| t.shape.clone()).unwrap_or_default().into_iter().enumerate() {
+            if let Dim::Symbol(s) = d {
+                if !symbols.iter().any(|(known, _, _)| *known == s) {
+                    symbols.push((s, input.clone(), axis));
+                }
+            }
+        }
+    }
+    let [(symbol, input, axis)] = symbols.as_slice() else { return (HashMap::new(), None) };
+    let at = |p: i64| evaluate_with(g, &HashMap::from([(symbol.clone(), p)]));
+    let (low, high) = (at(PROBES[0]), at(PROBES[1]));
+    let mut shapes = HashMap::new();
+    for (name, x) in low {
+        let (Some(x), Some(y)) = (x.known(), high.get(&name).and_then(Value::known)) else { continue };
+        if x.len() != y.len() || x.len() > 8 || !matches!(g.ty(&name).map(|t| t.elem), Some(graph::INT64) | Some(6)) {
+            continue;
+        }
+        let span = (PROBES[1] - PROBES[0]) as f64;
+        let elems: Option<Vec<(i64, i64)>> = x
+            .iter()
+            .zip(&y)
+            .map(|(&x, &y)| {
+                let a = (y - x) / span;
+                (a.fract() == 0.0).then(|| (a as i64, (x - a * PROBES[0] as f64) as i64))
+            })
+            .collect();
+        if let Some(elems) = elems {
+            shapes.insert(name, elems);
+        }
+    }
+    (shapes, Some((input.clone(), *axis)))
 }
