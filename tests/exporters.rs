@@ -222,3 +222,16 @@ fn graphs_rewritten_by_onnxruntime_transformers_optimizer() {
     // Level 99 puts the patch embedding in com.microsoft.nchwc (one CPU's layout): refused in tests/cli.rs.
     check_listed("ort_optimized", &["timm_vit_opt99.onnx"]);
 }
+
+#[test]
+fn onnxruntime_fused_attention_is_refused_naming_the_node() {
+    // onnxruntime's optimizer fuses no ViT attention here; a graph where it did hides the keys.
+    let mut file = tome_compile::onnx_io::read(&fixture("ort_optimized/timm_vit_opt1.onnx")).expect("read");
+    let graph = file.proto.graph.as_mut().expect("graph");
+    let softmax = graph.node.iter_mut().find(|n| n.op_type == "Softmax").expect("a Softmax");
+    softmax.op_type = "MultiHeadAttention".into();
+    softmax.domain = "com.microsoft".into();
+    let name = softmax.name.clone();
+    let err = tome_compile::compile(&mut file.proto, &file.dir, &options("8", true)).expect_err("refused").to_string();
+    assert!(err.contains(&name) && err.contains("MultiHeadAttention") && err.contains("compile the model as exported"), "{err}");
+}
