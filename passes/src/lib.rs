@@ -268,6 +268,11 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         labels.push(p.label.clone());
         patch::apply(g, p)?;
     }
+    if let (Head::AttentionPool(pool), true, Some(m), false) = (&vit.head, opts.prop_attn, merged.last(), opts.bound) {
+        let p = tome::pool_attention_bias(g, pool, &m.size)?;
+        labels.push(p.label.clone());
+        patch::apply(g, p)?;
+    }
     if let (true, Some(source)) = (expose_sources, merged.last().and_then(|m| m.source.as_deref())) {
         let block = vit.blocks.last().map(|b| b.attention).unwrap_or_default();
         let mut p = patch::Patch::new("source map output", block);

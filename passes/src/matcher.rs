@@ -40,6 +40,9 @@ pub enum Head {
     /// A mean over the token axis (of the tokens a Slice keeps, from `start`),
     /// which must become size-weighted.
     AveragePool { reduce: NodeIndex, slice: Option<NodeIndex>, start: usize },
+    /// A learned probe attends over every final token (SigLIP's MAP head):
+    /// with proportional attention, `log(size)` goes on its logits over keys.
+    AttentionPool(AttentionPool),
     /// `reader` uses `tensor` as a sequence of every patch (a Reshape back to
     /// an H×W grid, say): it needs the full sequence back (`--unmerge`). A
     /// graph output of every token (`op` "output", a backbone's
@@ -54,10 +57,21 @@ impl Head {
             Head::Tokens(ix) if ix.len() == 1 => format!("token {}", ix[0]),
             Head::Tokens(ix) => format!("tokens {ix:?}"),
             Head::AveragePool { start, .. } => format!("average pool over tokens {start}.. (size-weighted)"),
+            Head::AttentionPool(p) => format!("attention pool {} ({} heads; proportional over its keys)", p.name, p.heads),
             Head::Grid { reader, op, .. } if op == "output" => format!("{reader} is every token"),
             Head::Grid { reader, op, .. } => format!("{reader} ({op}) reads every patch token (unmerged)"),
         }
     }
+}
+
+/// An attention whose queries are learned probes and whose keys are the
+/// final tokens: logits [B·H, Q, N] (torch's MultiheadAttention) or
+/// [B, H, Q, N], Q small.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionPool {
+    pub name: String,
+    pub softmax: NodeIndex,
+    pub heads: usize,
 }
 
 /// Everything the rewrite needs to know about the model.
@@ -73,12 +87,16 @@ pub struct VitModel {
 /// Finds every block, the prefix tokens and the head, or says why not.
 pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
     let order = g.topological_order()?;
-    let mut blocks = vec![];
+    let mut blocks: Vec<VitBlock> = vec![];
     let mut rejected = vec![];
+    let mut pools = vec![];
     for &id in order.iter().filter(|&&id| matches!(g.node(id).op(), "Softmax" | "Attention")) {
         match match_block(g, id, blocks.len()) {
             Ok(b) => blocks.push(b),
-            Err(why) => rejected.push(format!("{}: {why}", g.node(id).name())),
+            Err(why) => match blocks.last().and_then(|last| attention_pool(g, id, last)) {
+                Some(pool) => pools.push(pool),
+                None => rejected.push(format!("{}: {why}", g.node(id).name())),
+            },
         }
     }
     if blocks.is_empty() {
@@ -109,7 +127,16 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
     }
     let (prefix, patches) = prefix_and_patches(g, &blocks[0])?;
     let last = blocks.last().map(|b| b.block_output.clone()).unwrap_or_default();
-    let head = match_head(g, &last, tokens, prefix)?;
+    let head = match pools.as_slice() {
+        [] => match_head(g, &last, tokens, prefix)?,
+        [pool] => pool_head(g, &last, tokens, pool)?,
+        [_, second, ..] => {
+            return Err(PassError::Unsupported(format!(
+                "{} is a second attention pool over the final tokens; tome-compile handles one",
+                g.node(second.softmax).name()
+            )))
+        }
+    };
     Ok(VitModel { blocks, tokens, patches, prefix, head })
 }
 
@@ -379,6 +406,65 @@ fn prefix_and_patches(g: &Graph, first: &VitBlock) -> Result<(usize, usize), Pas
         )));
     }
     Ok((prefix, patches))
+}
+
+/// A Softmax after the last block over logits whose last axis is the final
+/// tokens and whose queries do not come from them: an attention pool.
+///
+/// ```text
+///  probe ─ q ─┐
+///  x_last ─ k ─ MatMul ─ [scale] ─ Softmax ─ MatMul(v from x_last)
+/// ```
+/// Seen in Hugging Face `SiglipVisionModel`'s head (TorchScript exporter).
+fn attention_pool(g: &Graph, softmax: NodeIndex, last: &VitBlock) -> Option<AttentionPool> {
+    let node = g.node(softmax);
+    let logits = g.ty(node.input(0)?)?;
+    let axis = node.attr_int("axis").unwrap_or(-1);
+    if !(axis == -1 || axis == logits.rank() as i64 - 1) || !(3..=4).contains(&logits.rank()) {
+        return None;
+    }
+    let queries = logits.dim(logits.rank() - 2)?;
+    if logits.dim(logits.rank() - 1)? != last.tokens as i64 || queries as usize >= last.tokens {
+        return None;
+    }
+    let qk = walk_to_matmul(g, node.input(0)?, logits).ok()?;
+    let last_out = g.producer(&last.block_output)?;
+    let after_last = g.reachable(last_out, Direction::Outgoing);
+    let from_last = |t: &str| g.producer(t).is_some_and(|p| p == last_out || after_last.contains(&p));
+    // Fewer queries than tokens: the queries are probes, not the tokens.
+    let k = g.node(qk).input(1)?;
+    if !from_last(k) {
+        return None;
+    }
+    let head_dim = g.ty(k).and_then(|t| t.dim(t.rank() - 2))? as usize;
+    Some(AttentionPool { name: node.name().to_string(), softmax, heads: (last.width / head_dim.max(1)).max(1) })
+}
+
+/// The head of a model whose final tokens go to an attention pool: nothing
+/// but the pool (and the shapes it reads) may read them.
+fn pool_head(g: &Graph, last: &str, tokens: usize, pool: &AttentionPool) -> Result<Head, PassError> {
+    let pool_inputs = g.reachable(pool.softmax, Direction::Incoming);
+    let pool_reads = |id: NodeIndex| pool_inputs.contains(&id) || g.reachable(pool.softmax, Direction::Outgoing).contains(&id);
+    let is_token_tensor = |t: &str| g.ty(t).is_some_and(|ty| ty.rank() == 3 && ty.dim(1) == Some(tokens as i64));
+    let mut queue = VecDeque::from([last.to_string()]);
+    let mut seen = HashSet::new();
+    while let Some(tensor) = queue.pop_front() {
+        if g.is_output(&tensor) {
+            return Ok(Head::Grid { tensor: tensor.clone(), reader: format!("graph output {tensor}"), op: "output".into() });
+        }
+        for (id, _) in g.consumers(&tensor) {
+            let node = g.node(id);
+            if !seen.insert(id) || node.op() == "Shape" || pool_reads(id) && !is_token_tensor(node.output()) {
+                continue;
+            }
+            if is_token_tensor(node.output()) {
+                queue.push_back(node.output().to_string());
+            } else {
+                return Ok(Head::Grid { tensor, reader: format!("node {}", node.name()), op: node.op().to_string() });
+            }
+        }
+    }
+    Ok(Head::AttentionPool(pool.clone()))
 }
 
 /// Follows the tokens after the last block to the head. A reader that is

@@ -680,3 +680,38 @@ fn reads_only_input_shapes(g: &Graph, tensor: &str) -> bool {
     }
     true
 }
+
+/// Proportional attention in an attention pool (SigLIP's MAP head): its
+/// logits over the final tokens get `log(size)` per key, as the blocks'
+/// do. Logits [B·H, Q, N] (torch's MultiheadAttention, batch-major over
+/// heads) take the bias spread over heads; [B, H, Q, N] take it as is.
+pub fn pool_attention_bias(g: &Graph, pool: &crate::matcher::AttentionPool, size: &str) -> Result<Patch, PassError> {
+    let softmax = g.node(pool.softmax);
+    let logits = softmax.input(0).ok_or_else(|| PassError::MissingType(pool.name.clone()))?.to_string();
+    let ty = g.ty(&logits).cloned().ok_or_else(|| PassError::MissingType(logits.clone()))?;
+    let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
+    let mut patch = Patch::new(format!("{}: proportional attention", pool.name), g.producer(&logits).unwrap_or(pool.softmax));
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", pool.name), g.opset);
+    let log_size = e.op("Log", "log_size", &[size], vec![]);
+    let one = e.const_f32("one", &[1], &[1.0]);
+    let row = e.op("MatMul", "bias_row", &[&log_size, &one], vec![]);
+    let mut bias = e.unsqueeze("bias", &row, &[1, 2]);
+    if ty.rank() == 3 {
+        let heads = e.const_i64("heads", &[4], &[1, pool.heads as i64, 1, 1]);
+        let spread = e.op("Expand", "bias_heads", &[&bias, &heads], vec![]);
+        let rows = e.const_i64("bias_rows", &[3], &[-1, 1, n]);
+        bias = e.op("Reshape", "bias_flat", &[&spread, &rows], vec![]);
+    }
+    if ty.elem != FLOAT {
+        bias = e.cast("bias_cast", &bias, ty.elem);
+    }
+    let biased = e.op("Add", "logits", &[&logits, &bias], vec![]);
+    patch.types.insert(biased.clone(), ty);
+    patch.resized_axis = Some(ty_last_axis(g, &logits));
+    patch.rewires.push(Rewire { node: pool.softmax, slot: 0, tensor: biased });
+    Ok(patch)
+}
+
+fn ty_last_axis(g: &Graph, t: &str) -> usize {
+    g.ty(t).map(|t| t.rank().saturating_sub(1)).unwrap_or(0)
+}
