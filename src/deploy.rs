@@ -147,7 +147,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
         report.prepared = prepared;
         validate(&model.proto, &model.dir, target)?;
         let verification = match original {
-            Some(original) => verify::verify(&original, &model.proto, &model.dir, opts, file.verify == verify::Mode::On)?,
+            Some(original) => verify::verify(&original, &model.proto, &model.dir, opts, &report, file.verify == verify::Mode::On)?,
             None => verify::Outcome::Skipped(skip.unwrap_or_default()),
         };
         match format {

@@ -4,13 +4,15 @@
 //! Checks, in order: the compiled outputs have the original's shapes; every
 //! output of both is finite; and the model compiled with r = 0 everywhere
 //! reproduces the original within `R0_TOLERANCE` (absolute), which catches
-//! a broken round trip independently of what merging changes.
+//! a broken round trip independently of what merging changes. Last, the
+//! prefix count is checked apart from the matcher (`first_patch_row`): a
+//! miscounted prefix would merge the wrong tokens and still pass the rest.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
-use tome_passes::{pb, Options, Schedule, TensorType};
+use tome_passes::{pb, Options, Report, Schedule, TensorType};
 use tract_onnx::prelude::*;
 
 use crate::run::{floats, Runner};
@@ -40,17 +42,23 @@ pub enum Mode {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Skipped(String),
-    Passed { outputs: Vec<Vec<usize>>, r0_max_abs: f32 },
+    Passed { outputs: Vec<Vec<usize>>, r0_max_abs: f32, first_patch: Option<usize> },
 }
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             Outcome::Skipped(why) => write!(f, "not verified: {why}"),
-            Outcome::Passed { outputs, r0_max_abs } => write!(
-                f,
-                "verified: output shapes {outputs:?} as the original's, finite; r = 0 reproduces the original (max |diff| {r0_max_abs:.1e})"
-            ),
+            Outcome::Passed { outputs, r0_max_abs, first_patch } => {
+                write!(
+                    f,
+                    "verified: output shapes {outputs:?} as the original's, finite; r = 0 reproduces the original (max |diff| {r0_max_abs:.1e})"
+                )?;
+                match first_patch {
+                    Some(row) => write!(f, "; the first patch token is row {row}, as matched"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -94,7 +102,7 @@ fn unverifiable_input(proto: &pb::ModelProto, types: &HashMap<String, TensorType
 /// docs). When the original itself gives nothing to compare with (tract
 /// cannot run it, or its outputs are not finite), that is an error if
 /// `required` (`--verify on`), else a skip.
-pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, opts: &Options, required: bool) -> Result<Outcome, Error> {
+pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, opts: &Options, report: &Report, required: bool) -> Result<Outcome, Error> {
     let fail = |why: String| Err(Error::Verification(why));
     let Reference { inputs, expected, names } = match run_original(original, dir) {
         Ok(reference) => reference,
@@ -125,7 +133,35 @@ pub fn verify(original: &pb::ModelProto, compiled: &pb::ModelProto, dir: &Path, 
         }
         r0_max_abs = r0_max_abs.max(diff);
     }
-    Ok(Outcome::Passed { outputs: got.iter().map(|t| t.shape().to_vec()).collect(), r0_max_abs })
+    let first_patch = first_patch_row(original, dir, &inputs, &report.first_block_input);
+    if let Some(row) = first_patch.filter(|&row| row != report.prefix) {
+        return fail(format!(
+            "moving the first input value changes row {row} of the first block's input first, but the matcher counted {} prefix tokens; {BUG}",
+            report.prefix
+        ));
+    }
+    Ok(Outcome::Passed { outputs: got.iter().map(|t| t.shape().to_vec()).collect(), r0_max_abs, first_patch })
+}
+
+/// The row of the first block's input (`tokens` [1, N, C]) that the first
+/// input value (image 0's top-left pixel, a video's first frame, a
+/// spectrogram's first bin) reaches first: the first patch token, after
+/// the prefix tokens, which no pixel reaches. Found by running the original
+/// twice, the value moved by one; `None` when tract cannot tell.
+fn first_patch_row(original: &pb::ModelProto, dir: &Path, inputs: &[Tensor], tokens: &str) -> Option<usize> {
+    let mut probe = original.clone();
+    probe.graph.as_mut()?.output.push(pb::ValueInfoProto { name: tokens.to_string(), ..Default::default() });
+    let runner = Runner::from_proto(&probe, dir).ok()?;
+    let mut moved = inputs.to_vec();
+    let mut values = as_f32(moved.first()?)?;
+    *values.first_mut()? += 1.0;
+    let first = Tensor::from_shape(inputs[0].shape(), &values).ok()?;
+    moved[0] = first.cast_to_dt(inputs[0].datum_type()).ok()?.into_owned();
+    let rows = |inputs: Vec<Tensor>| -> Option<Tensor> { runner.run(inputs).ok()?.pop() };
+    let (a, b) = (rows(inputs.to_vec())?, rows(moved)?);
+    let width = *a.shape().last()?;
+    let (a, b) = (as_f32(&a)?, as_f32(&b)?);
+    a.chunks(width.max(1)).zip(b.chunks(width.max(1))).position(|(x, y)| x != y)
 }
 
 /// What the original model gives on the seeded input.

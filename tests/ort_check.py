@@ -22,7 +22,9 @@ for line in open(sys.argv[1]):
     onnx.checker.check_model(onnx.load(model), full_check=True)
     data = np.load(npz)
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    x = np.load(pixels)["pixel_values"]
+    inputs = np.load(pixels)
+    name = sess.get_inputs()[0].name
+    x = inputs[name] if name in inputs else inputs["pixel_values"]
     x = x.astype(np.float16) if sess.get_inputs()[0].type == "tensor(float16)" else x
     key, _, output = key.partition("@")
     output, _, token = output.partition("#")

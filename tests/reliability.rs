@@ -287,31 +287,31 @@ fn verification_passes_on_every_fixture() {
 }
 
 /// The timm fixture and its compiled form (r = 8), as protos.
-fn original_and_compiled() -> (pb::ModelProto, pb::ModelProto, PathBuf) {
+fn original_and_compiled() -> (pb::ModelProto, pb::ModelProto, PathBuf, tome_compile::Report) {
     let file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
     let mut compiled = file.proto.clone();
-    tome_compile::compile(&mut compiled, &file.dir, &common::options("8", true)).unwrap();
-    (file.proto, compiled, file.dir)
+    let report = tome_compile::compile(&mut compiled, &file.dir, &common::options("8", true)).unwrap();
+    (file.proto, compiled, file.dir, report)
 }
 
 #[test]
 fn verification_refuses_nan_outputs() {
-    let (original, mut compiled, dir) = original_and_compiled();
+    let (original, mut compiled, dir, report) = original_and_compiled();
     set_floats(&mut compiled, "head.bias", f32::NAN);
-    let err = verify::verify(&original, &compiled, &dir, &common::options("8", true), false).unwrap_err();
+    let err = verify::verify(&original, &compiled, &dir, &common::options("8", true), &report, false).unwrap_err();
     assert!(matches!(err, Error::Verification(_)) && err.to_string().contains("output logits has NaN or infinite values"), "{err}");
     assert_eq!(err.kind().exit_code(), 4);
 }
 
 #[test]
 fn verification_refuses_other_output_shapes() {
-    let (original, mut compiled, dir) = original_and_compiled();
+    let (original, mut compiled, dir, report) = original_and_compiled();
     // Expose the tokens before the head instead of the logits.
     let graph = compiled.graph.as_mut().unwrap();
     let head_input = graph.node.iter().rev().find(|n| n.output.contains(&"logits".to_string())).unwrap().input[0].clone();
     graph.output[0].name = head_input;
     graph.output[0].r#type = None;
-    let err = verify::verify(&original, &compiled, &dir, &common::options("8", true), false).unwrap_err();
+    let err = verify::verify(&original, &compiled, &dir, &common::options("8", true), &report, false).unwrap_err();
     assert!(err.to_string().contains("the compiled model's output") && err.to_string().contains("the original's [1, 10]"), "{err}");
 }
 
@@ -417,4 +417,21 @@ fn the_output_never_replaces_the_inputs_external_data() {
     let err = assert_fails(&tome(&[path(&input), "--r", "4", "-o", path(&dir.path().join("weights.onnx"))]), 1);
     assert!(err.contains("would replace the input's external data"), "{err}");
     assert_eq!(std::fs::read(dir.path().join("weights.onnx.data")).unwrap(), before);
+}
+
+/// `--verify` checks the prefix count apart from the matcher: a report
+/// that miscounts it (as VideoMAE's once did: 364 prefix tokens for 0) fails.
+#[test]
+fn verify_catches_a_miscounted_prefix() {
+    let file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let opts = common::options("8", true);
+    let mut compiled = file.proto.clone();
+    let report = tome_compile::compile(&mut compiled, &file.dir, &opts).unwrap();
+    let outcome = verify::verify(&file.proto, &compiled, &file.dir, &opts, &report, true).unwrap();
+    assert!(outcome.to_string().contains("the first patch token is row 1, as matched"), "{outcome}");
+    for wrong in [0, 2, 364] {
+        let miscounted = tome_compile::Report { prefix: wrong, ..report.clone() };
+        let err = verify::verify(&file.proto, &compiled, &file.dir, &opts, &miscounted, true).unwrap_err();
+        assert!(matches!(err, Error::Verification(_)) && err.to_string().contains(&format!("counted {wrong} prefix tokens")), "{err}");
+    }
 }

@@ -31,6 +31,10 @@ pub fn compile_to(model: &Path, out: &Path, opts: &Options) -> Report {
 /// where a case shares its four images).
 pub fn references(case: &str) -> BTreeMap<String, Tensor> {
     let mut refs = tome_compile::npz::read(&fixture(&format!("{case}/io.npz"))).expect("io.npz");
+    // Audio models take spectrograms (`input_values`): the same place in the harness.
+    if let Some(spectrograms) = refs.remove("input_values") {
+        refs.insert("pixel_values".into(), spectrograms);
+    }
     if !refs.contains_key("pixel_values") {
         let pixels = tome_compile::npz::read(&pixels_npz(case)).expect("pixels");
         refs.insert("pixel_values".into(), pixels["pixel_values"].clone());
@@ -41,7 +45,7 @@ pub fn references(case: &str) -> BTreeMap<String, Tensor> {
 /// The archive holding the input images of `case`.
 pub fn pixels_npz(case: &str) -> PathBuf {
     let own = fixture(&format!("{case}/io.npz"));
-    let has_pixels = tome_compile::npz::read(&own).map(|a| a.contains_key("pixel_values")).unwrap_or(false);
+    let has_pixels = tome_compile::npz::read(&own).map(|a| a.contains_key("pixel_values") || a.contains_key("input_values")).unwrap_or(false);
     if has_pixels { own } else { fixture("timm_vit/io.npz") }
 }
 
