@@ -127,6 +127,8 @@ pub struct Report {
     /// What `prepare` did before inference: contrib ops unfused, a symbolic
     /// image input pinned.
     pub prepared: Vec<String>,
+    /// The first block's input (prefix tokens, then patch tokens), for checks.
+    pub first_block_input: String,
 }
 
 /// Readies an exported model for type inference, before `compile`:
@@ -341,6 +343,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         canonical,
         merged_outputs: size_output.into_iter().collect(),
         prepared: vec![],
+        first_block_input: vit.blocks.first().map(|b| b.block_input.clone()).unwrap_or_default(),
     };
     Ok((report, changed))
 }
