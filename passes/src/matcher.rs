@@ -185,6 +185,12 @@ fn match_block(g: &Graph, attention: NodeIndex, index: usize) -> Result<VitBlock
         }
         _ => return Err(format!("keys {kt} are not [batch, heads, head_dim, tokens] with static sizes")),
     };
+    if let Some(table) = position_table(g, &keys, tokens) {
+        return Err(format!(
+            "{table} multiplies the keys by a table over token positions (rotary position embeddings, as in EVA-02); \
+             merged tokens have no position there, and ToMe has no published semantics for it"
+        ));
+    }
     let upstream = g.reachable(attention, Direction::Incoming);
     let attn_residual = find_residual_add(g, attention, &upstream)?;
     let add = g.node(attn_residual);
@@ -219,13 +225,41 @@ fn match_block(g: &Graph, attention: NodeIndex, index: usize) -> Result<VitBlock
     })
 }
 
+/// A node between the key projection and Q·Kᵀ that multiplies the keys by
+/// a constant table with a token-position axis (rotary embeddings' cos and
+/// sin), by name. Walks up from the keys to the nearest MatMul or Gemm.
+fn position_table(g: &Graph, keys: &str, tokens: usize) -> Option<String> {
+    let positional = |t: &str| {
+        g.is_constant(t) && g.ty(t).is_some_and(|ty| ty.rank() >= 2 && ty.shape.iter().any(|d| d.fixed().is_some_and(|d| d as usize >= tokens / 2 && d as usize <= tokens)))
+    };
+    let mut todo = vec![keys.to_string()];
+    let mut seen = HashSet::new();
+    while let Some(t) = todo.pop() {
+        let Some(id) = g.producer(&t).filter(|id| seen.insert(*id) && seen.len() < 64) else { continue };
+        let node = g.node(id);
+        match node.op() {
+            "MatMul" | "Gemm" => continue,
+            "Mul" if node.proto.input.iter().any(|i| positional(i)) => return Some(node.name().to_string()),
+            _ => todo.extend(node.proto.input.iter().filter(|i| !i.is_empty() && !g.is_constant(i)).cloned()),
+        }
+    }
+    None
+}
+
 /// Kᵀ of a Softmax(Q·Kᵀ) attention.
 fn softmax_keys(g: &Graph, softmax: NodeIndex) -> Result<String, String> {
     let sm = g.node(softmax);
     let logits = sm.input(0).ok_or("Softmax has no input")?;
     let lt = g.ty(logits).ok_or("attention logits have no known shape")?;
     if lt.rank() != 4 {
-        return Err(format!("attention logits {lt} are not [batch, heads, tokens, tokens]"));
+        let folded = lt.shape.first().is_some_and(|d| matches!(d, Dim::Symbol(s) if s.contains('*')));
+        return Err(match (lt.rank(), folded) {
+            (3, true) => format!(
+                "attention logits {lt} fold windows into the batch axis: windowed attention (SAM, ViTDet, Swin), for \
+                 which ToMe has no published semantics"
+            ),
+            _ => format!("attention logits {lt} are not [batch, heads, tokens, tokens]"),
+        });
     }
     let axis = sm.attr_int("axis").unwrap_or(-1);
     if axis != -1 && axis != 3 {
