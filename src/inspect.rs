@@ -83,6 +83,7 @@ pub fn render(i: &Inspection) -> String {
         first.head_dim,
         first.width
     );
+    s += &format!("family: {}\n", r.family);
     s += &format!(
         "tokens: {} = {} prefix + {} patches; head: {}\n",
         first.step.tokens_in, r.prefix, r.patches, r.head
@@ -140,6 +141,7 @@ pub fn to_json(i: &Inspection) -> serde_json::Value {
             "tokens_in": b.step.tokens_in,
             "tokens_out": b.step.tokens_out,
         })).collect::<Vec<_>>(),
+        "family": r.family,
         "prefix": r.prefix,
         "patches": r.patches,
         "head": r.head,

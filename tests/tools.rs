@@ -294,6 +294,7 @@ fn inspect_counts_macs_like_the_vit_formula() {
     let expected = vit_macs(&[(197, 197); 6], 64, 196, 16, 10, true);
     assert_eq!(json["macs_before"].as_u64(), Some(expected), "{out}");
     assert_eq!(json["macs_after"].as_u64(), Some(expected), "r = 0 changes nothing");
+    assert_eq!(json["family"].as_str(), Some("image, 14x14 patches"), "{out}");
 
     let o = tome(&["inspect", model.to_str().unwrap(), "--r", "16", "--target", "tensorrt"]);
     let (out, err) = text(&o);

@@ -129,6 +129,8 @@ pub struct Report {
     pub prepared: Vec<String>,
     /// The first block's input (prefix tokens, then patch tokens), for checks.
     pub first_block_input: String,
+    /// What the patch embedding reads (`matcher::VitModel::family`).
+    pub family: String,
 }
 
 /// Readies an exported model for type inference, before `compile`:
@@ -344,6 +346,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         merged_outputs: size_output.into_iter().collect(),
         prepared: vec![],
         first_block_input: vit.blocks.first().map(|b| b.block_input.clone()).unwrap_or_default(),
+        family: vit.family.clone(),
     };
     Ok((report, changed))
 }

@@ -82,6 +82,9 @@ pub struct VitModel {
     pub patches: usize,
     pub prefix: usize,
     pub head: Head,
+    /// What the patch embedding says the model reads: `video, 2x14x14
+    /// tubelets (Conv3d)`, `image, 14x14 patches`, `spectrogram, 12x17 patches`.
+    pub family: String,
 }
 
 /// Finds every block, the prefix tokens and the head, or says why not.
@@ -137,7 +140,8 @@ pub fn match_vit(g: &Graph) -> Result<VitModel, PassError> {
             )))
         }
     };
-    Ok(VitModel { blocks, tokens, patches, prefix, head })
+    let family = embedding_family(g, &blocks[0]);
+    Ok(VitModel { blocks, tokens, patches, prefix, head, family })
 }
 
 /// One attention node seen by `diagnose`: its name, its op, and the block it
@@ -499,6 +503,23 @@ fn pool_head(g: &Graph, last: &str, tokens: usize, pool: &AttentionPool) -> Resu
         }
     }
     Ok(Head::AttentionPool(pool.clone()))
+}
+
+/// The input kind and patch grid of the patch embedding feeding the first
+/// block: a Conv3d reads video tubelets; a Conv2d reads an image, or a
+/// spectrogram when the graph input is [batch, time, frequency].
+fn embedding_family(g: &Graph, first: &VitBlock) -> String {
+    let mut upstream = g.producer(&first.block_input).map(|id| g.reachable(id, Direction::Incoming)).unwrap_or_default();
+    upstream.extend(g.producer(&first.block_input));
+    let Some(conv) = g.nodes().find(|id| upstream.contains(id) && g.node(*id).op() == "Conv") else { return "unknown".into() };
+    let Some(out) = g.ty(g.node(conv).output()) else { return "unknown".into() };
+    let grid: Vec<String> = (2..out.rank()).map(|a| out.dim(a).map(|d| d.to_string()).unwrap_or_else(|| "?".into())).collect();
+    let input_rank = g.inputs.first().and_then(|i| g.ty(i)).map(|t| t.rank()).unwrap_or(4);
+    match (out.rank(), input_rank) {
+        (5, _) => format!("video, {} tubelets (Conv3d)", grid.join("x")),
+        (_, 3) => format!("spectrogram, {} patches", grid.join("x")),
+        _ => format!("image, {} patches", grid.join("x")),
+    }
 }
 
 /// Follows the tokens after the last block to the head. A reader that is
