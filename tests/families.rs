@@ -1,10 +1,81 @@
-//! The ViT families ToMe has no published semantics for (`TOME_SPEC.md`,
-//! "Families beyond the classic ViT"): rotary position embeddings and
-//! windowed attention are refused, naming the node.
+//! The ViT families beyond the classic one (`TOME_SPEC.md`, "Families beyond
+//! the classic ViT"): VideoMAE (tubelet Conv3d, no prefix, mean pool), SigLIP
+//! (no prefix, attention-pooling head), AST (spectrogram patches with
+//! overlapping strides, cls + distillation). Every schedule, proportional
+//! attention on and off, against references from a PyTorch ToMe forward on
+//! the Hugging Face modules (`fixtures/gen/tome_hf.py`), in tract and
+//! onnxruntime, with the reference's tokens per block. And the families
+//! ToMe has no semantics for, refused naming the node.
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use common::*;
+use tract_onnx::prelude::*;
+
+/// `model` in tract at the references' batch, planned for that batch (the
+/// SigLIP export's probe path does not plan with a symbolic batch in tract 0.23).
+fn run_at_batch(model: &Path, refs: &BTreeMap<String, Tensor>) -> Tensor {
+    let file = tome_compile::onnx_io::read(model).expect("read");
+    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::tract_ops::onnx() };
+    let mut m = onnx.parse(&file.proto, file.dir.to_str()).expect("parse").model;
+    let x = refs["pixel_values"].clone();
+    m.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), x.shape())).expect("fact");
+    let plan = m.into_optimized().expect("optimize").into_runnable().expect("plan");
+    plan.run(tvec![x.into()]).expect("run").remove(0).into_tensor()
+}
+
+fn check_family(case: &str) {
+    let refs = references(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = fixture(&format!("{case}/model.onnx"));
+    let mut ort = vec![];
+    for (schedule, r) in SCHEDULES {
+        for prop in [1, 0] {
+            let name = format!("{schedule}_prop{prop}");
+            let out = dir.path().join(format!("{name}.onnx"));
+            let report = compile_to(&source, &out, &options(r, prop == 1));
+            if let Some(expected) = expected_tokens(case, &name) {
+                assert_eq!(tokens_of(&report), expected, "{case} {name}: tokens per block");
+            }
+            let err = max_relative_error(&run_at_batch(&out, &refs), &refs[&format!("logits_{name}")]);
+            println!("tract {case} {name}: max relative error {err:.3e}");
+            assert!(err <= 1e-4, "{case} {name}: tract relative error {err:e} > 1e-4");
+            ort.push((out, case.to_string(), format!("logits_{name}")));
+        }
+    }
+    let out = dir.path().join("r0.onnx");
+    compile_to(&source, &out, &options("0", true));
+    let err = max_abs_error(&run_at_batch(&out, &refs), &refs["logits_r0"]);
+    assert!(err <= 1e-5, "{case} r=0: tract abs error {err:e} > 1e-5");
+    ort.push((out, case.to_string(), "logits_r0".to_string()));
+    check_with_onnxruntime(dir.path(), &ort);
+}
+
+#[test]
+fn videomae_tubelets_count_as_patches_with_no_prefix() {
+    let report = tome_compile::inspect::inspect(&fixture("videomae/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    assert_eq!(report.report.family, "video, 2x7x7 tubelets (Conv3d)");
+    assert_eq!((report.report.prefix, report.report.patches), (0, 98), "2 x 7 x 7 tubelets, no prefix");
+    check_family("videomae");
+}
+
+#[test]
+fn siglip_attention_pool_is_proportional_over_its_keys() {
+    let report = tome_compile::inspect::inspect(&fixture("siglip/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    assert!(report.report.head.starts_with("attention pool"), "{}", report.report.head);
+    assert_eq!(report.report.family, "image, 7x7 patches");
+    check_family("siglip");
+}
+
+#[test]
+fn ast_spectrogram_patches_keep_cls_and_distillation_in_front() {
+    let report = tome_compile::inspect::inspect(&fixture("ast/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    assert_eq!((report.report.prefix, report.report.family.as_str()), (2, "spectrogram, 12x17 patches"));
+    check_family("ast");
+}
 
 /// The compile error for `case`.
 fn refusal(case: &str) -> String {
