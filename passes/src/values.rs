@@ -176,6 +176,11 @@ fn eval_node(g: &Graph, node: &graph::Node, probe: &HashMap<String, i64>, input:
                 Some(p) => p.iter().map(|&a| a as usize).collect(),
                 None => (0..r).rev().collect(),
             };
+            let mut sorted = perm.clone();
+            sorted.sort();
+            if sorted != (0..r).collect::<Vec<_>>() {
+                return None;
+            }
             let shape: Vec<usize> = perm.iter().map(|&a| x.shape[a]).collect();
             let strides = x.strides();
             let out = Value { shape: shape.clone(), data: vec![], elem: x.elem };
@@ -423,7 +428,8 @@ fn exact(g: &Graph, tensor: &str, v: &Value) -> bool {
 fn concat(g: &Graph, node: &graph::Node, parts: Vec<Value>, axis: i64) -> Option<Value> {
     let r = parts.first()?.shape.len() as i64;
     let axis = (if axis < 0 { axis + r } else { axis }) as usize;
-    if !node.proto.input.iter().zip(&parts).all(|(t, v)| exact(g, t, v)) {
+    let same_but_axis = |p: &Value| p.shape.len() == parts[0].shape.len() && (0..p.shape.len()).all(|a| a == axis || p.shape[a] == parts[0].shape[a]);
+    if axis >= parts[0].shape.len() || !parts.iter().all(same_but_axis) || !node.proto.input.iter().zip(&parts).all(|(t, v)| exact(g, t, v)) {
         return None;
     }
     let outer: usize = parts[0].shape[..axis].iter().product();
