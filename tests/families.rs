@@ -1,11 +1,12 @@
-//! The ViT families beyond the classic one (`TOME_SPEC.md`, "Families beyond
-//! the classic ViT"): VideoMAE (tubelet Conv3d, no prefix, mean pool), SigLIP
-//! (no prefix, attention-pooling head), AST (spectrogram patches with
-//! overlapping strides, cls + distillation). Every schedule, proportional
-//! attention on and off, against references from a PyTorch ToMe forward on
-//! the Hugging Face modules (`fixtures/gen/tome_hf.py`), in tract and
-//! onnxruntime, with the reference's tokens per block. And the families
-//! ToMe has no semantics for, refused naming the node.
+//! The ViT families beyond the classic one (`TOME_SPEC.md`, "Families
+//! beyond the classic ViT"): VideoMAE (tubelet Conv3d, no prefix, mean pool),
+//! SigLIP from transformers and timm (no prefix, attention-pooling head), AST
+//! (spectrogram patches with overlapping strides, cls + distillation). Every
+//! schedule, proportional attention on and off, against references from a
+//! PyTorch ToMe forward on the Hugging Face or timm modules
+//! (`fixtures/gen/tome_hf.py`, `gen_timm_siglip.py`), in tract and
+//! onnxruntime, with the reference's tokens per block. And the families ToMe
+//! has no semantics for, refused naming the node.
 
 mod common;
 
@@ -68,6 +69,15 @@ fn siglip_attention_pool_is_proportional_over_its_keys() {
     assert!(report.report.head.starts_with("attention pool"), "{}", report.report.head);
     assert_eq!(report.report.family, "image, 7x7 patches");
     check_family("siglip");
+}
+
+#[test]
+fn timm_siglip_attention_pool_latent_is_proportional_over_its_keys() {
+    // timm's AttentionPoolLatent: batch-first logits [B, H, 1, N]; leaving log(size) out of it
+    // moves the output by 0.15 to 0.51 (case.json), so the references tell.
+    let report = tome_compile::inspect::inspect(&fixture("timm_siglip/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    assert!(report.report.head.starts_with("attention pool /attn_pool/Softmax"), "{}", report.report.head);
+    check_family("timm_siglip");
 }
 
 #[test]
