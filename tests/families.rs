@@ -111,3 +111,15 @@ fn windowed_attention_is_refused_naming_the_node() {
     let err = refusal("vitdet_windowed_refused");
     assert!(err.contains("/m/blocks/blocks.0/attn/Softmax") && err.contains("windowed attention"), "{err}");
 }
+
+#[test]
+fn tokens_concatenated_after_the_patches_are_refused_naming_the_concat() {
+    // timm_vit with its cls token moved behind the patch tokens: the prefix cannot be
+    // protected, and a count taken from shapes alone would be wrong.
+    let mut file = tome_compile::onnx_io::read(&fixture("timm_vit/model.onnx")).expect("read");
+    let graph = file.proto.graph.as_mut().expect("graph");
+    let concat = graph.node.iter_mut().find(|n| n.name == "/Concat_1").expect("the cls Concat");
+    concat.input.swap(0, 1);
+    let err = tome_compile::compile(&mut file.proto, &file.dir, &options("8", true)).expect_err("refused").to_string();
+    assert!(err.contains("/Concat_1 puts tokens after the patch tokens"), "{err}");
+}
