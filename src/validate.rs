@@ -102,6 +102,14 @@ pub fn check_declared(proto: &pb::ModelProto) -> Result<(), Error> {
     for node in &graph.node {
         let what = || format!("node {} ({})", node.name, node.op_type);
         let input = |slot: usize| node.input.get(slot).and_then(|i| consts.get(i.as_str()));
+        // tract 0.23 does not check a Transpose's perm, and runs out of memory on one that repeats an axis.
+        if let Some(perm) = node.attribute.iter().find(|a| node.op_type == "Transpose" && a.name == "perm") {
+            let mut sorted = perm.ints.clone();
+            sorted.sort_unstable();
+            if sorted.iter().enumerate().any(|(k, &a)| a != k as i64) {
+                return Err(Error::Graph(format!("{} has perm {:?}, which is not a permutation of its axes", what(), perm.ints)));
+            }
+        }
         if matches!(node.op_type.as_str(), "Pad" | "OneHot") {
             if let Some(v) = input(1).and_then(Constant::i64s).filter(|v| v.iter().any(|d| d.unsigned_abs() > MAX_AXIS)) {
                 return Err(too_large(what(), format!("lengths {v:?} exceed {MAX_AXIS}")));

@@ -497,7 +497,8 @@ fn absurd_weight_dims(rng: &mut Rng, m: &mut pb::ModelProto, _: &mut Vec<(String
 fn external_data(rng: &mut Rng, m: &mut pb::ModelProto, side: &mut Vec<(String, Vec<u8>)>) -> String {
     let g = graph(m);
     let with_data: Vec<usize> = (0..g.initializer.len()).filter(|&i| !g.initializer[i].raw_data.is_empty()).collect();
-    let t = &mut g.initializer[*rng.pick(&with_data)];
+    let Some(&i) = with_data.get(rng.below(with_data.len())) else { return "no initializer holds raw data".into() };
+    let t = &mut g.initializer[i];
     let raw = std::mem::take(&mut t.raw_data);
     let len = raw.len() as u64;
     side.push(("weights.bin".into(), raw));
@@ -520,7 +521,8 @@ fn external_data(rng: &mut Rng, m: &mut pb::ModelProto, side: &mut Vec<(String, 
 fn short_raw_data(rng: &mut Rng, m: &mut pb::ModelProto, _: &mut Vec<(String, Vec<u8>)>) -> String {
     let g = graph(m);
     let with_data: Vec<usize> = (0..g.initializer.len()).filter(|&i| !g.initializer[i].raw_data.is_empty()).collect();
-    let t = &mut g.initializer[*rng.pick(&with_data)];
+    let Some(&i) = with_data.get(rng.below(with_data.len())) else { return "no initializer holds raw data".into() };
+    let t = &mut g.initializer[i];
     let cut = 1 + rng.below(t.raw_data.len());
     t.raw_data.truncate(t.raw_data.len() - cut);
     format!("{} lost {cut} bytes", t.name)
@@ -588,7 +590,9 @@ fn op_type(rng: &mut Rng, m: &mut pb::ModelProto, _: &mut Vec<(String, Vec<u8>)>
 fn attributes(rng: &mut Rng, m: &mut pb::ModelProto, _: &mut Vec<(String, Vec<u8>)>) -> String {
     let g = graph(m);
     let with_attrs: Vec<usize> = (0..g.node.len()).filter(|&i| !g.node[i].attribute.is_empty()).collect();
-    let node = &mut g.node[*rng.pick(&with_attrs)];
+    // A graph whose nodes carry no attributes (one call of a local function, say) is left as it is.
+    let Some(&i) = with_attrs.get(rng.below(with_attrs.len())) else { return "no node has attributes".into() };
+    let node = &mut g.node[i];
     let a = rng.below(node.attribute.len());
     let v = *rng.pick(&ABSURD);
     let attr = &mut node.attribute[a];
