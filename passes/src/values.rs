@@ -316,15 +316,17 @@ fn unary(op: &str, x: &Value) -> Option<Value> {
 fn broadcast2(a: &Value, b: &Value, elem: i32, f: impl Fn(Option<f64>, Option<f64>) -> Option<f64>) -> Option<Value> {
     let rank = a.shape.len().max(b.shape.len());
     let (a, b) = (a.at_rank(rank), b.at_rank(rank));
-    let mut shape = vec![0; rank];
-    for ax in 0..rank {
-        shape[ax] = match (a.shape[ax], b.shape[ax]) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return None,
-        };
-    }
+    let shape: Vec<usize> = a
+        .shape
+        .iter()
+        .zip(&b.shape)
+        .map(|(&x, &y)| match (x, y) {
+            (x, y) if x == y => Some(x),
+            (1, y) => Some(y),
+            (x, 1) => Some(x),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
     let count: usize = shape.iter().product();
     if count > MAX_ELEMENTS {
         return None;
@@ -354,13 +356,13 @@ fn where_(c: &Value, a: &Value, b: &Value, elem: i32) -> Option<Value> {
     let rank = c.shape.len().max(a.shape.len()).max(b.shape.len());
     let (c, a, b) = (c.at_rank(rank), a.at_rank(rank), b.at_rank(rank));
     let mut shape = vec![1; rank];
-    for ax in 0..rank {
+    for (ax, out) in shape.iter_mut().enumerate() {
         for d in [c.shape[ax], a.shape[ax], b.shape[ax]] {
             if d != 1 {
-                if shape[ax] != 1 && shape[ax] != d {
+                if *out != 1 && *out != d {
                     return None;
                 }
-                shape[ax] = d;
+                *out = d;
             }
         }
     }
@@ -468,12 +470,17 @@ fn slice(g: &Graph, node: &graph::Node, input: &dyn Fn(usize) -> Option<Value>) 
 /// equals them by chance.
 const PROBES: [i64; 2] = [1031, 2053];
 
+/// Shape vectors by name, each element as (a, c) for `a·batch + c`.
+pub type LinearShapes = HashMap<String, Vec<(i64, i64)>>;
+/// Where the batch axis lives: (graph input, axis).
+pub type BatchAxis = (String, usize);
+
 /// Integer vectors whose every element is `a·batch + c` for integers a, c
 /// (shape vectors: `[batch·197, 64]`, `[batch, -1, 197]`), found by
 /// evaluating the graph at two batch sizes; with where the batch axis lives
 /// (a graph input and axis). Models with more than one symbolic axis, or
 /// none, give nothing.
-pub fn linear_shapes(g: &Graph) -> (HashMap<String, Vec<(i64, i64)>>, Option<(String, usize)>) {
+pub fn linear_shapes(g: &Graph) -> (LinearShapes, Option<BatchAxis>) {
     let mut symbols: Vec<(String, String, usize)> = vec![];
     for input in &g.inputs {
         for (axis, d) in g.ty(input).map(|t| t.shape.clone()).unwrap_or_default().into_iter().enumerate() {
