@@ -4,8 +4,10 @@
 //! The pipeline, in order (`compile`):
 //! 1. `Graph::take_from`: ONNX nodes into a `StableGraph`, weights moved, not copied.
 //! 2. `canon::canonicalize`: nodes that compute nothing here (an all-true
-//!    attention mask, Identity, Dropout, ...) are seen through, first, so
-//!    that the matcher meets one form of what every exporter writes.
+//!    attention mask, an Add of zeros) are seen through, first, so that the
+//!    matcher meets one form of what every exporter writes. (`prepare`, run
+//!    by the caller before inference, has already inlined functions,
+//!    unfused contrib ops and pinned a symbolic image input.)
 //! 3. `matcher::match_vit`: blocks, prefix tokens and head, or a reason to refuse.
 //! 4. `schedule::plan`: r per block, clamped as tokens shrink.
 //! 5. Per block, in order, since each needs the sizes the previous merge left:

@@ -67,17 +67,8 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
     let anchor = logits.as_deref().and_then(|l| g.producer(l)).unwrap_or(block.attention);
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
-    let log_size = e.op("Log", "log_size", &[size], vec![]);
-    // [B, N, 1] -> [B, N] -> [B, 1, 1, N]. The size axis is dropped by a
-    // MatMul with [1.0] (exact), not a Reshape or Squeeze: tract pushes those
-    // unit-axis removals down through the logits, which become [B, H, N, N, 1]
-    // with the Softmax axis no longer last, and tract then runs the Softmax
-    // on its single-threaded slow path. A Transpose is worse: tract swaps the
-    // Q·Kᵀ output layout and the Softmax runs strided.
     let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
-    let one = e.const_f32("one", &[1], &[1.0]);
-    let row = e.op("MatMul", "bias_row", &[&log_size, &one], vec![]);
-    let mut bias = e.unsqueeze("bias", &row, &[1, 2]);
+    let mut bias = key_bias(&mut e, size);
     let elem = logits.as_deref().and_then(|l| g.ty(l)).map(|t| t.elem).unwrap_or(FLOAT);
     if elem != FLOAT {
         bias = e.cast("bias_cast", &bias, elem);
@@ -101,6 +92,20 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
     let slot = if fused_attention { 3 } else { 0 };
     patch.rewires.push(Rewire { node: block.attention, slot, tensor: biased });
     Ok(patch)
+}
+
+/// `log(size)` as a bias over keys, [B, 1, 1, N], from sizes [B, N, 1],
+/// for the blocks' attention and an attention pool alike. The size axis is dropped by a
+/// MatMul with [1.0] (exact), not a Reshape or Squeeze: tract pushes those
+/// unit-axis removals down through the logits, which become [B, H, N, N, 1]
+/// with the Softmax axis no longer last, and tract then runs the Softmax
+/// on its single-threaded slow path. A Transpose is worse: tract swaps the
+/// Q·Kᵀ output layout and the Softmax runs strided.
+fn key_bias(e: &mut Emitter, size: &str) -> String {
+    let log_size = e.op("Log", "log_size", &[size], vec![]);
+    let one = e.const_f32("one", &[1], &[1.0]);
+    let row = e.op("MatMul", "bias_row", &[&log_size, &one], vec![]);
+    e.unsqueeze("bias", &row, &[1, 2])
 }
 
 /// Bipartite soft matching on the mean key, then the size-weighted merge of
@@ -692,10 +697,7 @@ pub fn pool_attention_bias(g: &Graph, pool: &crate::matcher::AttentionPool, size
     let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
     let mut patch = Patch::new(format!("{}: proportional attention", pool.name), g.producer(&logits).unwrap_or(pool.softmax));
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", pool.name), g.opset);
-    let log_size = e.op("Log", "log_size", &[size], vec![]);
-    let one = e.const_f32("one", &[1], &[1.0]);
-    let row = e.op("MatMul", "bias_row", &[&log_size, &one], vec![]);
-    let mut bias = e.unsqueeze("bias", &row, &[1, 2]);
+    let mut bias = key_bias(&mut e, size);
     if ty.rank() == 3 {
         let heads = e.const_i64("heads", &[4], &[1, pool.heads as i64, 1, 1]);
         let spread = e.op("Expand", "bias_heads", &[&bias, &heads], vec![]);
@@ -707,11 +709,6 @@ pub fn pool_attention_bias(g: &Graph, pool: &crate::matcher::AttentionPool, size
     }
     let biased = e.op("Add", "logits", &[&logits, &bias], vec![]);
     patch.types.insert(biased.clone(), ty);
-    patch.resized_axis = Some(ty_last_axis(g, &logits));
     patch.rewires.push(Rewire { node: pool.softmax, slot: 0, tensor: biased });
     Ok(patch)
-}
-
-fn ty_last_axis(g: &Graph, t: &str) -> usize {
-    g.ty(t).map(|t| t.rank().saturating_sub(1)).unwrap_or(0)
 }

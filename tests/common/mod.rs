@@ -157,3 +157,12 @@ pub fn value(name: &str, elem: i32, dims: &[i64]) -> tome_passes::pb::ValueInfoP
         ..Default::default()
     }
 }
+
+/// The error compiling `model` with `opts` to a file, checking that nothing was written.
+pub fn refusal(model: &Path, opts: &Options) -> tome_compile::Error {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out.onnx");
+    let err = tome_compile::compile_file(model, &out, opts).expect_err("refused");
+    assert!(!out.exists(), "nothing is written on refusal");
+    err
+}
