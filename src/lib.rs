@@ -2,21 +2,10 @@
 //! runner for the result. The graph work lives in `tome_passes`; this crate
 //! does file I/O, type inference (with tract) and execution.
 
-pub mod bench;
-pub mod check;
-pub mod deploy;
-pub mod guard;
-pub mod inspect;
-pub mod macs;
-pub mod npz;
-pub mod onnx_io;
-pub mod run;
-pub mod tensorrt_rules;
-pub mod tract_attention;
-pub mod tract_ops;
-pub mod validate;
-pub mod verify;
-pub mod visualize;
+pub mod cli;
+pub mod onnx;
+pub mod runtime;
+pub mod targets;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +14,7 @@ use tome_passes::{pb, Dim, TensorType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-pub use deploy::{compile_bytes, compile_bytes_for, compile_file_checked, compile_file_with, Compiled, FileOptions, Format, Target};
+pub use targets::deploy::{compile_bytes, compile_bytes_for, compile_file_checked, compile_file_with, Compiled, FileOptions, Format, Target};
 pub use tome_passes::{Options, PassError, Report, Schedule};
 
 /// Errors a user can cause; each names the file, tensor or node involved.
@@ -148,7 +137,7 @@ impl ErrorKind {
 /// The result is checked by tract's type inference before it is returned.
 /// A panic inside (tract's, on an odd graph) comes back as `Error::Panic`.
 pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<Report, Error> {
-    guard::catch_panics("compiling the model", || {
+    runtime::guard::catch_panics("compiling the model", || {
         let (prepared, types) = prepare(proto, dir, opts)?;
         let (mut report, _) = rewrite(proto, dir, types, opts)?;
         report.prepared = prepared;
@@ -172,7 +161,7 @@ pub(crate) fn compile_typed(
     types: HashMap<String, TensorType>,
     opts: &Options,
 ) -> Result<(Report, HashMap<String, TensorType>), Error> {
-    guard::catch_panics("compiling the model", || rewrite(proto, dir, types, opts))
+    runtime::guard::catch_panics("compiling the model", || rewrite(proto, dir, types, opts))
 }
 
 /// Reads `input`, compiles it and writes `output` (plus `<output>.data` when
@@ -212,10 +201,10 @@ pub fn prepare(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result
 /// axis stays symbolic. Declared sizes are bounded before tract reads them
 /// and inferred sizes after (`validate`).
 pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String, TensorType>, Error> {
-    validate::check_declared(proto)?;
-    let types = guard::catch_panics("analysing the model with tract", || {
+    onnx::validate::check_declared(proto)?;
+    let types = runtime::guard::catch_panics("analysing the model with tract", || {
         let dir = dir.to_str();
-        let parsed = crate::tract_ops::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
+        let parsed = crate::runtime::tract_ops::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
         let mut model = parsed.model;
         model.analyse(false).map_err(|e| Error::Shapes(format!("{e:#}")))?;
         let mut types = HashMap::new();
@@ -233,7 +222,7 @@ pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String,
         }
         Ok(types)
     })?;
-    validate::check_inferred(&types)?;
+    onnx::validate::check_inferred(&types)?;
     Ok(types)
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use common::fixture;
 use prost::Message;
-use tome_compile::onnx_io;
+use tome_compile::onnx;
 use tome_passes::pb;
 
 fn tome(args: &[&str]) -> Output {
@@ -169,7 +169,7 @@ fn the_input_is_never_overwritten() {
 fn external_data_is_read_and_written() {
     // Move every large initializer of a fixture into an external file.
     let dir = tempfile::tempdir().unwrap();
-    let mut file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let mut file = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap();
     let mut data = vec![];
     for t in file.proto.graph.as_mut().unwrap().initializer.iter_mut().filter(|t| t.raw_data.len() > 1024) {
         let raw = std::mem::take(&mut t.raw_data);
@@ -233,7 +233,7 @@ fn inspect_says_which_attention_it_could_not_match_and_why() {
 /// Saves fixture image `index` (normalised with mean and std 0.5) as a PNG.
 fn fixture_png(index: usize, path: &Path) {
     let refs = common::references("timm_vit");
-    let pixels = tome_compile::run::floats(&refs["pixel_values"]).unwrap();
+    let pixels = tome_compile::runtime::run::floats(&refs["pixel_values"]).unwrap();
     let plane = 224 * 224;
     let start = index * 3 * plane;
     let img = image::RgbImage::from_fn(224, 224, |x, y| {

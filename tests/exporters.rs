@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::*;
-use tome_compile::run::Runner;
+use tome_compile::runtime::run::Runner;
 use tome_compile::Options;
 use tract_onnx::prelude::*;
 
@@ -160,7 +160,7 @@ fn dinov2_merged_tokens_and_their_sizes_match_the_reference() {
         assert!(err <= 1e-4, "{name}: merged tokens, relative error {err:e}");
         let size = &outs[tome_passes::SIZE_OUTPUT];
         assert_eq!(max_abs_error(size, &refs[&format!("tome_size_{name}")]), 0.0, "{name}: sizes");
-        for image in tome_compile::run::floats(size).expect("f32").chunks(size.shape()[1]) {
+        for image in tome_compile::runtime::run::floats(size).expect("f32").chunks(size.shape()[1]) {
             assert_eq!(image.iter().sum::<f32>(), 257.0, "{name}: sizes sum to the original token count");
         }
         let unmerged = dir.path().join(format!("unmerged_{name}.onnx"));
@@ -186,7 +186,7 @@ fn optimum_clip_vision_pooled_output_matches_for_every_schedule() {
 fn a_mask_that_is_not_all_true_is_refused_naming_the_node() {
     // transformers 5.17's mask with `Range(N) >= 5`: no longer all true, so it computes something
     // merged tokens would misindex. It must be refused, not dropped.
-    let mut file = tome_compile::onnx_io::read(&fixture("hf_vit_matrix/torch2.9_tf5.17_ts17.onnx")).expect("read");
+    let mut file = tome_compile::onnx::io::read(&fixture("hf_vit_matrix/torch2.9_tf5.17_ts17.onnx")).expect("read");
     let graph = file.proto.graph.as_mut().expect("graph");
     let ge = graph.node.iter_mut().find(|n| n.op_type == "GreaterOrEqual").expect("the mask's comparison");
     ge.input[1] = "test.start".into();
@@ -222,7 +222,7 @@ fn graphs_rewritten_by_onnxruntime_transformers_optimizer() {
 #[test]
 fn onnxruntime_fused_attention_is_refused_naming_the_node() {
     // onnxruntime's optimizer fuses no ViT attention here; a graph where it did hides the keys.
-    let mut file = tome_compile::onnx_io::read(&fixture("ort_optimized/timm_vit_opt1.onnx")).expect("read");
+    let mut file = tome_compile::onnx::io::read(&fixture("ort_optimized/timm_vit_opt1.onnx")).expect("read");
     let graph = file.proto.graph.as_mut().expect("graph");
     let softmax = graph.node.iter_mut().find(|n| n.op_type == "Softmax").expect("a Softmax");
     softmax.op_type = "MultiHeadAttention".into();

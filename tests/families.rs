@@ -19,8 +19,8 @@ use tract_onnx::prelude::*;
 /// `model` in tract at the references' batch, planned for that batch (the
 /// SigLIP export's probe path does not plan with a symbolic batch in tract 0.23).
 fn run_at_batch(model: &Path, refs: &BTreeMap<String, Tensor>) -> Tensor {
-    let file = tome_compile::onnx_io::read(model).expect("read");
-    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::tract_ops::onnx() };
+    let file = tome_compile::onnx::io::read(model).expect("read");
+    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::runtime::tract_ops::onnx() };
     let mut m = onnx.parse(&file.proto, file.dir.to_str()).expect("parse").model;
     let x = refs["pixel_values"].clone();
     m.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), x.shape())).expect("fact");
@@ -57,7 +57,7 @@ fn check_family(case: &str) {
 
 #[test]
 fn videomae_tubelets_count_as_patches_with_no_prefix() {
-    let report = tome_compile::inspect::inspect(&fixture("videomae/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    let report = tome_compile::cli::inspect::inspect(&fixture("videomae/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
     assert_eq!(report.report.family, "video, 2x7x7 tubelets (Conv3d)");
     assert_eq!((report.report.prefix, report.report.patches), (0, 98), "2 x 7 x 7 tubelets, no prefix");
     check_family("videomae");
@@ -65,7 +65,7 @@ fn videomae_tubelets_count_as_patches_with_no_prefix() {
 
 #[test]
 fn siglip_attention_pool_is_proportional_over_its_keys() {
-    let report = tome_compile::inspect::inspect(&fixture("siglip/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    let report = tome_compile::cli::inspect::inspect(&fixture("siglip/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
     assert!(report.report.head.starts_with("attention pool"), "{}", report.report.head);
     assert_eq!(report.report.family, "image, 7x7 patches");
     check_family("siglip");
@@ -75,14 +75,14 @@ fn siglip_attention_pool_is_proportional_over_its_keys() {
 fn timm_siglip_attention_pool_latent_is_proportional_over_its_keys() {
     // timm's AttentionPoolLatent: batch-first logits [B, H, 1, N]; leaving log(size) out of it
     // moves the output by 0.15 to 0.51 (case.json), so the references tell.
-    let report = tome_compile::inspect::inspect(&fixture("timm_siglip/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    let report = tome_compile::cli::inspect::inspect(&fixture("timm_siglip/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
     assert!(report.report.head.starts_with("attention pool /attn_pool/Softmax"), "{}", report.report.head);
     check_family("timm_siglip");
 }
 
 #[test]
 fn ast_spectrogram_patches_keep_cls_and_distillation_in_front() {
-    let report = tome_compile::inspect::inspect(&fixture("ast/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
+    let report = tome_compile::cli::inspect::inspect(&fixture("ast/model.onnx"), &options("8", true), tome_compile::Target::Portable).expect("inspect");
     assert_eq!((report.report.prefix, report.report.family.as_str()), (2, "spectrogram, 12x17 patches"));
     check_family("ast");
 }
@@ -111,7 +111,7 @@ fn windowed_attention_is_refused_naming_the_node() {
 fn tokens_concatenated_after_the_patches_are_refused_naming_the_concat() {
     // timm_vit with its cls token moved behind the patch tokens: the prefix cannot be
     // protected, and a count taken from shapes alone would be wrong.
-    let mut file = tome_compile::onnx_io::read(&fixture("timm_vit/model.onnx")).expect("read");
+    let mut file = tome_compile::onnx::io::read(&fixture("timm_vit/model.onnx")).expect("read");
     let graph = file.proto.graph.as_mut().expect("graph");
     let concat = graph.node.iter_mut().find(|n| n.name == "/Concat_1").expect("the cls Concat");
     concat.input.swap(0, 1);

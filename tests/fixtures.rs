@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use tome_compile::check::check_tensorrt;
-use tome_compile::tensorrt_rules::TrtVersion;
+use tome_compile::targets::check::check_tensorrt;
+use tome_compile::targets::tensorrt_rules::TrtVersion;
 use tome_compile::{Format, Target};
 use tract_onnx::prelude::Tensor;
 
@@ -22,7 +22,7 @@ use tract_onnx::prelude::Tensor;
 /// `Attention` op) must instead be refused, naming a node; then `None`.
 fn tensorrt_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> Option<PathBuf> {
     let out = default.with_extension("tensorrt.onnx");
-    let original = tome_compile::onnx_io::read(source).unwrap();
+    let original = tome_compile::onnx::io::read(source).unwrap();
     let before = check_tensorrt(&original.proto, None, &TrtVersion::ALL);
     let compiled = tome_compile::compile_file_with(source, &out, opts, Target::TensorRt, Format::Onnx);
     if let Some(f) = before.errors().next() {
@@ -35,7 +35,7 @@ fn tensorrt_twin(source: &Path, default: &Path, opts: &tome_compile::Options) ->
     }
     compiled.expect("compile --target tensorrt");
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(default).unwrap(), "{}: tensorrt target differs", out.display());
-    let file = tome_compile::onnx_io::read(&out).unwrap();
+    let file = tome_compile::onnx::io::read(&out).unwrap();
     let report = check_tensorrt(&file.proto, None, &TrtVersion::ALL);
     let errors: Vec<String> = report.errors().map(|f| f.to_string()).collect();
     assert!(errors.is_empty(), "{}: {errors:#?}", out.display());
@@ -48,8 +48,8 @@ fn tensorrt_twin(source: &Path, default: &Path, opts: &tome_compile::Options) ->
 fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
     let out = default.with_extension("tract.onnx");
     let report = tome_compile::compile_file_with(source, &out, opts, Target::Tract, Format::Onnx).expect("compile --target tract");
-    let (fused, portable) = (tome_compile::onnx_io::read(&out).unwrap(), tome_compile::onnx_io::read(default).unwrap());
-    let nodes = |m: &tome_compile::onnx_io::OnnxFile| m.proto.graph.iter().flat_map(|g| &g.node).cloned().collect::<Vec<_>>();
+    let (fused, portable) = (tome_compile::onnx::io::read(&out).unwrap(), tome_compile::onnx::io::read(default).unwrap());
+    let nodes = |m: &tome_compile::onnx::io::OnnxFile| m.proto.graph.iter().flat_map(|g| &g.node).cloned().collect::<Vec<_>>();
     let tracked = nodes(&portable).iter().any(|n| n.name.contains(".tome.unmerge"));
     let merging = if tracked { 0 } else { report.blocks.iter().filter(|b| b.step.r > 0).count() };
     assert_eq!(report.fused_merges, merging, "{}: the report's fused merges", out.display());
@@ -66,8 +66,8 @@ fn run_first_image_at_batch_1(model: &Path, refs: &BTreeMap<String, Tensor>) -> 
     use tract_onnx::prelude::*;
     use tract_onnx::tract_core::ops::change_axes::AxisOp;
     let pixels = refs["pixel_values"].slice(0, 0, 1).unwrap();
-    let file = tome_compile::onnx_io::read(model).unwrap();
-    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::tract_ops::onnx() };
+    let file = tome_compile::onnx::io::read(model).unwrap();
+    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::runtime::tract_ops::onnx() };
     let mut m = onnx.parse(&file.proto, file.dir.to_str()).unwrap().model;
     m.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), pixels.shape())).unwrap();
     let plan = m.into_optimized().unwrap().into_runnable().unwrap();

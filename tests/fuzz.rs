@@ -19,8 +19,8 @@ use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tome_compile::run::Runner;
-use tome_compile::{verify, Error, ErrorKind, Options, Target};
+use tome_compile::runtime::run::Runner;
+use tome_compile::{runtime::verify, Error, ErrorKind, Options, Target};
 use tome_passes::graph::{float_tensor, int64_tensor};
 use tome_passes::pb;
 use tract_onnx::prelude::Tensor;
@@ -132,7 +132,7 @@ fn run_case(input: &Input, dir: &Path) -> Result<Outcome, String> {
             match &result {
                 Ok(_) => {
                     let written = std::fs::read(&out).map_err(|e| format!("compiled but no output: {e}"))?;
-                    tome_compile::onnx_io::decode(&written).map_err(|e| format!("output does not decode: {e}"))?;
+                    tome_compile::onnx::io::decode(&written).map_err(|e| format!("output does not decode: {e}"))?;
                     if left.iter().any(|f| f.contains(".tmp-")) {
                         return Err(format!("temporary files left: {left:?}"));
                     }
@@ -146,7 +146,7 @@ fn run_case(input: &Input, dir: &Path) -> Result<Outcome, String> {
         Input::Npz(bytes) => {
             let path = dir.join("x.npz");
             std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
-            Ok(Outcome::of(tome_compile::npz::read(&path).map(|_| ())))
+            Ok(Outcome::of(tome_compile::onnx::npz::read(&path).map(|_| ())))
         }
         Input::Run(shapes) => {
             let mut rng = Rng(shapes.len() as u64);
@@ -320,7 +320,7 @@ fn seeds() -> &'static [(String, pb::ModelProto)] {
             let mut models: Vec<PathBuf> = std::fs::read_dir(dir).expect("fixture dir").flatten().map(|e| e.path()).collect();
             models.sort();
             for m in models.iter().filter(|m| m.extension().is_some_and(|e| e == "onnx")) {
-                let file = tome_compile::onnx_io::read(m).expect("fixture decodes");
+                let file = tome_compile::onnx::io::read(m).expect("fixture decodes");
                 let name = m.strip_prefix(&root).unwrap_or(m).display().to_string();
                 found.push((name, file.proto));
             }

@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 
 use common::fixture;
 use prost::Message;
-use tome_compile::verify::{self, Outcome};
-use tome_compile::{onnx_io, Error, ErrorKind};
+use tome_compile::runtime::verify::{self, Outcome};
+use tome_compile::{onnx, Error, ErrorKind};
 use tome_passes::pb;
 
 fn tome(args: &[&str]) -> Output {
@@ -42,7 +42,7 @@ fn assert_fails(o: &Output, code: i32) -> String {
 
 /// `model` written into `dir` as `name` with `edit` applied.
 fn edited(model: &str, dir: &Path, name: &str, edit: impl FnOnce(&mut pb::ModelProto)) -> PathBuf {
-    let mut proto = onnx_io::read(&fixture(model)).unwrap().proto;
+    let mut proto = onnx::io::read(&fixture(model)).unwrap().proto;
     edit(&mut proto);
     let out = dir.join(name);
     std::fs::write(&out, proto.encode_to_vec()).unwrap();
@@ -57,7 +57,7 @@ fn set_floats(proto: &mut pb::ModelProto, tensor: &str, value: f32) {
 
 /// The timm fixture with its large weights moved to `weights.bin` in `dir`.
 fn with_external_data(dir: &Path) -> PathBuf {
-    let mut file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let mut file = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap();
     let mut data = vec![];
     for t in file.proto.graph.as_mut().unwrap().initializer.iter_mut().filter(|t| t.raw_data.len() > 1024) {
         let raw = std::mem::take(&mut t.raw_data);
@@ -288,7 +288,7 @@ fn verification_passes_on_every_fixture() {
 
 /// The timm fixture and its compiled form (r = 8), as protos.
 fn original_and_compiled() -> (pb::ModelProto, pb::ModelProto, PathBuf, tome_compile::Report) {
-    let file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let file = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap();
     let mut compiled = file.proto.clone();
     let report = tome_compile::compile(&mut compiled, &file.dir, &common::options("8", true)).unwrap();
     (file.proto, compiled, file.dir, report)
@@ -317,9 +317,9 @@ fn verification_refuses_other_output_shapes() {
 
 #[test]
 fn auto_verification_skips_models_over_the_cost_limit() {
-    let file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let file = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap();
     let mut types = tome_compile::infer_types(&file.proto, &file.dir).unwrap();
-    assert!(tome_compile::macs::count(&file.proto, &types).total() < verify::CHEAP_MACS);
+    assert!(tome_compile::onnx::macs::count(&file.proto, &types).total() < verify::CHEAP_MACS);
     assert_eq!(verify::skip_reason(verify::Mode::Auto, &file.proto, &types), None);
     // The same graph at a (pretend) width of 2^20: far over the limit.
     for ty in types.values_mut() {
@@ -349,7 +349,7 @@ fn a_corrupt_tract_target_node_exits_2_naming_it() {
         ("bias.onnx", "FusedAttention", "blocks.1.tome.attention.fused", "inputs[3].rank == 4"),
     ];
     for (name, op, node_name, expected) in cases {
-        let mut proto = onnx_io::read(&compiled).unwrap().proto;
+        let mut proto = onnx::io::read(&compiled).unwrap().proto;
         let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == op && n.name == node_name).expect("a tract-target node");
         match name {
             "r.onnx" => node.attribute.iter_mut().filter(|a| a.name == "r").for_each(|a| a.i = 1000),
@@ -388,13 +388,13 @@ fn same_input_and_flags_give_byte_identical_output() {
 fn a_failed_rename_leaves_neither_model_nor_data_nor_temporary_files() {
     let dir = tempfile::tempdir().unwrap();
     let external = with_external_data(dir.path());
-    let mut file = onnx_io::read(&external).unwrap();
+    let mut file = onnx::io::read(&external).unwrap();
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     // The output name is taken by a folder: writing the data works, renaming the model cannot.
     let out = out_dir.join("compiled.onnx");
     std::fs::create_dir(&out).unwrap();
-    let err = onnx_io::write(&mut file.proto, &file.dir, &out).unwrap_err();
+    let err = onnx::io::write(&mut file.proto, &file.dir, &out).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Io, "{err}");
     assert_eq!(listing(&out_dir), vec!["compiled.onnx"]);
 }
@@ -423,7 +423,7 @@ fn the_output_never_replaces_the_inputs_external_data() {
 /// that miscounts it (as VideoMAE's once did: 364 prefix tokens for 0) fails.
 #[test]
 fn verify_catches_a_miscounted_prefix() {
-    let file = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap();
+    let file = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap();
     let opts = common::options("8", true);
     let mut compiled = file.proto.clone();
     let report = tome_compile::compile(&mut compiled, &file.dir, &opts).unwrap();

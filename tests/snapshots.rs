@@ -5,10 +5,10 @@
 mod common;
 
 use common::*;
-use tome_compile::onnx_io;
+use tome_compile::onnx;
 
 fn compiled(case_model: &str, r: &str) -> tome_passes::pb::ModelProto {
-    let mut file = onnx_io::read(&fixture(case_model)).unwrap();
+    let mut file = onnx::io::read(&fixture(case_model)).unwrap();
     tome_compile::compile(&mut file.proto, &file.dir, &options(r, true)).unwrap();
     file.proto
 }
@@ -45,7 +45,7 @@ fn average_pool_head_rewrite() {
 
 #[test]
 fn r0_leaves_the_graph_unchanged() {
-    let original = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
+    let original = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
     let model = compiled("timm_vit/model.onnx", "0");
     let names = |m: &tome_passes::pb::ModelProto| -> Vec<String> {
         let mut v: Vec<String> = m.graph.as_ref().unwrap().node.iter().map(|n| n.name.clone()).collect();
@@ -62,7 +62,7 @@ fn output_is_deterministic_and_keeps_what_was_not_touched() {
     let b = compiled("timm_vit/model_dynamo.onnx", "16");
     use prost::Message;
     assert_eq!(a.encode_to_vec(), b.encode_to_vec());
-    let original = onnx_io::read(&fixture("timm_vit/model_dynamo.onnx")).unwrap().proto;
+    let original = onnx::io::read(&fixture("timm_vit/model_dynamo.onnx")).unwrap().proto;
     assert_eq!(a.opset_import, original.opset_import);
     assert_eq!(a.producer_name, original.producer_name);
     assert_eq!(a.metadata_props, original.metadata_props);
@@ -89,7 +89,7 @@ fn fused_attention_op_block_rewrite() {
 /// `BipartiteMerge` node with DeiT's two protected tokens.
 #[test]
 fn tract_target_block_rewrite() {
-    let mut file = onnx_io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();
+    let mut file = onnx::io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();
     let opts = tome_compile::Options { tract_ops: true, ..options("8", true) };
     tome_compile::compile(&mut file.proto, &file.dir, &opts).unwrap();
     insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));

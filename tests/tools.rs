@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 
 use common::*;
 use prost::Message;
-use tome_compile::check::check_tensorrt;
-use tome_compile::tensorrt_rules::TrtVersion;
-use tome_compile::{onnx_io, Format, Target};
+use tome_compile::targets::check::check_tensorrt;
+use tome_compile::targets::tensorrt_rules::TrtVersion;
+use tome_compile::{onnx, Format, Target};
 use tome_passes::pb;
 use tract_onnx::prelude::*;
 
@@ -120,7 +120,7 @@ fn check_passes_on_tensorrt_target_outputs() {
 fn tensorrt_target_refuses_to_write_a_model_that_breaks_the_rules() {
     // A model that fails the check before compiling can never pass after it:
     // the refusal must name the node and leave no file behind.
-    let mut proto = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
+    let mut proto = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
     let graph = proto.graph.as_mut().unwrap();
     let gelu = graph.node.iter_mut().find(|n| n.op_type == "Erf").expect("an Erf");
     gelu.domain = "com.example".into();
@@ -155,7 +155,7 @@ fn compile_bytes_gives_the_same_model_as_compile_file() {
 
 #[test]
 fn compile_bytes_refuses_external_data_naming_the_tensor() {
-    let mut proto = onnx_io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
+    let mut proto = onnx::io::read(&fixture("timm_vit/model.onnx")).unwrap().proto;
     let t = proto.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.raw_data.len() > 1024).unwrap();
     t.raw_data.clear();
     t.data_location = Some(1);

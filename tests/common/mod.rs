@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use tome_compile::run::{floats, Runner};
-use tome_compile::{onnx_io, Options, Report, Schedule};
+use tome_compile::runtime::run::{floats, Runner};
+use tome_compile::{onnx, Options, Report, Schedule};
 use tract_onnx::prelude::Tensor;
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -21,22 +21,22 @@ pub fn options(r: &str, prop_attn: bool) -> Options {
 
 /// Compiles `model` into `out` with the library API.
 pub fn compile_to(model: &Path, out: &Path, opts: &Options) -> Report {
-    let mut file = onnx_io::read(model).expect("read fixture");
+    let mut file = onnx::io::read(model).expect("read fixture");
     let report = tome_compile::compile(&mut file.proto, &file.dir, opts).expect("compile");
-    onnx_io::write(&mut file.proto, &file.dir, out).expect("write");
+    onnx::io::write(&mut file.proto, &file.dir, out).expect("write");
     report
 }
 
 /// The reference logits of `case`, and `pixel_values` (from `timm_vit`,
 /// where a case shares its four images).
 pub fn references(case: &str) -> BTreeMap<String, Tensor> {
-    let mut refs = tome_compile::npz::read(&fixture(&format!("{case}/io.npz"))).expect("io.npz");
+    let mut refs = tome_compile::onnx::npz::read(&fixture(&format!("{case}/io.npz"))).expect("io.npz");
     // Audio models take spectrograms (`input_values`): the same place in the harness.
     if let Some(spectrograms) = refs.remove("input_values") {
         refs.insert("pixel_values".into(), spectrograms);
     }
     if !refs.contains_key("pixel_values") {
-        let pixels = tome_compile::npz::read(&pixels_npz(case)).expect("pixels");
+        let pixels = tome_compile::onnx::npz::read(&pixels_npz(case)).expect("pixels");
         refs.insert("pixel_values".into(), pixels["pixel_values"].clone());
     }
     refs
@@ -45,7 +45,7 @@ pub fn references(case: &str) -> BTreeMap<String, Tensor> {
 /// The archive holding the input images of `case`.
 pub fn pixels_npz(case: &str) -> PathBuf {
     let own = fixture(&format!("{case}/io.npz"));
-    let has_pixels = tome_compile::npz::read(&own).map(|a| a.contains_key("pixel_values") || a.contains_key("input_values")).unwrap_or(false);
+    let has_pixels = tome_compile::onnx::npz::read(&own).map(|a| a.contains_key("pixel_values") || a.contains_key("input_values")).unwrap_or(false);
     if has_pixels { own } else { fixture("timm_vit/io.npz") }
 }
 

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::deploy::{validate, Target};
-use crate::macs::{self, Macs};
-use crate::{onnx_io, Error, Options, PassError, Report};
+use crate::targets::deploy::{validate, Target};
+use crate::onnx::macs::{self, Macs};
+use crate::{onnx, Error, Options, PassError, Report};
 
 /// The result of inspecting one model under one schedule.
 #[derive(Clone, Debug)]
@@ -33,7 +33,7 @@ impl Inspection {
 /// and counts MACs before and after.
 pub fn inspect(path: &Path, opts: &Options, target: Target) -> Result<Inspection, Error> {
     let opts = &target.options(opts, crate::Format::Onnx);
-    let mut file = onnx_io::read(path)?;
+    let mut file = onnx::io::read(path)?;
     let (prepared, types) = crate::prepare(&mut file.proto, &file.dir, opts)?;
     let before = macs::count(&file.proto, &types);
     let mut compiled = file.proto.clone();
@@ -127,9 +127,26 @@ pub fn render(i: &Inspection) -> String {
     s
 }
 
-/// The report as JSON, for pipelines.
+/// The inspection as JSON, for pipelines: the compile report's fields
+/// (`report_json`) and the MAC counts.
 pub fn to_json(i: &Inspection) -> serde_json::Value {
-    let r = &i.report;
+    let mut value = report_json(&i.report, &i.options, i.target);
+    let extra = json!({
+        "macs_before": i.before.total(),
+        "macs_after": i.after.total(),
+        "macs_after_merging": i.after.tome,
+        "predicted_speedup": i.predicted_speedup(),
+        "needs": i.needs,
+    });
+    if let (Some(map), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
+        map.extend(extra);
+    }
+    value
+}
+
+/// What the compiler did to a model, as JSON: blocks with their r and
+/// tokens, prefix, head, and the choices made (`compile --json` prints it).
+pub fn report_json(r: &Report, options: &Options, target: Target) -> serde_json::Value {
     json!({
         "blocks": r.blocks.iter().map(|b| json!({
             "name": b.name,
@@ -146,14 +163,10 @@ pub fn to_json(i: &Inspection) -> serde_json::Value {
         "patches": r.patches,
         "head": r.head,
         "tokens_out": r.tokens_out,
-        "schedule": i.options.schedule.to_string(),
-        "prop_attn": i.options.prop_attn,
-        "target": i.target.to_string(),
-        "macs_before": i.before.total(),
-        "macs_after": i.after.total(),
-        "macs_after_merging": i.after.tome,
-        "predicted_speedup": i.predicted_speedup(),
-        "needs": i.needs,
+        "schedule": options.schedule.to_string(),
+        "prop_attn": options.prop_attn,
+        "target": target.to_string(),
+        "merged_outputs": r.merged_outputs,
         "seen_through": r.canonical,
         "prepared": r.prepared,
     })

@@ -15,7 +15,7 @@ use std::path::Path;
 use tome_passes::{pb, Options, Report, Schedule, TensorType};
 use tract_onnx::prelude::*;
 
-use crate::run::{floats, Runner};
+use crate::runtime::run::{floats, Runner};
 use crate::Error;
 
 /// Largest |original - compiled with r = 0| accepted on any output value.
@@ -69,7 +69,7 @@ pub fn skip_reason(mode: Mode, proto: &pb::ModelProto, types: &HashMap<String, T
         Mode::On => None,
         Mode::Off => Some("--verify off".into()),
         Mode::Auto => {
-            let macs = crate::macs::count(proto, types).total();
+            let macs = crate::onnx::macs::count(proto, types).total();
             if macs > CHEAP_MACS {
                 return Some(format!(
                     "about {:.1} G multiply-accumulates, over the {} G that --verify auto runs (--verify on forces it)",
@@ -210,7 +210,7 @@ fn deterministic_inputs(runner: &Runner) -> Result<Vec<Tensor>, String> {
                 (axis, None) => Err(format!("input {name} axis {axis} is symbolic; only the batch axis may be")),
             })
             .collect::<Result<_, _>>()?;
-        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= crate::validate::MAX_ELEMENTS);
+        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n as u64 <= crate::onnx::validate::MAX_ELEMENTS);
         let count = count.ok_or_else(|| format!("input {name} of shape {shape:?} is too large to verify"))?;
         let data: Vec<f32> = (0..count).map(|_| next()).collect();
         let tensor = Tensor::from_shape(&shape, &data).and_then(|t| Ok(t.cast_to_dt(dt)?.into_owned()));

@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use tome_compile::bench::{self, BenchOptions};
-use tome_compile::check::check_tensorrt;
-use tome_compile::tensorrt_rules::TrtVersion;
-use tome_compile::{onnx_io, verify, Compiled, FileOptions, Format, Options, Schedule, Target};
+use super::Output;
+use crate::cli::bench::{self, BenchOptions};
+use crate::cli::tune;
+use crate::targets::check::check_tensorrt;
+use crate::targets::tensorrt_rules::TrtVersion;
+use crate::{onnx, runtime::verify, Compiled, FileOptions, Format, Options, Schedule, Target};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
@@ -64,7 +66,7 @@ pub fn compile_file(input: &Path, output: &Path, opts: &Options, deploy: &Deploy
         FormatArg::Nnef => Format::Nnef,
     };
     let file = FileOptions { target: deploy.target.into(), format, verify };
-    Ok(tome_compile::compile_file_checked(input, output, opts, &file)?)
+    Ok(crate::compile_file_checked(input, output, opts, &file)?)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,14 +100,14 @@ pub struct CheckArgs {
 
 /// Prints every finding; fails when any is an error.
 pub fn check(args: CheckArgs) -> Result<()> {
-    let file = onnx_io::read(&args.model)?;
+    let file = onnx::io::read(&args.model)?;
     let versions: Vec<TrtVersion> = match args.trt_version {
         TrtVersionArg::V8_6 => vec![TrtVersion::V8_6],
         TrtVersionArg::V10 => vec![TrtVersion::V10],
         TrtVersionArg::All => TrtVersion::ALL.to_vec(),
     };
     // Data types need tract's inference; without it the op and constant checks still run.
-    let types = tome_compile::infer_types(&file.proto, &file.dir);
+    let types = crate::infer_types(&file.proto, &file.dir);
     if let Err(e) = &types {
         eprintln!("warning: data types not checked: {e}");
     }
@@ -153,7 +155,7 @@ pub fn check(args: CheckArgs) -> Result<()> {
     if errors > 0 {
         let first = report.errors().next().map(|f| format!("{} ({})", f.node, f.op)).unwrap_or_default();
         let findings = format!("{} violates TensorRT parser constraints at {errors} node(s), first {first}", args.model.display());
-        return Err(tome_compile::Error::Target { target: "tensorrt".into(), findings }.into());
+        return Err(crate::Error::Target { target: "tensorrt".into(), findings }.into());
     }
     Ok(())
 }
@@ -299,7 +301,7 @@ pub fn token_choice(unmerge: bool, tokens: Option<TokensArg>) -> (bool, bool) {
     (unmerge || tokens == Some(TokensArg::Full), tokens == Some(TokensArg::Merged))
 }
 
-pub fn inspect(args: InspectArgs) -> Result<()> {
+pub fn inspect(args: InspectArgs) -> Result<Output> {
     let schedule: Schedule = args.r.parse()?;
     let (unmerge, merged_tokens) = token_choice(args.unmerge, args.tokens);
     let opts = Options {
@@ -311,11 +313,130 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         bound: false,
         tract_ops: false,
     };
-    let inspection = tome_compile::inspect::inspect(&args.model, &opts, args.target.into())?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&tome_compile::inspect::to_json(&inspection))?);
-    } else {
-        print!("{}", tome_compile::inspect::render(&inspection));
-    }
-    Ok(())
+    let inspection = crate::cli::inspect::inspect(&args.model, &opts, args.target.into())?;
+    let _ = args.json; // read by the dispatcher
+    Ok(Output::Report { text: crate::cli::inspect::render(&inspection), json: crate::cli::inspect::to_json(&inspection) })
+}
+
+/// The flags `sweep` and `tune` share.
+#[derive(Args)]
+pub struct SweepArgs {
+    /// The ONNX model (candidates are compiled in memory).
+    model: PathBuf,
+    /// A folder of PNG/JPEG images (searched recursively); with one
+    /// subfolder per class (ImageFolder: classes are the sorted folder
+    /// names), the images are labelled.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Labels as a CSV of `file,label` (file relative to --images, label a
+    /// class index); only the files it lists are used.
+    #[arg(long, value_name = "FILE.csv")]
+    labels: Option<PathBuf>,
+    /// What to measure: accuracy (needs labels), agreement (top-1 equal to
+    /// the original's) or cosine (of the outputs, for embeddings). Default:
+    /// accuracy with labels, agreement for an output named like logits, else cosine.
+    #[arg(long, value_enum)]
+    metric: Option<MetricArg>,
+    /// Candidate schedules (repeat the flag), as for --r: `--schedule 8
+    /// --schedule 8:-1`. Default: r = 0, and constant and decreasing r at
+    /// eight steps up to the model's maximum.
+    #[arg(long = "schedule", value_name = "SCHEDULE", allow_hyphen_values = true)]
+    schedules: Vec<String>,
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    prop_attn: OnOff,
+    /// Per-channel mean for the images (ImageNet's by default; timm's augreg ViTs use 0.5,0.5,0.5).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.485, 0.456, 0.406])]
+    mean: Vec<f32>,
+    /// Per-channel standard deviation for the images.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.229, 0.224, 0.225])]
+    std: Vec<f32>,
+    /// Images per run, for the metric and the timing.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// tract threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed runs of the original and of each candidate, in turns.
+    #[arg(long, default_value_t = 12)]
+    iters: usize,
+    /// Skip images that fail to decode (they are named in the report) instead of stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// For a graph output of every token: merged or full (see compile).
+    #[arg(long, value_enum, value_name = "merged|full")]
+    tokens: Option<TokensArg>,
+    /// Image size for an input the export left symbolic (see compile).
+    #[arg(long, value_name = "HxW", value_parser = parse_image_size)]
+    image_size: Option<[i64; 2]>,
+    /// The target the chosen schedule is compiled for (see compile).
+    #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
+    target: TargetArg,
+    /// Print the table as JSON (the progress bar stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TuneArgs {
+    #[command(flatten)]
+    sweep: SweepArgs,
+    /// The budget: the largest drop of the metric accepted, in points (for
+    /// cosine, 100 x (1 - mean cosine)).
+    #[arg(long, value_name = "POINTS")]
+    max_drop: f64,
+    /// Where to write the chosen model; its report goes to OUT.tune.json and its plot to OUT.tune.png.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    output: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricArg {
+    Accuracy,
+    Agreement,
+    Cosine,
+}
+
+fn tune_options(args: &SweepArgs, max_drop: Option<f64>) -> Result<tune::TuneOptions> {
+    let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean.clone()), <[f32; 3]>::try_from(args.std.clone())) else {
+        anyhow::bail!("--mean and --std take three comma-separated values, one per RGB channel");
+    };
+    let (unmerge, merged_tokens) = token_choice(false, args.tokens);
+    Ok(tune::TuneOptions {
+        compile: Options {
+            schedule: Schedule::Constant(0),
+            prop_attn: args.prop_attn == OnOff::On,
+            unmerge,
+            merged_tokens,
+            image_size: args.image_size,
+            bound: false,
+            tract_ops: false,
+        },
+        target: args.target.into(),
+        images: args.images.clone(),
+        labels: args.labels.clone(),
+        metric: args.metric.map(|m| match m {
+            MetricArg::Accuracy => tune::Metric::Accuracy,
+            MetricArg::Agreement => tune::Metric::Agreement,
+            MetricArg::Cosine => tune::Metric::Cosine,
+        }),
+        max_drop,
+        schedules: args.schedules.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        mean,
+        std,
+        batch: args.batch,
+        threads: args.threads.unwrap_or_else(bench::all_cores),
+        iters: args.iters,
+        skip_bad_images: args.skip_bad_images,
+        progress: true,
+    })
+}
+
+pub fn sweep(args: SweepArgs) -> Result<Output> {
+    let report = tune::sweep(&args.model, &tune_options(&args, None)?)?;
+    Ok(Output::Report { text: tune::render(&report), json: tune::to_json(&report) })
+}
+
+pub fn tune(args: TuneArgs) -> Result<Output> {
+    let report = tune::tune(&args.sweep.model, &args.output, &tune_options(&args.sweep, Some(args.max_drop))?)?;
+    Ok(Output::Report { text: tune::render(&report), json: tune::to_json(&report) })
 }

@@ -27,16 +27,16 @@ fn run_err(e: impl std::fmt::Display) -> Error {
 impl Runner {
     /// Loads `path` (external data resolved next to it) and plans it.
     pub fn load(path: &Path) -> Result<Runner, Error> {
-        let file = crate::onnx_io::read(path)?;
+        let file = crate::onnx::io::read(path)?;
         Runner::from_proto(&file.proto, &file.dir)
     }
 
     /// Plans a model whose external data lives under `dir`. Sizes are bounded
     /// first (`validate`), and a panic in tract comes back as an error.
     pub fn from_proto(proto: &pb::ModelProto, dir: &Path) -> Result<Runner, Error> {
-        crate::validate::check_declared(proto)?;
-        crate::guard::catch_panics("loading the model with tract", || {
-            let parsed = crate::tract_ops::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
+        crate::onnx::validate::check_declared(proto)?;
+        crate::runtime::guard::catch_panics("loading the model with tract", || {
+            let parsed = crate::runtime::tract_ops::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
             let model = parsed.model;
             let input_names =
                 model.input_outlets().map_err(run_err)?.iter().map(|o| model.node(o.node).name.clone()).collect();
@@ -62,7 +62,7 @@ impl Runner {
     /// Runs the plan. A planned model fails at run time on inputs it does
     /// not take (shape, type), so that error is about the inputs.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
-        crate::guard::catch_panics("running the model with tract", || {
+        crate::runtime::guard::catch_panics("running the model with tract", || {
             let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into()).collect();
             let outputs = self.plan.run(inputs).map_err(|e| Error::Input(format!("tract cannot run the model on these inputs: {e:#}")))?;
             Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
@@ -83,7 +83,7 @@ impl Runner {
 /// Loads an image, resizes it (bicubic) to `height`×`width` and normalises
 /// each channel: `(v / 255 - mean) / std`, as [1, 3, H, W] float32.
 pub fn image_tensor(path: &Path, height: usize, width: usize, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor, Error> {
-    let pixels = height.checked_mul(width).filter(|&p| p > 0 && p as u64 <= crate::validate::MAX_AXIS && height <= u32::MAX as usize && width <= u32::MAX as usize);
+    let pixels = height.checked_mul(width).filter(|&p| p > 0 && p as u64 <= crate::onnx::validate::MAX_AXIS && height <= u32::MAX as usize && width <= u32::MAX as usize);
     if pixels.is_none() {
         return Err(Error::Input(format!("--image needs a model input of a sensible size, this model takes {height}x{width}")));
     }

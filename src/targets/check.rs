@@ -7,7 +7,7 @@ use std::fmt;
 
 use tome_passes::{pb, TensorType};
 
-use crate::tensorrt_rules::{self, Constraint, OpSupport, Severity, TrtVersion, Value};
+use crate::targets::tensorrt_rules::{self, Constraint, OpSupport, Severity, TrtVersion, Value};
 
 /// One broken rule at one node.
 #[derive(Clone, Debug, PartialEq)]

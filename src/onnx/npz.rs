@@ -23,7 +23,7 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, Tensor>, Error> {
         // Deflate expands at most 1032:1; a larger claim is a lie, and no
         // array may hold more than MAX_ELEMENTS 8-byte values.
         let plausible = entry.compressed_size().saturating_mul(1032).saturating_add(1024);
-        if declared > plausible || declared > crate::validate::MAX_ELEMENTS * 8 {
+        if declared > plausible || declared > crate::onnx::validate::MAX_ELEMENTS * 8 {
             return Err(bad(format!("array {name} declares {declared} bytes from {} compressed", entry.compressed_size())));
         }
         // The declared size only hints the capacity; reading stops one byte past it.
@@ -66,7 +66,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Tensor, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
         .collect::<Result<_, _>>()?;
-    let limit = crate::validate::MAX_ELEMENTS as usize;
+    let limit = crate::onnx::validate::MAX_ELEMENTS as usize;
     let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= limit);
     let count = count.filter(|_| shape.iter().all(|&d| d <= limit)).ok_or_else(|| format!("shape {shape:?} is too large"))?;
     let data = &bytes[start + header_len..];

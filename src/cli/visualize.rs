@@ -6,8 +6,8 @@ use std::path::Path;
 
 use tract_onnx::prelude::*;
 
-use crate::run::{image_tensor, Runner};
-use crate::{onnx_io, Error, Options};
+use crate::runtime::run::{image_tensor, Runner};
+use crate::{onnx, Error, Options};
 
 /// Grid of final-token groups for one image.
 #[derive(Clone, Debug)]
@@ -25,7 +25,7 @@ const BORDER: image::Rgb<u8> = image::Rgb([16, 16, 16]);
 /// Compiles `model` with the source map exposed, runs it on `image`, and
 /// draws the groups at the model's input resolution.
 pub fn visualize(model: &Path, opts: &Options, picture: &Path, mean: [f32; 3], std: [f32; 3]) -> Result<Visualization, Error> {
-    let mut file = onnx_io::read(model)?;
+    let mut file = onnx::io::read(model)?;
     let (_, types) = crate::prepare(&mut file.proto, &file.dir, opts)?;
     let report = tome_passes::compile_exposing_sources(&mut file.proto, types, opts)?;
     let runner = Runner::from_proto(&file.proto, &file.dir)?;
@@ -60,7 +60,7 @@ pub fn visualize(model: &Path, opts: &Options, picture: &Path, mean: [f32; 3], s
 /// Fills each group with its mean colour and darkens patch edges between groups.
 fn draw(input: &Tensor, group: &[i64], side: usize, mean: [f32; 3], std: [f32; 3]) -> Result<image::RgbImage, Error> {
     let (h, w) = (input.shape()[2], input.shape()[3]);
-    let pixels = crate::run::floats(input).ok_or_else(|| Error::Run("input is not float32".into()))?;
+    let pixels = crate::runtime::run::floats(input).ok_or_else(|| Error::Run("input is not float32".into()))?;
     let (ph, pw) = (h / side, w / side);
     let patch_of = |x: usize, y: usize| (y / ph) * side + x / pw;
     let mut sums: std::collections::HashMap<i64, ([f64; 3], f64)> = Default::default();
@@ -93,5 +93,5 @@ pub fn save(v: &Visualization, out: &Path) -> Result<(), Error> {
     v.image
         .write_to(&mut png, image::ImageFormat::Png)
         .map_err(|e| Error::Input(format!("{}: cannot encode the PNG: {e}", out.display())))?;
-    crate::onnx_io::write_atomic(out, &png.into_inner())
+    crate::onnx::io::write_atomic(out, &png.into_inner())
 }

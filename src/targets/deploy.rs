@@ -19,9 +19,9 @@ use prost::Message;
 use tome_passes::pb;
 use tract_onnx::prelude::*;
 
-use crate::check::{check_tensorrt, CheckReport};
-use crate::tensorrt_rules::TrtVersion;
-use crate::{onnx_io, verify, Error, Options, Report};
+use crate::targets::check::{check_tensorrt, CheckReport};
+use crate::targets::tensorrt_rules::TrtVersion;
+use crate::{onnx, runtime::verify, Error, Options, Report};
 
 /// The runtime a compiled model is meant for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,15 +131,15 @@ pub struct Compiled {
 /// `verify`), `Off` never does. A panic inside comes back as `Error::Panic`.
 pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &FileOptions) -> Result<Compiled, Error> {
     let (target, format) = (file.target, file.format);
-    onnx_io::check_output_path(input, output)?;
+    onnx::io::check_output_path(input, output)?;
     if format == Format::Nnef && matches!(target, Target::TensorRt | Target::OnnxRuntime) {
         return Err(Error::Input(format!(
             "--format nnef writes tract's NNEF archive, which {target} does not read; use --format onnx, or --target tract"
         )));
     }
     let opts = &target.options(opts, format);
-    crate::guard::catch_panics("compiling the model", || {
-        let mut model = onnx_io::read(input)?;
+    crate::runtime::guard::catch_panics("compiling the model", || {
+        let mut model = onnx::io::read(input)?;
         let (prepared, types) = crate::prepare(&mut model.proto, &model.dir, opts)?;
         let skip = verify::skip_reason(file.verify, &model.proto, &types);
         let original = skip.is_none().then(|| model.proto.clone());
@@ -151,10 +151,10 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
             None => verify::Outcome::Skipped(skip.unwrap_or_default()),
         };
         match format {
-            Format::Onnx => onnx_io::write(&mut model.proto, &model.dir, output)?,
+            Format::Onnx => onnx::io::write(&mut model.proto, &model.dir, output)?,
             Format::Nnef => {
                 let bytes = nnef_archive(&model.proto, &model.dir)?;
-                onnx_io::write_atomic(output, &bytes)?;
+                onnx::io::write_atomic(output, &bytes)?;
             }
         }
         Ok(Compiled { report, verification })
@@ -184,7 +184,7 @@ pub fn compile_bytes(bytes: &[u8], opts: &Options) -> Result<(Vec<u8>, Report), 
 /// [`compile_bytes`], checking the result for `target` (see [`Target`]).
 pub fn compile_bytes_for(bytes: &[u8], opts: &Options, target: Target) -> Result<(Vec<u8>, Report), Error> {
     let mut proto =
-        onnx_io::decode(bytes).map_err(|why| Error::NotOnnx { path: "<bytes given to compile_bytes>".into(), why })?;
+        onnx::io::decode(bytes).map_err(|why| Error::NotOnnx { path: "<bytes given to compile_bytes>".into(), why })?;
     let external = proto.graph.iter().flat_map(|g| &g.initializer).find(|t| t.data_location == Some(1));
     if let Some(t) = external {
         return Err(Error::ExternalData {
@@ -205,7 +205,7 @@ pub fn compile_bytes_for(bytes: &[u8], opts: &Options, target: Target) -> Result
 /// `tract_nnef::nnef().with_onnx()` (or the `tract` CLI) loads it back.
 pub fn nnef_archive(proto: &pb::ModelProto, dir: &Path) -> Result<Vec<u8>, Error> {
     let nnef_err = |e: TractError| Error::Nnef(format!("{e:#}"));
-    let parsed = crate::tract_ops::onnx().parse(proto, dir.to_str()).map_err(nnef_err)?;
+    let parsed = crate::runtime::tract_ops::onnx().parse(proto, dir.to_str()).map_err(nnef_err)?;
     let mut typed = parsed.model.into_typed().and_then(|m| m.into_decluttered()).map_err(nnef_err)?;
     expand_gelu_exact(&mut typed).map_err(nnef_err)?;
     let typed = typed.into_compact().map_err(nnef_err)?;

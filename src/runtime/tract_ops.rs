@@ -20,7 +20,7 @@ pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register.insert(FUSED_MERGE_OP, build);
     onnx.op_register.insert(PROP_BIAS_OP, build_bias);
-    onnx.op_register.insert(tome_passes::lower::FUSED_ATTENTION_OP, crate::tract_attention::build);
+    onnx.op_register.insert(tome_passes::lower::FUSED_ATTENTION_OP, crate::runtime::tract_attention::build);
     onnx
 }
 

@@ -17,7 +17,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::{attend, Head, Matrix, Scratch};
 
-use crate::tract_ops::floats;
+use crate::runtime::tract_ops::floats;
 use tome_passes::lower::FUSED_ATTENTION_OP;
 
 pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {

@@ -215,7 +215,7 @@ fn broadcast_elements(shapes: &[&[i64]]) -> u64 {
 
 /// One tensor held in the file: non-negative dims and at most `MAX_ELEMENTS`
 /// elements. (External data ranges are checked against their files when the
-/// model is read, `onnx_io::read`.)
+/// model is read, `onnx::io::read`.)
 fn check_tensor(t: &pb::TensorProto) -> Result<(), Error> {
     // float, (u)int8/16/32/64, bool, float16, double; strings only as text.
     let readable = matches!(t.data_type, 1..=7 | 9..=13) || (t.data_type == 8 && t.raw_data.is_empty());

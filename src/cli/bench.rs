@@ -12,8 +12,8 @@ use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use crate::macs::{self, Macs};
-use crate::{onnx_io, Error, Options, Report};
+use crate::onnx::macs::{self, Macs};
+use crate::{onnx, Error, Options, Report};
 
 /// How to run the benchmark.
 #[derive(Clone, Debug)]
@@ -166,14 +166,14 @@ pub fn all_cores() -> usize {
 /// cache as far as they fit, as a deployed model running back to back
 /// does, while turns spread the machine's drift over every model alike.
 /// (Timing single runs in turn would time every model with cold weights.)
-const RUNS_PER_TURN: usize = 4;
+pub(crate) const RUNS_PER_TURN: usize = 4;
 
 /// Compiles `path` in memory and times it against the original.
 pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     if opts.threads == 0 || opts.batch == 0 || opts.iters == 0 {
         return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
     }
-    let mut file = onnx_io::read(path)?;
+    let mut file = onnx::io::read(path)?;
     let (_, types) = crate::prepare(&mut file.proto, &file.dir, &opts.compile)?;
     let macs_before = macs::count(&file.proto, &types);
     // The input compiled with `compile`, and its MACs.
@@ -185,7 +185,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     };
     let (compiled, compiled_dir, report, macs_after) = match &opts.against {
         Some(other) => {
-            let other = onnx_io::read(other)?;
+            let other = onnx::io::read(other)?;
             // A peer graph may not type-check in tract's inference; its MACs are then unknown (0).
             let macs = crate::infer_types(&other.proto, &other.dir).map(|t| macs::count(&other.proto, &t)).unwrap_or_default();
             (other.proto, other.dir, None, macs)
@@ -214,33 +214,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
             .map_err(|e| Error::Input(e.to_string()))?
             .progress_chars("=> "),
     );
-    let run = |k: usize| -> Result<f64, Error> {
-        let start = Instant::now();
-        plans[k].run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
-        bar.inc(1);
-        Ok(start.elapsed().as_secs_f64() * 1000.0)
-    };
-    let mut runs = multithread_tract_scope(executor(opts.threads), || -> Result<Vec<Vec<f64>>, Error> {
-        bar.set_message("warm-up");
-        for k in 0..plans.len() {
-            for _ in 0..opts.warmup {
-                run(k)?;
-            }
-        }
-        bar.set_message("timing");
-        let mut runs = vec![vec![]; plans.len()];
-        for turn in 0..turns {
-            // Rotate which model goes first so none always follows another.
-            for k in (0..plans.len()).map(|j| (turn + j) % plans.len()) {
-                run(k)?;
-                while runs[k].len() < opts.iters.min((turn + 1) * RUNS_PER_TURN) {
-                    let ms = run(k)?;
-                    runs[k].push(ms);
-                }
-            }
-        }
-        Ok(runs)
-    })?;
+    let mut runs = multithread_tract_scope(executor(opts.threads), || time_in_turns(&plans, &input, opts.warmup, opts.iters, &bar))?;
     bar.finish_and_clear();
     let profile = if opts.profile_runs > 0 {
         Some(multithread_tract_scope(executor(opts.threads), || profile(&plans[1], &input, opts.profile_runs))?)
@@ -320,16 +294,53 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
 /// tract's executor for `threads` threads. One thread is tract's own
 /// single-threaded executor: a one-thread pool would make tract's matrix
 /// products fall back to rayon's global pool, one thread per core.
-fn executor(threads: usize) -> Executor {
+pub(crate) fn executor(threads: usize) -> Executor {
     if threads == 1 { Executor::SingleThread } else { Executor::multithread(threads) }
 }
 
+/// Times `iters` runs of each plan on `input`, after `warmup` untimed runs
+/// each; plans take turns (see `RUNS_PER_TURN`). Milliseconds, per plan.
+pub(crate) fn time_in_turns(
+    plans: &[Arc<TypedRunnableModel>],
+    input: &TValue,
+    warmup: usize,
+    iters: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<Vec<f64>>, Error> {
+    let run = |k: usize| -> Result<f64, Error> {
+        let start = Instant::now();
+        plans[k].run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
+        bar.inc(1);
+        Ok(start.elapsed().as_secs_f64() * 1000.0)
+    };
+    let prev = bar.message();
+    bar.set_message(if warmup > 0 { "warm-up".to_string() } else { prev.clone() });
+    for k in 0..plans.len() {
+        for _ in 0..warmup {
+            run(k)?;
+        }
+    }
+    bar.set_message(if warmup > 0 { "timing".to_string() } else { prev });
+    let mut runs = vec![vec![]; plans.len()];
+    for turn in 0..iters.div_ceil(RUNS_PER_TURN) {
+        // Rotate which model goes first so none always follows another.
+        for k in (0..plans.len()).map(|j| (turn + j) % plans.len()) {
+            run(k)?;
+            while runs[k].len() < iters.min((turn + 1) * RUNS_PER_TURN) {
+                let ms = run(k)?;
+                runs[k].push(ms);
+            }
+        }
+    }
+    Ok(runs)
+}
+
 /// Parses `proto`, fixes its batch axis to `batch` and optimises it for tract.
-fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<usize>), Error> {
+pub(crate) fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<usize>), Error> {
     let err = |e: TractError| Error::Run(format!("{e:#}"));
     // The exporters' value_info spell the batch as a symbol, which would not
     // unify with the fixed batch; tract infers every shape without them.
-    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..crate::tract_ops::onnx() };
+    let onnx = tract_onnx::Onnx { ignore_value_info: true, ..crate::runtime::tract_ops::onnx() };
     let mut model = onnx.parse(proto, dir.to_str()).map_err(err)?.model;
     if model.inputs.len() != 1 {
         return Err(Error::Input(format!("bench needs a model with one input, this one has {}", model.inputs.len())));
