@@ -14,7 +14,8 @@ import json
 import os
 import tempfile
 
-from ._native import TomeCompileError, execute as _execute, main as _main
+from . import _native
+
 
 __all__ = ["compile", "inspect", "tune", "sweep", "TomeCompileError", "main"]
 
@@ -23,13 +24,13 @@ def _flags(**kwargs):
     """Keyword arguments as command-line flags (None and False are left out)."""
     argv = []
     for key, value in kwargs.items():
-        if value is None or value is False:
+        if value is None or (value is False and key != "prop_attn"):
             continue
         flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif key == "prop_attn":
+        if key == "prop_attn":
             argv += [flag, "on" if value else "off"]
+        elif value is True:
+            argv.append(flag)
         elif key == "schedules":
             for s in value:
                 argv += ["--schedule", str(s)]
@@ -40,8 +41,21 @@ def _flags(**kwargs):
     return argv
 
 
+class TomeCompileError(Exception):
+    """A failed command: `kind` (usage, invalid_model, unsupported_model, io,
+    verification_failed, internal), `message` and `exit_code`, as the
+    command's ``--json`` error reports them."""
+
+    def __init__(self, kind, message, exit_code):
+        super().__init__(message)
+        self.kind, self.message, self.exit_code = kind, message, exit_code
+
+
 def _run(argv):
-    return json.loads(_execute(["tome-compile", *argv, "--json"]))
+    try:
+        return json.loads(_native.execute(["tome-compile", *argv, "--json"]))
+    except _native.TomeCompileError as e:
+        raise TomeCompileError(*e.args) from None
 
 
 class _Model:
@@ -167,7 +181,7 @@ def main(argv=None):
     """The ``tome-compile`` command (the wheel's console script)."""
     import sys
 
-    return _main(["tome-compile", *(sys.argv[1:] if argv is None else argv)])
+    return _native.main(["tome-compile", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _console():

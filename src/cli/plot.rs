@@ -92,11 +92,12 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - 0.08 * span, hi + 0.08 * span)
 }
 
-/// About five round tick values between `lo` and `hi`.
+/// Round tick values about a fifth of the range apart, between `lo` and `hi`.
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let raw = (hi - lo) / 5.0;
     let magnitude = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|s| *s >= raw).unwrap_or(10.0 * magnitude);
+    let closest = |a: &f64, b: &f64| (a / raw).ln().abs().total_cmp(&(b / raw).ln().abs());
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).min_by(closest).unwrap_or(magnitude);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step).floor() as i64;
     (first..=last).map(|k| k as f64 * step).collect()
@@ -231,7 +232,9 @@ mod tests {
 
     #[test]
     fn ticks_are_round_and_inside_the_range() {
-        assert_eq!(ticks(0.9, 2.1), vec![1.0, 1.2, 1.4, 1.6, 1.8, 2.0]);
+        let t = ticks(0.9, 2.1);
+        let want = [1.0, 1.2, 1.4, 1.6, 1.8, 2.0];
+        assert!(t.len() == want.len() && t.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{t:?}");
         assert_eq!(ticks(-3.0, 40.0), vec![0.0, 10.0, 20.0, 30.0, 40.0]);
     }
 

@@ -282,7 +282,7 @@ pub const OPSET_SOURCE: &str = "onnx-tensorrt docs/operators.md headers: 8.6 \"s
      10.0/10.1 \"inclusive range of opset 9 to opset 20\"";
 pub const INT64_SOURCE: &str = "onnx-tensorrt release/8.6-GA docs/operators.md: INT64 is cast down to INT32, \
      clamping values to +-INT_MAX; onnx2trt_utils.cpp convertDtype maps INT64 to kINT32";
-pub const TABLE_SOURCE: &str = "src/tensorrt_ops.tsv, from onnx-tensorrt docs/operators.md (release/8.6-GA, release/10.1-GA)";
+pub const TABLE_SOURCE: &str = "src/targets/tensorrt_ops.tsv, from onnx-tensorrt docs/operators.md (release/8.6-GA, release/10.1-GA)";
 
 /// One operator's row: supported and input types per version.
 #[derive(Clone, Debug, PartialEq)]
