@@ -220,3 +220,16 @@ fn empty_folders_and_broken_images_are_named() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--metric accuracy needs labels"), "{}", stderr(&o));
 }
+
+#[test]
+fn latency_can_come_from_onnxruntime() {
+    let model = fixture("timm_vit/model.onnx");
+    let images = fixture("images");
+    let mut args = vec!["sweep", path(&model), "--images", path(&images), "--schedule", "32:-1", "--runtime", "onnxruntime"];
+    args.extend(["--iters", "4", "--threads", "1", "--json"]);
+    let report = json(&tome(&args));
+    assert_eq!(report["runtime"], "onnxruntime");
+    assert_eq!(report["metric_runtime"], "tract");
+    let c = &report["candidates"][0];
+    assert!(c["median_ms"].as_f64().unwrap() > 0.0 && c["original_median_ms"].as_f64().unwrap() > 0.0, "{c}");
+}

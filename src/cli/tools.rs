@@ -371,6 +371,10 @@ pub struct SweepArgs {
     /// The target the chosen schedule is compiled for (see compile).
     #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
     target: TargetArg,
+    /// Where latency is measured: tract in process, or onnxruntime through
+    /// python3 (needs its onnxruntime package). The metric is tract's.
+    #[arg(long, value_enum, default_value_t = RuntimeArg::Tract)]
+    runtime: RuntimeArg,
     /// Print the table as JSON (the progress bar stays on stderr).
     #[arg(long)]
     json: bool,
@@ -387,6 +391,12 @@ pub struct TuneArgs {
     /// Where to write the chosen model; its report goes to OUT.tune.json and its plot to OUT.tune.png.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     output: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeArg {
+    Tract,
+    Onnxruntime,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -428,6 +438,10 @@ fn tune_options(args: &SweepArgs, max_drop: Option<f64>) -> Result<tune::TuneOpt
         iters: args.iters,
         skip_bad_images: args.skip_bad_images,
         progress: true,
+        runtime: match args.runtime {
+            RuntimeArg::Tract => tune::Runtime::Tract,
+            RuntimeArg::Onnxruntime => tune::Runtime::OnnxRuntime,
+        },
     })
 }
 

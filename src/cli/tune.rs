@@ -67,6 +67,26 @@ pub struct TuneOptions {
     /// Skip images that fail to decode (named in the report) instead of stopping.
     pub skip_bad_images: bool,
     pub progress: bool,
+    /// Where latency is measured (the metric is always tract's).
+    pub runtime: Runtime,
+}
+
+/// The runtime whose latency `tune` compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// In process.
+    Tract,
+    /// onnxruntime's CPU provider, through `python3` (its package must be installed).
+    OnnxRuntime,
+}
+
+impl Runtime {
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Tract => "tract",
+            Runtime::OnnxRuntime => "onnxruntime",
+        }
+    }
 }
 
 /// One candidate schedule, measured.
@@ -112,6 +132,7 @@ pub struct TuneReport {
     pub batch: usize,
     pub threads: usize,
     pub iters: usize,
+    pub runtime: Runtime,
     pub output: Option<PathBuf>,
     pub plot: Option<PathBuf>,
     /// The compile options besides the schedule, as command-line flags.
@@ -160,11 +181,15 @@ pub fn sweep(path: &Path, opts: &TuneOptions) -> Result<TuneReport, Error> {
         let (report, compiled_types) = crate::compile_typed(&mut proto, &file.dir, types.clone(), &compile)?;
         let mac_ratio = macs_before as f64 / macs::count(&proto, &compiled_types).total().max(1) as f64;
         let (plan, _) = bench::plan(&proto, &file.dir, opts.batch)?;
-        drop(proto);
         let (outs, mut times) = multithread_tract_scope(executor.clone(), || {
             let outs = outputs(&plan, &batches, data.files.len(), &bar)?;
-            let input: TValue = batches[0].clone().into();
-            let times = bench::time_in_turns(&[original.clone(), plan.clone()], &input, 0, opts.iters, &bar)?;
+            let times = match opts.runtime {
+                Runtime::Tract => {
+                    let input: TValue = batches[0].clone().into();
+                    bench::time_in_turns(&[original.clone(), plan.clone()], &input, 0, opts.iters, &bar)?
+                }
+                Runtime::OnnxRuntime => onnxruntime_times(path, &proto, &file.dir, &shape, opts)?,
+            };
             Ok::<_, Error>((outs, times))
         })?;
         let (value, drop) = measure(metric, &reference, &outs, data.labels.as_deref(), original_accuracy);
@@ -186,6 +211,7 @@ pub fn sweep(path: &Path, opts: &TuneOptions) -> Result<TuneReport, Error> {
         batch: opts.batch,
         threads: opts.threads,
         iters: opts.iters,
+        runtime: opts.runtime,
         output: None,
         plot: None,
         flags: flags(&opts.compile, opts.target),
@@ -200,6 +226,12 @@ pub fn tune(path: &Path, output: &Path, opts: &TuneOptions) -> Result<TuneReport
         return Err(Error::Input("--max-drop must be a number of points, 0 or more".into()));
     };
     onnx::io::check_output_path(path, output)?;
+    // Fail before the sweep, not after it, when the output cannot go where asked.
+    let folder = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder for -o");
+        return Err(Error::io(folder, missing));
+    }
     let mut report = sweep(path, opts)?;
     let within = |c: &&Candidate| c.merges() && c.drop <= max_drop;
     let chosen = report
@@ -233,6 +265,36 @@ pub fn tune(path: &Path, output: &Path, opts: &TuneOptions) -> Result<TuneReport
     let text = serde_json::to_string_pretty(&to_json(&report)).map_err(|e| Error::Input(e.to_string()))?;
     onnx::io::write_atomic(&json_path, text.as_bytes())?;
     Ok(report)
+}
+
+/// Times the original at `original` and the candidate `proto` in
+/// onnxruntime, in turns, through `python3` (`ort_timer.py`); the candidate
+/// is written to a temporary folder for it, removed after.
+fn onnxruntime_times(original: &Path, proto: &pb::ModelProto, dir: &Path, shape: &[usize], opts: &TuneOptions) -> Result<Vec<Vec<f64>>, Error> {
+    const TIMER: &str = include_str!("ort_timer.py");
+    let folder = std::env::temp_dir().join(format!("tome-compile-tune-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+    let candidate = folder.join("candidate.onnx");
+    let result = (|| {
+        onnx::io::write(&mut proto.clone(), dir, &candidate)?;
+        let shape: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(TIMER)
+            .arg(original)
+            .arg(&candidate)
+            .arg(shape.join(","))
+            .args([opts.iters, opts.threads, bench::RUNS_PER_TURN].map(|v| v.to_string()))
+            .output()
+            .map_err(|e| Error::Input(format!("--runtime onnxruntime runs python3, which failed to start: {e}")))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            return Err(Error::Input(why.trim().lines().last().unwrap_or("onnxruntime failed").to_string()));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| Error::Run(format!("onnxruntime timings: {e}")))
+    })();
+    let _ = std::fs::remove_dir_all(&folder);
+    result
 }
 
 /// `out.onnx` → `out.<ext>`, beside it.
@@ -516,7 +578,7 @@ pub fn figure(r: &TuneReport) -> plot::Figure {
         .collect();
     let name = r.model.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
     plot::Figure {
-        title: format!("{name}: {} over {} images, tract batch {}", r.metric.name(), r.images, r.batch),
+        title: format!("{name}: {} over {} images, {} batch {}", r.metric.name(), r.images, r.runtime.name(), r.batch),
         x_title: "speedup over the original (measured, median latency)".into(),
         y_title: format!("{} drop (points)", r.metric.name()),
         points,
@@ -528,10 +590,11 @@ pub fn figure(r: &TuneReport) -> plot::Figure {
 /// The table `sweep` and `tune` print.
 pub fn render(r: &TuneReport) -> String {
     let mut s = format!(
-        "{} images, metric {} ({}), tract batch {}, {} thread{}, {} timed runs per model per candidate\n",
+        "{} images, metric {} ({}), latency in {} at batch {}, {} thread{}, {} timed runs per model per candidate\n",
         r.images,
         r.metric.name(),
         r.metric_reason,
+        r.runtime.name(),
         r.batch,
         r.threads,
         if r.threads == 1 { "" } else { "s" },
@@ -544,11 +607,12 @@ pub fn render(r: &TuneReport) -> String {
         s += &format!("original accuracy: {acc:.2}%\n");
     }
     s += &format!("{:<10} {:>7} {:>9} {:>9} {:>10} {:>8}\n", "--r", "tokens", "measured", "MACs", r.metric.name(), "drop");
+    let decimals = if r.metric == Metric::Cosine { 3 } else { 2 };
     for (i, c) in r.candidates.iter().enumerate() {
         let value = if r.metric == Metric::Cosine { format!("{:.5}", c.value) } else { format!("{:.2}%", c.value) };
         let mark = if r.chosen == Some(i) { "  <- chosen" } else { "" };
         s += &format!(
-            "{:<10} {:>7} {:>8.2}x {:>8.2}x {:>10} {:>8.2}{mark}\n",
+            "{:<10} {:>7} {:>8.2}x {:>8.2}x {:>10} {:>8.decimals$}{mark}\n",
             c.schedule.to_string(),
             c.tokens_out,
             c.speedup(),
@@ -560,7 +624,7 @@ pub fn render(r: &TuneReport) -> String {
     if let (Some(i), Some(out)) = (r.chosen, &r.output) {
         let c = &r.candidates[i];
         s += &format!(
-            "chosen --r {} ({:.2}x measured, drop {:.2} within --max-drop {}): wrote {} (= tome-compile compile --r {}{}), {}, {}\n",
+            "chosen --r {} ({:.2}x measured, drop {:.3} within --max-drop {}): wrote {} (= tome-compile compile --r {}{}), {}, {}\n",
             c.schedule,
             c.speedup(),
             c.drop,
@@ -595,7 +659,8 @@ pub fn to_json(r: &TuneReport) -> serde_json::Value {
     };
     json!({
         "model": r.model.display().to_string(),
-        "runtime": "tract",
+        "runtime": r.runtime.name(),
+        "metric_runtime": "tract",
         "batch": r.batch,
         "threads": r.threads,
         "iters": r.iters,
