@@ -281,7 +281,7 @@ fn vit_macs(blocks: &[(usize, usize)], c: u64, patches: u64, patch: u64, classes
 }
 
 fn schedule_blocks(tokens: usize, r: usize, blocks: usize) -> Vec<(usize, usize)> {
-    tome_passes::schedule::plan(&vec![r; blocks], tokens, 1).iter().map(|s| (s.tokens_in, s.tokens_out)).collect()
+    tome_passes::vit::schedule::plan(&vec![r; blocks], tokens, 1).iter().map(|s| (s.tokens_in, s.tokens_out)).collect()
 }
 
 #[test]

@@ -24,18 +24,17 @@ pub mod contrib;
 pub mod functions;
 pub mod graph;
 pub mod inputs;
-pub mod lower;
-pub mod matcher;
 pub mod patch;
-pub mod schedule;
-pub mod tome;
 pub mod values;
+pub mod vit;
 
 use std::collections::{HashMap, HashSet};
 
+use vit::{lower, matcher, schedule, tome};
+
 pub use graph::{Dim, Graph, TensorType};
-pub use matcher::{Head, VitModel};
-pub use schedule::{Schedule, Step};
+pub use vit::matcher::{Head, VitModel};
+pub use vit::schedule::{Schedule, Step};
 pub use tract_onnx::pb;
 
 /// Why a model cannot be compiled. Messages name the node and what was expected.

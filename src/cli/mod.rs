@@ -334,11 +334,11 @@ fn compile(args: CompileArgs) -> Result<Output> {
     let compiled = tools::compile_file(&input, &output, &opts, &args.deploy, mode)?;
     let mut text = report_text(&compiled.report, &schedule, opts.prop_attn);
     if compiled.report.fused_merges > 0 {
-        let (n, op) = (compiled.report.fused_merges, tome_passes::tome::FUSED_MERGE_OP);
+        let (n, op) = (compiled.report.fused_merges, tome_passes::vit::tome::FUSED_MERGE_OP);
         text += &format!("{n} merges as one {op} node each: runs in tract with tome-compile's ops only\n");
     }
     if compiled.report.fused_attentions > 0 {
-        let (n, op) = (compiled.report.fused_attentions, tome_passes::lower::FUSED_ATTENTION_OP);
+        let (n, op) = (compiled.report.fused_attentions, tome_passes::vit::lower::FUSED_ATTENTION_OP);
         text += &format!("{n} attentions as one {op} node each\n");
     }
     text += &format!("{}\nwrote {}\n", compiled.verification, output.display());

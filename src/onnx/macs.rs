@@ -53,7 +53,7 @@ pub fn node_macs(node: &pb::NodeProto, types: &HashMap<String, TensorType>) -> O
             Some(volume * w.iter().skip(1).product::<u64>())
         }
         // softmax(q·kᵀ)·v: [B,H,N,D]·[B,H,D,N], then [B,H,N,N]·[B,H,N,Dv].
-        tome_passes::lower::FUSED_ATTENTION_OP => {
+        tome_passes::vit::lower::FUSED_ATTENTION_OP => {
             let (q, v) = (ty(0)?, ty(2)?);
             let n = *q.get(2)?;
             Some(q.iter().product::<u64>() * n + volume * v.get(2)?)

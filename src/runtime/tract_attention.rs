@@ -1,5 +1,5 @@
 //! `FusedAttention` for `--target tract` (inputs and outputs as
-//! `tome_passes::lower::FUSED_ATTENTION_OP`): `softmax(scale·Q·Kᵀ + bias)·V`
+//! `tome_passes::vit::lower::FUSED_ATTENTION_OP`): `softmax(scale·Q·Kᵀ + bias)·V`
 //! per head in one node. tract runs a block's Q·Kᵀ, Softmax and P·V as
 //! three ops over small per-head matrices at a fraction of its big MatMuls'
 //! rate (a fifth of ViT-B/16's time at r = 16 for 3% of its MACs); this op
@@ -18,7 +18,7 @@ use tract_onnx::tract_hir::internal::*;
 use tome_kernels::{attend, Head, Matrix, Scratch};
 
 use crate::runtime::tract_ops::floats;
-use tome_passes::lower::FUSED_ATTENTION_OP;
+use tome_passes::vit::lower::FUSED_ATTENTION_OP;
 
 pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let scale: f32 = node.get_attr_opt("scale")?.unwrap_or(1.0);

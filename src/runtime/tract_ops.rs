@@ -1,5 +1,5 @@
 //! tract's ops for `--target tract` (semantics in `TOME_SPEC.md`, inputs and
-//! outputs as `tome_passes::tome::{FUSED_MERGE_OP, PROP_BIAS_OP}`):
+//! outputs as `tome_passes::vit::tome::{FUSED_MERGE_OP, PROP_BIAS_OP}`):
 //! `BipartiteMerge`, a block's matching and size-weighted merge in one node
 //! from the similarity scores the graph computes with tract's own MatMul
 //! (the standard-op form costs about 30 small nodes per block; this one
@@ -10,7 +10,7 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use tome_passes::tome::{FUSED_MERGE_OP, PROP_BIAS_OP};
+use tome_passes::vit::tome::{FUSED_MERGE_OP, PROP_BIAS_OP};
 
 /// tract's ONNX front end, knowing `BipartiteMerge`, `ProportionalBias` and
 /// `FusedAttention` (`tract_attention`).
@@ -20,7 +20,7 @@ pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register.insert(FUSED_MERGE_OP, build);
     onnx.op_register.insert(PROP_BIAS_OP, build_bias);
-    onnx.op_register.insert(tome_passes::lower::FUSED_ATTENTION_OP, crate::runtime::tract_attention::build);
+    onnx.op_register.insert(tome_passes::vit::lower::FUSED_ATTENTION_OP, crate::runtime::tract_attention::build);
     onnx
 }
 

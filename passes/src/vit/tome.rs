@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use petgraph::stable_graph::NodeIndex;
 
 use crate::graph::{Dim, Graph, TensorType, FLOAT, INT64};
-use crate::matcher::VitBlock;
+use crate::vit::matcher::VitBlock;
 use crate::patch::{int_attr, tokens_type, Emitter, Patch, Rewire};
 use crate::PassError;
 
@@ -690,7 +690,7 @@ fn reads_only_input_shapes(g: &Graph, tensor: &str) -> bool {
 /// logits over the final tokens get `log(size)` per key, as the blocks'
 /// do. Logits [B·H, Q, N] (torch's MultiheadAttention, batch-major over
 /// heads) take the bias spread over heads; [B, H, Q, N] take it as is.
-pub fn pool_attention_bias(g: &Graph, pool: &crate::matcher::AttentionPool, size: &str) -> Result<Patch, PassError> {
+pub fn pool_attention_bias(g: &Graph, pool: &crate::vit::matcher::AttentionPool, size: &str) -> Result<Patch, PassError> {
     let softmax = g.node(pool.softmax);
     let logits = softmax.input(0).ok_or_else(|| PassError::MissingType(pool.name.clone()))?.to_string();
     let ty = g.ty(&logits).cloned().ok_or_else(|| PassError::MissingType(logits.clone()))?;

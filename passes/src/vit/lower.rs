@@ -4,9 +4,9 @@
 use petgraph::stable_graph::NodeIndex;
 
 use crate::graph::{Graph, FLOAT};
-use crate::matcher::VitBlock;
+use crate::vit::matcher::VitBlock;
 use crate::patch::{Emitter, Patch};
-use crate::tome::{PROP_BIAS_OP, TRACT_OPS_DOMAIN};
+use crate::vit::tome::{PROP_BIAS_OP, TRACT_OPS_DOMAIN};
 
 /// A block's attention as one node, for tract with tome-compile's ops
 /// registered: inputs q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an
