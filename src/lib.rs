@@ -124,7 +124,7 @@ impl ErrorKind {
     /// The kind of a pass error: most are refusals of an unsupported model.
     pub fn of_pass(e: &PassError) -> ErrorKind {
         match e {
-            PassError::BadSchedule(_) => ErrorKind::Usage,
+            PassError::BadSchedule(_) | PassError::BadOption(_) => ErrorKind::Usage,
             PassError::NoGraph | PassError::DuplicateTensor(_) | PassError::Cycle(_) => ErrorKind::InvalidModel,
             PassError::BadPatch { .. } => ErrorKind::Internal,
             // NoBlocks, Unsupported, TokenConsumer, OldOpset, MissingType, and refusals added later.
@@ -142,6 +142,57 @@ pub fn compile(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result
         let (mut report, _) = rewrite(proto, dir, types, opts)?;
         report.prepared = prepared;
         Ok(report)
+    })
+}
+
+/// Rewrites the UNet `proto` with tomesd's merging (`tome_passes::sd`);
+/// `latent` pins a symbolic latent input's height and width. Checked by
+/// tract's type inference like `compile`.
+pub fn compile_unet(
+    proto: &mut pb::ModelProto,
+    dir: &Path,
+    opts: &tome_passes::sd::UnetOptions,
+    latent: Option<[i64; 2]>,
+) -> Result<(Vec<String>, tome_passes::sd::UnetReport), Error> {
+    runtime::guard::catch_panics("compiling the UNet", || {
+        let (prepared, types) = prepare_latent(proto, dir, latent)?;
+        let report = tome_passes::sd::compile_unet(proto, types, opts)?;
+        infer_types(proto, dir).map_err(|e| Error::TypeCheck(e.to_string()))?;
+        Ok((prepared, report))
+    })
+}
+
+/// `prepare_sized` for a UNet: a symbolic latent needs `--latent`.
+fn prepare_latent(proto: &mut pb::ModelProto, dir: &Path, latent: Option<[i64; 2]>) -> Result<(Vec<String>, HashMap<String, TensorType>), Error> {
+    let symbolic = |d: &pb::tensor_shape_proto::Dimension| !matches!(d.value, Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0);
+    let latent_input = proto.graph.iter().flat_map(|g| &g.input).find_map(|i| {
+        let Some(pb::type_proto::Value::TensorType(t)) = i.r#type.as_ref().and_then(|t| t.value.as_ref()) else { return None };
+        let dims = &t.shape.as_ref()?.dim;
+        (dims.len() == 4).then(|| (i.name.clone(), dims[2..].iter().any(symbolic)))
+    });
+    if let (Some((name, true)), None) = (&latent_input, latent) {
+        return Err(PassError::Unsupported(format!(
+            "the latent input {name} leaves its height and width symbolic; pass --latent HxW (64x64 for 512 px images, 128x128 for SDXL's 1024 px)"
+        ))
+        .into());
+    }
+    let (mut done, types) = prepare_sized(proto, dir, latent)?;
+    for line in &mut done {
+        *line = line.replace("by --image-size", "by --latent");
+    }
+    Ok((done, types))
+}
+
+/// The UNet's transformer blocks and tomesd's plan for them, nothing changed.
+pub fn inspect_unet(
+    proto: &mut pb::ModelProto,
+    dir: &Path,
+    opts: &tome_passes::sd::UnetOptions,
+    latent: Option<[i64; 2]>,
+) -> Result<tome_passes::sd::UnetReport, Error> {
+    runtime::guard::catch_panics("inspecting the UNet", || {
+        let (_, types) = prepare_latent(proto, dir, latent)?;
+        Ok(tome_passes::sd::inspect_unet(proto, types, opts)?)
     })
 }
 
@@ -177,7 +228,12 @@ pub fn compile_file(input: &Path, output: &Path, opts: &Options) -> Result<Repor
 /// (`tome_passes::fold_shapes`) until it follows them all. Returns what
 /// was done, one line each, and the types of the prepared model.
 pub fn prepare(proto: &mut pb::ModelProto, dir: &Path, opts: &Options) -> Result<(Vec<String>, HashMap<String, TensorType>), Error> {
-    let mut done = tome_passes::prepare(proto, opts.image_size)?;
+    prepare_sized(proto, dir, opts.image_size)
+}
+
+/// `prepare`, pinning a symbolic image (or latent) input to `size`.
+pub fn prepare_sized(proto: &mut pb::ModelProto, dir: &Path, size: Option<[i64; 2]>) -> Result<(Vec<String>, HashMap<String, TensorType>), Error> {
+    let mut done = tome_passes::prepare(proto, size)?;
     let mut folded = 0;
     let mut types = infer_types(proto, dir)?;
     for _ in 0..4 {

@@ -79,6 +79,7 @@ pub fn elem_name(elem: i32) -> &'static str {
 
 pub const FLOAT: i32 = 1;
 pub const INT64: i32 = 7;
+pub const FLOAT16: i32 = 10;
 
 /// A node of the graph: its ONNX proto and a sort key that keeps the file's
 /// order for original nodes and puts new nodes right after their anchor.

@@ -1,4 +1,5 @@
-//! Graph IR, ViT matcher and Token Merging rewrites for tome-compile.
+//! Graph IR and Token Merging rewrites for tome-compile: the ViT family
+//! (`vit/`, the pipeline below) and Stable Diffusion UNets (`sd/`, tomesd).
 //! No file I/O and no runtime: the caller parses ONNX and infers types.
 //!
 //! The pipeline, in order (`compile`):
@@ -25,6 +26,7 @@ pub mod functions;
 pub mod graph;
 pub mod inputs;
 pub mod patch;
+pub mod sd;
 pub mod values;
 pub mod vit;
 
@@ -58,6 +60,11 @@ pub enum PassError {
     TokenOutput(String),
     #[error("bad --r {0}")]
     BadSchedule(String),
+    /// A UNet option out of range (`--ratio`, `--stride`), named in the message.
+    #[error("{0}")]
+    BadOption(String),
+    #[error("no UNet transformer block found (LayerNorm, self-attention, residual Add, ..., feed-forward on a [batch, tokens, channels] stream); `tome-compile inspect --ratio` lists what it saw")]
+    NoUnetBlocks,
     #[error("tensor {0} has no inferred type")]
     MissingType(String),
     #[error("tensor name {0} is defined twice")]

@@ -83,11 +83,13 @@ struct CompileArgs {
     input: Option<PathBuf>,
     /// Tokens merged per block: `16`, a list `16,16,8,0` (padded with 0), or
     /// `R:INFLECT` like `8:-1` (the paper's decreasing schedule).
-    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required = true)]
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required_unless_present = "ratio", conflicts_with = "ratio")]
     r: Option<String>,
     /// Where to write the compiled model (never the input).
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
+    #[command(flatten)]
+    unet: tools::UnetArgs,
     /// Proportional attention: add log(size) to the attention logits.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     prop_attn: Switch,
@@ -311,8 +313,14 @@ fn json_string(s: &str) -> String {
 }
 
 fn compile(args: CompileArgs) -> Result<Output> {
+    if args.unet.ratio.is_some() {
+        let (Some(input), Some(output)) = (&args.input, &args.output) else {
+            bail!("compile needs a model and -o");
+        };
+        return tools::compile_unet(input, output, &args.unet, args.deploy.target.into());
+    }
     let (Some(input), Some(r), Some(output)) = (args.input, args.r, args.output) else {
-        bail!("compile needs a model, --r and -o");
+        bail!("compile needs a model, --r (or --ratio for a UNet) and -o");
     };
     let schedule: Schedule = r.parse()?;
     let prop_attn = matches!(args.prop_attn, Switch::On);

@@ -318,6 +318,133 @@ pub fn inspect(args: InspectArgs) -> Result<Output> {
     Ok(Output::Report { text: crate::cli::inspect::render(&inspection), json: crate::cli::inspect::to_json(&inspection) })
 }
 
+/// tomesd's flags, for a Stable Diffusion UNet (`--ratio` selects it).
+#[derive(Args)]
+pub struct UnetArgs {
+    /// For a UNet (tomesd): the share of each block's tokens that merge, in
+    /// [0, 1 - 1/(sx·sy)] (0.75 at stride 2x2: every src token).
+    #[arg(long, value_name = "RATIO", allow_hyphen_values = true)]
+    pub ratio: Option<f64>,
+    /// Merge in blocks whose tokens are downsampled at most this much from
+    /// the latent (1, 2, 4, 8; SDXL's first transformer blocks are at 2).
+    #[arg(long, default_value_t = 1, requires = "ratio")]
+    pub max_downsample: usize,
+    /// The dst grid's stride, SYxSX: one dst token per cell.
+    #[arg(long, value_name = "SYxSX", value_parser = parse_stride, default_value = "2x2", requires = "ratio")]
+    pub stride: [usize; 2],
+    /// Which sub-layers merge around them: attn (self-attention), crossattn, mlp; comma list.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [MergeArg::Attn], requires = "ratio")]
+    pub merge: Vec<MergeArg>,
+    /// The latent's size, for an export that left it symbolic: `64x64` (512 px images).
+    #[arg(long, value_name = "HxW", value_parser = parse_image_size, requires = "ratio")]
+    pub latent: Option<[i64; 2]>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MergeArg {
+    Attn,
+    Crossattn,
+    Mlp,
+}
+
+fn parse_stride(s: &str) -> Result<[usize; 2], String> {
+    let parts: Vec<&str> = s.split(['x', 'X']).collect();
+    match parts.iter().map(|p| p.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>() {
+        Ok(v) if v.len() == 2 && v[0] > 0 && v[1] > 0 => Ok([v[0], v[1]]),
+        _ => Err(format!("{s}: expected SYxSX such as 2x2")),
+    }
+}
+
+impl UnetArgs {
+    pub fn options(&self) -> tome_passes::sd::UnetOptions {
+        use tome_passes::sd::Kind;
+        tome_passes::sd::UnetOptions {
+            ratio: self.ratio.unwrap_or(0.5),
+            max_downsample: self.max_downsample,
+            stride: self.stride,
+            merge: self
+                .merge
+                .iter()
+                .map(|m| match m {
+                    MergeArg::Attn => Kind::SelfAttention,
+                    MergeArg::Crossattn => Kind::CrossAttention,
+                    MergeArg::Mlp => Kind::FeedForward,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The UNet report as the terminal shows it.
+pub fn unet_text(report: &tome_passes::sd::UnetReport, opts: &tome_passes::sd::UnetOptions) -> String {
+    let merged: Vec<&str> = opts.merge.iter().map(|k| k.name()).collect();
+    let mut s = format!(
+        "UNet, latent {}x{}, {} transformer blocks; tomesd ratio {}, max downsample {}, stride {}x{}, merge {}\n",
+        report.latent[0],
+        report.latent[1],
+        report.blocks.len(),
+        opts.ratio,
+        opts.max_downsample,
+        opts.stride[0],
+        opts.stride[1],
+        merged.join(",")
+    );
+    s += &format!("{:<56} {:>6} {:>5} {:>7} {:>5}  {}\n", "block", "tokens", "down", "grid", "r", "merges");
+    for b in &report.blocks {
+        let what: Vec<&str> = b.merged.iter().map(|k| k.name()).collect();
+        s += &format!(
+            "{:<56} {:>6} {:>5} {:>7} {:>5}  {}\n",
+            b.name,
+            b.tokens,
+            b.downsample,
+            format!("{}x{}", b.grid[0], b.grid[1]),
+            b.r,
+            if what.is_empty() { "-".to_string() } else { what.join(",") }
+        );
+    }
+    s
+}
+
+/// The UNet report as JSON.
+pub fn unet_json(report: &tome_passes::sd::UnetReport, opts: &tome_passes::sd::UnetOptions) -> serde_json::Value {
+    serde_json::json!({
+        "family": "unet",
+        "latent": report.latent,
+        "ratio": opts.ratio,
+        "max_downsample": opts.max_downsample,
+        "stride": opts.stride,
+        "merge": opts.merge.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        "blocks": report.blocks.iter().map(|b| serde_json::json!({
+            "name": b.name,
+            "tokens": b.tokens,
+            "width": b.width,
+            "downsample": b.downsample,
+            "grid": b.grid,
+            "r": b.r,
+            "sublayers": b.sublayers.iter().map(|k| k.name()).collect::<Vec<_>>(),
+            "merged": b.merged.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `compile --ratio`: tomesd on a UNet, written to `output`.
+pub fn compile_unet(input: &Path, output: &Path, args: &UnetArgs, target: Target) -> Result<Output> {
+    let opts = args.options();
+    onnx::io::check_output_path(input, output)?;
+    let mut file = onnx::io::read(input)?;
+    let (prepared, report) = crate::compile_unet(&mut file.proto, &file.dir, &opts, args.latent)?;
+    crate::targets::deploy::validate(&file.proto, &file.dir, target)?;
+    onnx::io::write(&mut file.proto, &file.dir, output)?;
+    let mut text = unet_text(&report, &opts);
+    for line in prepared {
+        text += &format!("{line}\n");
+    }
+    text += &format!("wrote {}\n", output.display());
+    let mut json = unet_json(&report, &opts);
+    json["output"] = output.display().to_string().into();
+    Ok(Output::Report { text, json })
+}
+
 /// The flags `sweep` and `tune` share.
 #[derive(Args)]
 pub struct SweepArgs {
