@@ -203,3 +203,21 @@ fn write_conv_only(out: &Path) {
     };
     std::fs::write(out, model.encode_to_vec()).unwrap();
 }
+
+#[test]
+fn a_unet_given_r_points_to_ratio_and_inspect_lists_its_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sdxl_unet/model.onnx");
+    let o = tome(&[path(&unet), "--r", "8", "-o", path(&dir.path().join("x.onnx"))]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("this is a UNet with 14 transformer blocks: use --ratio"), "{}", stderr(&o));
+    let o = tome(&["inspect", path(&unet), "--ratio", "0.5", "--max-downsample", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let blocks = report["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 14);
+    let at_two: Vec<&serde_json::Value> = blocks.iter().filter(|b| b["downsample"] == 2).collect();
+    assert_eq!(at_two.len(), 6, "SDXL's first transformer level: 64 tokens at downsample 2");
+    assert!(at_two.iter().all(|b| b["tokens"] == 64 && b["r"] == 32 && b["merged"] == serde_json::json!(["attn"])));
+    assert!(blocks.iter().filter(|b| b["downsample"] == 4).all(|b| b["r"] == 0));
+}

@@ -339,7 +339,10 @@ fn compile(args: CompileArgs) -> Result<Output> {
         VerifyArg::Off => verify::Mode::Off,
         VerifyArg::Auto => verify::Mode::Auto,
     };
-    let compiled = tools::compile_file(&input, &output, &opts, &args.deploy, mode)?;
+    let compiled = tools::compile_file(&input, &output, &opts, &args.deploy, mode).map_err(|e| match e.downcast_ref::<crate::Error>() {
+        Some(crate::Error::Pass(_)) => tools::unet_hint(&input, e),
+        _ => e,
+    })?;
     let mut text = report_text(&compiled.report, &schedule, opts.prop_attn);
     if compiled.report.fused_merges > 0 {
         let (n, op) = (compiled.report.fused_merges, tome_passes::vit::tome::FUSED_MERGE_OP);

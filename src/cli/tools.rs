@@ -274,6 +274,9 @@ pub struct InspectArgs {
     /// Image size for an input the export left symbolic (see compile).
     #[arg(long, value_name = "HxW", value_parser = parse_image_size)]
     image_size: Option<[i64; 2]>,
+    /// A Stable Diffusion UNet: list its transformer blocks and tomesd's plan (see compile --ratio).
+    #[command(flatten)]
+    unet: UnetArgs,
 }
 
 /// What a graph output of every token carries after merging.
@@ -302,6 +305,12 @@ pub fn token_choice(unmerge: bool, tokens: Option<TokensArg>) -> (bool, bool) {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<Output> {
+    if args.unet.ratio.is_some() {
+        let opts = args.unet.options();
+        let mut file = onnx::io::read(&args.model)?;
+        let report = crate::inspect_unet(&mut file.proto, &file.dir, &opts, args.unet.latent)?;
+        return Ok(Output::Report { text: unet_text(&report, &opts), json: unet_json(&report, &opts) });
+    }
     let schedule: Schedule = args.r.parse()?;
     let (unmerge, merged_tokens) = token_choice(args.unmerge, args.tokens);
     let opts = Options {
@@ -313,7 +322,7 @@ pub fn inspect(args: InspectArgs) -> Result<Output> {
         bound: false,
         tract_ops: false,
     };
-    let inspection = crate::cli::inspect::inspect(&args.model, &opts, args.target.into())?;
+    let inspection = crate::cli::inspect::inspect(&args.model, &opts, args.target.into()).map_err(|e| unet_hint(&args.model, e.into()))?;
     let _ = args.json; // read by the dispatcher
     Ok(Output::Report { text: crate::cli::inspect::render(&inspection), json: crate::cli::inspect::to_json(&inspection) })
 }
@@ -425,6 +434,19 @@ pub fn unet_json(report: &tome_passes::sd::UnetReport, opts: &tome_passes::sd::U
             "merged": b.merged.iter().map(|k| k.name()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `e`, with a pointer to `--ratio` when `model` is a UNet (whose blocks the
+/// ViT matcher refuses).
+pub fn unet_hint(model: &Path, e: anyhow::Error) -> anyhow::Error {
+    let is_unet = onnx::io::read(model).ok().and_then(|mut f| {
+        let opts = tome_passes::sd::UnetOptions::default();
+        crate::inspect_unet(&mut f.proto, &f.dir, &opts, None).ok().map(|r| r.blocks.len())
+    });
+    match is_unet {
+        Some(n) if n > 0 => e.context(format!("this is a UNet with {n} transformer blocks: use --ratio (tomesd's Token Merging for Stable Diffusion), not --r")),
+        _ => e,
+    }
 }
 
 /// `compile --ratio`: tomesd on a UNet, written to `output`.
