@@ -144,11 +144,14 @@ fn the_compiled_unet_passes_the_tensorrt_rules() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
     let model = fixture("sd_unet/model.onnx");
-    let args = [path(&model), "--ratio", "0.75", "--merge", "attn,crossattn,mlp", "--target", "tensorrt", "-o", path(&out)];
-    let o = tome(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = tome(&["check", path(&out)]);
-    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // 0.3: TopK picks the merging tokens; 0.5 at max_downsample 2: the staying ones (r > src - r there); 0.75: none.
+    for (ratio, md) in [("0.3", "1"), ("0.5", "2"), ("0.75", "1")] {
+        let args = [path(&model), "--ratio", ratio, "--max-downsample", md, "--merge", "attn,crossattn,mlp", "--target", "tensorrt", "-o", path(&out)];
+        let o = tome(&args);
+        assert!(o.status.success(), "{ratio}: {}", stderr(&o));
+        let o = tome(&["check", path(&out)]);
+        assert!(o.status.success(), "{ratio}: {}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    }
 }
 
 #[test]

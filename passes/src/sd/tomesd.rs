@@ -6,14 +6,14 @@
 //! ```text
 //! x ─ x/‖x‖ ─┬─ Gather(src tokens) ─┐
 //!            └─ Gather(dst tokens) ─┴─ MatMul (cosine) ─ ArgMax → dst_of, best
-//! best ─ TopK(all, descending) → order: order[:r] merge, order[r:] stay
-//! merge(y)   = Concat(y[stay], (y[dst] + onehot(dst_of)ᵀ·y[merging]) / (1 + count))
+//! best ─ TopK(K = min(r, src - r)) → which r src tokens merge (flags)
+//! merge(y)   = Concat(y[stay], (y[dst] + joinsᵀ·y[src]) / (1 + count))
 //! unmerge(o) = GatherND(o, row of every token): a staying src its row, a
 //!              merging src its dst's row, a dst its own
 //! ```
-//! No reducing scatter: the mean is a one-hot MatMul divided by the count;
-//! the unmerge is one gather with a row index per token, built with one
-//! ScatterElements (a permutation's inverse, no duplicates).
+//! No reducing scatter: the mean is a one-hot MatMul divided by the count
+//! (`joins`, 1 where a merging src meets its dst); the unmerge is one
+//! gather with a row index per token.
 
 use crate::graph::{Graph, TensorType, FLOAT};
 use crate::patch::{int_attr, Emitter, Patch, Rewire};
@@ -53,12 +53,10 @@ pub fn split(h: usize, w: usize, sy: usize, sx: usize, r: usize) -> Split {
 
 /// The matching of one block, as tensors: `merge` and `unmerge` apply it.
 pub struct Matching {
-    /// [B, stay, 1] int64: the src tokens that stay, as token indices (none
-    /// when every src merges).
+    /// [B, stay, 1] int64: the src tokens that stay, as token indices, in
+    /// token order (none when every src merges).
     stay: Option<String>,
-    /// [B, r, 1] int64: the src tokens that merge away.
-    merging: String,
-    /// [B, dst, r] float: 1 where a merging token joins that dst.
+    /// [B, dst, src] float: 1 where src token i merges into dst j.
     joins: String,
     /// [B, dst, 1] float: 1 + how many tokens join each dst.
     count: String,
@@ -67,6 +65,12 @@ pub struct Matching {
 }
 
 /// Emits the matching of `block` from its input (float32 throughout).
+///
+/// The r best-matched src tokens merge. They are found with one TopK of
+/// K = min(r, src - r): the r largest, or the src - r smallest that stay
+/// (TensorRT takes K < 3840; a whole sort would need K = src). The staying
+/// tokens are compacted in token order by an exclusive CumSum of their flags
+/// and one ScatterElements (the merging ones all write one spare row, dropped).
 fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> Matching {
     let (ns, nd, r) = (split.src.len() as i64, split.dst.len() as i64, split.r as i64);
     let stay_n = ns - r;
@@ -84,45 +88,62 @@ fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> M
     let scores = e.op("MatMul", "scores", &[&a, &bt], vec![]);
     let dst_of = e.op("ArgMax", "dst_of", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 1)]);
     let best = e.op("GatherElements", "best", &[&scores, &dst_of], vec![int_attr("axis", 2)]);
-    let all = e.const_i64("order_k", &[1], &[ns]);
-    let desc = vec![int_attr("axis", 1), int_attr("largest", 1), int_attr("sorted", 1)];
-    let order = e.op_multi("TopK", "order", &[&best, &all], &["score", "index"], desc).swap_remove(1);
-    let merging_a = e.slice("merging_a", &order, 1, 0, r, 1);
-    let merging = e.op("Gather", "merging", &[&src_tokens, &merging_a], vec![int_attr("axis", 0)]);
-    // Gathering by [B, k, 1] indices gives [B, k, 1] token indices, GatherND's form.
-    let stay = (stay_n > 0).then(|| {
-        let stay_a = e.slice("stay_a", &order, 1, r, ns, 1);
-        e.op("Gather", "stay", &[&src_tokens, &stay_a], vec![int_attr("axis", 0)])
-    });
-    // joins[b, j, i] = 1 when merging token i joins dst j.
-    let merging_dst = e.op("GatherElements", "merging_dst", &[&dst_of, &merging_a], vec![int_attr("axis", 1)]);
+    let zero = e.const_f32("zero", &[1], &[0.0]);
+    let one = e.const_f32("one", &[1], &[1.0]);
+    // merges [B, src, 1]: 1.0 for the r src tokens with the best matches.
+    let merges = if stay_n == 0 {
+        let zeros = e.op("Mul", "zeros", &[&best, &zero], vec![]);
+        e.op("Add", "merges", &[&zeros, &one], vec![])
+    } else {
+        let (k, largest) = if r <= stay_n { (r, 1) } else { (stay_n, 0) };
+        let k_const = e.const_i64("k", &[1], &[k]);
+        let attrs = vec![int_attr("axis", 1), int_attr("largest", largest), int_attr("sorted", 1)];
+        let top = e.op_multi("TopK", "chosen", &[&best, &k_const], &["score", "index"], attrs);
+        let zeros = e.op("Mul", "zeros", &[&best, &zero], vec![]);
+        let chosen_zeros = e.op("Mul", "chosen_zeros", &[&top[0], &zero], vec![]);
+        let ones = e.op("Add", "chosen_ones", &[&chosen_zeros, &one], vec![]);
+        let chosen = e.op("ScatterElements", "chosen_flag", &[&zeros, &top[1], &ones], vec![int_attr("axis", 1)]);
+        if largest == 1 { chosen } else { e.op("Sub", "merges", &[&one, &chosen], vec![]) }
+    };
+    // joins[b, j, i] = 1 when src i merges into dst j.
     let dst_range: Vec<i64> = (0..nd).collect();
     let dst_range = e.const_i64("dst_range", &[1, 1, nd], &dst_range);
-    let joins_bool = e.op("Equal", "joins_bool", &[&merging_dst, &dst_range], vec![]);
-    let joins_rd = e.cast("joins_rd", &joins_bool, FLOAT);
-    let joins = e.transpose("joins", &joins_rd, &[0, 2, 1]);
+    let is_dst_bool = e.op("Equal", "is_dst_bool", &[&dst_of, &dst_range], vec![]);
+    let is_dst = e.cast("is_dst", &is_dst_bool, FLOAT);
+    let joins_sd = e.op("Mul", "joins_sd", &[&is_dst, &merges], vec![]);
+    let joins = e.transpose("joins", &joins_sd, &[0, 2, 1]);
     let joined = e.reduce("ReduceSum", "joined", &joins, &[2], true);
-    let one = e.const_f32("one", &[1], &[1.0]);
     let count = e.op("Add", "count", &[&joined, &one], vec![]);
-    // rank[i]: where src i sits in `order` (the inverse permutation).
-    let positions: Vec<i64> = (0..ns).collect();
-    let positions = e.const_i64("positions", &[1, ns, 1], &positions);
-    let like_order = e.op("Shape", "order_shape", &[&order], vec![]);
-    let positions = e.op("Expand", "positions_batch", &[&positions, &like_order], vec![]);
-    let rank = e.op("ScatterElements", "rank", &[&positions, &order, &positions], vec![int_attr("axis", 1)]);
-    // A staying src reads row rank - r; a merging one its dst's row, stay_n + dst_of.
-    let r_const = e.const_i64("r", &[1], &[r]);
-    let merges = e.op("Less", "merges", &[&rank, &r_const], vec![]);
-    let stay_row = e.op("Sub", "stay_row", &[&rank, &r_const], vec![]);
+    // A merging src reads its dst's row, stay_n + dst_of; a staying one its place among those staying.
     let stay_n_const = e.const_i64("stay_n", &[1], &[stay_n]);
     let joined_row = e.op("Add", "joined_row", &[&dst_of, &stay_n_const], vec![]);
-    let src_rows = e.op("Where", "src_rows", &[&merges, &joined_row, &stay_row], vec![]);
+    let (src_rows, stay) = if stay_n == 0 {
+        (joined_row, None)
+    } else {
+        let stays_f = e.op("Sub", "stays_f", &[&one, &merges], vec![]);
+        let axis = e.const_i64("cumsum_axis", &[], &[1]);
+        // Counts below 2^24 are exact in float32 (TensorRT's CumSum takes no int64).
+        let place_f = e.op("CumSum", "stay_place_f", &[&stays_f, &axis], vec![int_attr("exclusive", 1)]);
+        let place = e.cast("stay_place", &place_f, crate::graph::INT64);
+        let half = e.const_f32("half", &[1], &[0.5]);
+        let stays = e.op("Greater", "stays", &[&stays_f, &half], vec![]);
+        let src_rows = e.op("Where", "src_rows", &[&stays, &place, &joined_row], vec![]);
+        // The staying tokens' ids, written at their places; merging ones all land on the spare row stay_n.
+        let target = e.op("Where", "stay_target", &[&stays, &place, &stay_n_const], vec![]);
+        let zero_i = e_zero_i64(e);
+        let zeros_i = e.op("Mul", "zeros_i", &[&dst_of, &zero_i], vec![]);
+        let token_ids = e.const_i64("src_token_ids", &[1, ns, 1], &split.src);
+        let token_ids = e.op("Add", "src_token_ids_batch", &[&zeros_i, &token_ids], vec![]);
+        let buffer = e.slice("stay_buffer", &zeros_i, 1, 0, stay_n + 1, 1);
+        let written = e.op("ScatterElements", "stay_written", &[&buffer, &target, &token_ids], vec![int_attr("axis", 1)]);
+        (src_rows, Some(e.slice("stay", &written, 1, 0, stay_n, 1)))
+    };
     let dst_rows: Vec<i64> = (0..nd).map(|j| stay_n + j).collect();
     let dst_rows = e.const_i64("dst_rows", &[1, nd, 1], &dst_rows);
     // [B, 1, 1] zeros broadcast the constant rows over the batch.
-    let first_rank = e.slice("first_rank", &rank, 1, 0, 1, 1);
-    let zero = e.const_i64("zero", &[1], &[0]);
-    let batch_zeros = e.op("Mul", "batch_zeros", &[&first_rank, &zero], vec![]);
+    let first = e.slice("first_dst_of", &dst_of, 1, 0, 1, 1);
+    let zero_i = e_zero_i64(e);
+    let batch_zeros = e.op("Mul", "batch_zeros", &[&first, &zero_i], vec![]);
     let dst_rows = e.op("Add", "dst_rows_batch", &[&batch_zeros, &dst_rows], vec![]);
     let by_split = e.op("Concat", "rows_by_split", &[&src_rows, &dst_rows], vec![int_attr("axis", 1)]);
     // Back to token order: token t is entry place[t] of concat(src, dst).
@@ -132,7 +153,16 @@ fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> M
     }
     let place = e.const_i64("token_place", &[ns + nd], &place);
     let rows = e.op("Gather", "rows", &[&by_split, &place], vec![int_attr("axis", 1)]);
-    Matching { stay, merging, joins, count, rows }
+    Matching { stay, joins, count, rows }
+}
+
+/// A one-element int64 zero, named once per matching.
+fn e_zero_i64(e: &mut Emitter) -> String {
+    let name = e.name("zero_i64");
+    if !e.patch.initializers.iter().any(|t| t.name == name) {
+        e.const_i64("zero_i64", &[1], &[0]);
+    }
+    name
 }
 
 /// `merge(y)`: the staying src rows, then each dst row averaged with the
@@ -146,10 +176,11 @@ fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching, split: &
     let gather_nd = |e: &mut Emitter, name: &str, index: &str| {
         e.op("GatherND", &format!("{what}.{name}"), &[&y32, index], vec![int_attr("batch_dims", 1)])
     };
-    let merging = gather_nd(e, "merging", &m.merging);
+    let src_tokens = e.const_i64(&format!("{what}.src_tokens"), &[split.src.len() as i64], &split.src);
+    let src = e.op("Gather", &format!("{what}.src"), &[&y32, &src_tokens], vec![int_attr("axis", 1)]);
     let dst_tokens = e.const_i64(&format!("{what}.dst_tokens"), &[nd], &split.dst);
     let dst = e.op("Gather", &format!("{what}.dst"), &[&y32, &dst_tokens], vec![int_attr("axis", 1)]);
-    let joined = e.op("MatMul", &format!("{what}.joined"), &[&m.joins, &merging], vec![]);
+    let joined = e.op("MatMul", &format!("{what}.joined"), &[&m.joins, &src], vec![]);
     let sum = e.op("Add", &format!("{what}.sum"), &[&dst, &joined], vec![]);
     let mean = e.op("Div", &format!("{what}.mean"), &[&sum, &m.count], vec![]);
     let out = match &m.stay {
