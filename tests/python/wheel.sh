@@ -15,7 +15,8 @@ MATURIN_PEP517_ARGS="--profile dev" "$py" -m pip wheel --quiet --disable-pip-ver
 wheel=$(ls "$tmp"/dist/tome_compile-*.whl)
 case "$wheel" in *abi3*) ;; *) echo "not an abi3 wheel: $wheel"; exit 1;; esac
 "$py" -m pip install --quiet --disable-pip-version-check "$wheel"
-cargo build --quiet --bin tome-compile
+# The command the Rust tests built (same features: no second build of tract).
+cargo test --workspace --no-run --quiet 2> /dev/null
 target/debug/tome-compile fixtures/timm_vit/model.onnx --r 8 -o "$tmp/cli.onnx" > /dev/null
 "$tmp/venv/bin/tome-compile" fixtures/timm_vit/model.onnx --r 8 -o "$tmp/wheel_cli.onnx" > /dev/null
 cmp "$tmp/cli.onnx" "$tmp/wheel_cli.onnx"
