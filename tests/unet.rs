@@ -224,3 +224,28 @@ fn a_unet_given_r_points_to_ratio_and_inspect_lists_its_blocks() {
     assert!(at_two.iter().all(|b| b["tokens"] == 64 && b["r"] == 32 && b["merged"] == serde_json::json!(["attn"])));
     assert!(blocks.iter().filter(|b| b["downsample"] == 4).all(|b| b["r"] == 0));
 }
+
+#[test]
+fn random_dst_cells_match_tomesd_given_the_same_cells() {
+    // fixtures/sd_unet/io_rand.npz: tomesd with use_rand=True, its torch.randint returning the cells
+    // that --rand-seed 7 put in the compiled graph for the step (fixtures/gen/gen_sd_random.py).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rand.onnx");
+    let o = tome(&[path(&fixture("sd_unet/model.onnx")), "--ratio", "0.5", "--rand-seed", "7", "-o", path(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = dir.path().join("again.onnx");
+    assert!(tome(&[path(&fixture("sd_unet/model.onnx")), "--ratio", "0.5", "--rand-seed", "7", "-o", path(&again)]).status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap(), "the same seed writes the same bytes");
+    let io = tome_compile::onnx::npz::read(&fixture("sd_unet/io.npz")).unwrap();
+    let refs = tome_compile::onnx::npz::read(&fixture("sd_unet/io_rand.npz")).unwrap();
+    for batch in ["b1", "b2"] {
+        let y = run_tract(&out, &io, batch);
+        let err = relative_error(&y, &refs[&format!("out_rand7_{batch}")]);
+        assert!(err <= 1e-4, "{batch}: tract relative error {err}");
+    }
+    // Batch 1 is odd: tomesd turns its randomness off there, and so does the graph.
+    assert!(relative_error(&refs["out_rand7_b1"], &io["out_r0.5_md1_attn_b1"]) < 1e-6);
+    assert!(relative_error(&refs["out_rand7_b2"], &io["out_r0.5_md1_attn_b2"]) > 1e-3, "batch 2 uses random cells");
+    let line = format!("{} {} rand7 {}", path(&out), path(&fixture("sd_unet/io.npz")), path(&fixture("sd_unet/io_rand.npz")));
+    check_with_onnxruntime(dir.path(), &[line]);
+}

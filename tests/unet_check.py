@@ -1,9 +1,9 @@
 """Checks compiled UNets with onnxruntime against tomesd's reference outputs.
 
-Usage: python3 unet_check.py MANIFEST, one case per line: MODEL NPZ CONFIG.
-Feeds each graph input from NPZ's `{input}_b1` and `{input}_b2` (cast to the
-input's declared type) and compares the first output with `out_{CONFIG}_b1`
-and `_b2`: max |y - ref| / max |ref| per image must be <= 1e-4 (the spec's
+Usage: python3 unet_check.py MANIFEST, one case per line: MODEL NPZ CONFIG
+[REFS]. Feeds each graph input from NPZ's `{input}_b1` and `{input}_b2` (cast
+to the input's declared type) and compares the first output with
+`out_{CONFIG}_b1` and `_b2` (from REFS when given, else NPZ): max |y - ref| / max |ref| per image must be <= 1e-4 (the spec's
 tolerance). Prints one line per case and batch; exits 1 if any fails.
 """
 import sys
@@ -15,14 +15,14 @@ import onnxruntime as ort
 TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
 failed = 0
 for line in open(sys.argv[1]):
-    model, npz, config = line.split()
+    model, npz, config, *refs = line.split()
     onnx.checker.check_model(onnx.load(model), full_check=True)
     data = np.load(npz)
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     for batch in ("b1", "b2"):
         feeds = {i.name: data[f"{i.name}_{batch}"].astype(TYPES[i.type]) for i in sess.get_inputs()}
         y = sess.run(None, feeds)[0].astype(np.float32)
-        ref = data[f"out_{config}_{batch}"]
+        ref = (np.load(refs[0]) if refs else data)[f"out_{config}_{batch}"]
         err = max(float(np.abs(y[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in range(len(ref)))
         ok = err <= 1e-4
         failed += not ok

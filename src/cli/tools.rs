@@ -347,6 +347,12 @@ pub struct UnetArgs {
     /// The latent's size, for an export that left it symbolic: `64x64` (512 px images).
     #[arg(long, value_name = "HxW", value_parser = parse_image_size, requires = "ratio")]
     pub latent: Option<[i64; 2]>,
+    /// Random dst cells, as tomesd's default use_rand=True (equal in
+    /// distribution, not in value): each merging block carries 64 patterns
+    /// drawn from this seed, and the timestep input picks one (t mod 64).
+    /// Without it, dst is the top-left of each cell (use_rand=False).
+    #[arg(long, value_name = "SEED", requires = "ratio")]
+    pub rand_seed: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -380,6 +386,7 @@ impl UnetArgs {
                     MergeArg::Mlp => Kind::FeedForward,
                 })
                 .collect(),
+            rand_seed: self.rand_seed,
         }
     }
 }
@@ -387,8 +394,12 @@ impl UnetArgs {
 /// The UNet report as the terminal shows it.
 pub fn unet_text(report: &tome_passes::sd::UnetReport, opts: &tome_passes::sd::UnetOptions) -> String {
     let merged: Vec<&str> = opts.merge.iter().map(|k| k.name()).collect();
+    let dst = match opts.rand_seed {
+        Some(seed) => format!("random dst cells ({} patterns per block from seed {seed}, picked by the timestep)", tome_passes::sd::tomesd::PATTERNS),
+        None => "dst at each cell's top-left".to_string(),
+    };
     let mut s = format!(
-        "UNet, latent {}x{}, {} transformer blocks; tomesd ratio {}, max downsample {}, stride {}x{}, merge {}\n",
+        "UNet, latent {}x{}, {} transformer blocks; tomesd ratio {}, max downsample {}, stride {}x{}, merge {}, {dst}\n",
         report.latent[0],
         report.latent[1],
         report.blocks.len(),
@@ -423,6 +434,7 @@ pub fn unet_json(report: &tome_passes::sd::UnetReport, opts: &tome_passes::sd::U
         "max_downsample": opts.max_downsample,
         "stride": opts.stride,
         "merge": opts.merge.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        "rand_seed": opts.rand_seed,
         "blocks": report.blocks.iter().map(|b| serde_json::json!({
             "name": b.name,
             "tokens": b.tokens,

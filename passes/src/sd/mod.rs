@@ -27,11 +27,16 @@ pub struct UnetOptions {
     pub stride: [usize; 2],
     /// The sub-layers that merge (tomesd's merge_attn, merge_crossattn, merge_mlp).
     pub merge: Vec<Kind>,
+    /// `None`: dst at the top-left of each cell (tomesd's `use_rand=False`).
+    /// `Some(seed)`: `tomesd::PATTERNS` seeded random dst patterns per block,
+    /// one picked by the timestep input (tomesd's `use_rand=True`, in
+    /// distribution, not in value).
+    pub rand_seed: Option<u64>,
 }
 
 impl Default for UnetOptions {
     fn default() -> Self {
-        UnetOptions { ratio: 0.5, max_downsample: 1, stride: [2, 2], merge: vec![Kind::SelfAttention] }
+        UnetOptions { ratio: 0.5, max_downsample: 1, stride: [2, 2], merge: vec![Kind::SelfAttention], rand_seed: None }
     }
 }
 
@@ -146,6 +151,16 @@ pub fn inspect_unet(model: &mut pb::ModelProto, types: HashMap<String, TensorTyp
     report
 }
 
+/// The graph input carrying the denoising step (`timestep`), which picks
+/// the random dst pattern.
+fn timestep_input(g: &Graph) -> Result<String, PassError> {
+    g.inputs
+        .iter()
+        .find(|i| i.to_ascii_lowercase().contains("timestep") && g.ty(i).is_some_and(|t| t.rank() <= 1))
+        .cloned()
+        .ok_or_else(|| PassError::Unsupported("--rand-seed varies the dst cells with the denoising step, read from a graph input named timestep (a scalar or [batch]); this UNet has none".into()))
+}
+
 fn plan_graph(g: &Graph, opts: &UnetOptions) -> Result<UnetReport, PassError> {
     if g.opset < 13 {
         return Err(PassError::OldOpset(g.opset));
@@ -174,12 +189,26 @@ fn rewrite(g: &mut Graph, opts: &UnetOptions) -> Result<UnetReport, PassError> {
     }
     let blocks = matcher::match_unet(g)?;
     let [sy, sx] = opts.stride;
-    for (block, plan) in blocks.iter().zip(&report.blocks) {
+    let timestep = match opts.rand_seed {
+        Some(_) => Some(timestep_input(g)?),
+        None => None,
+    };
+    for (index, (block, plan)) in blocks.iter().zip(&report.blocks).enumerate() {
         if plan.r == 0 {
             continue;
         }
-        let split = tomesd::split(plan.grid[0], plan.grid[1], sy, sx, plan.r);
-        let p = tomesd::block_patch(g, block, &split, &plan.merged)?;
+        let [h, w] = plan.grid;
+        let p = match (opts.rand_seed, &timestep) {
+            (Some(seed), Some(t)) => {
+                // Each block draws its own patterns (tomesd draws per call).
+                let mut rng = tomesd::Rng::new(seed ^ ((index as u64 + 1) << 32));
+                let mut splits: Vec<tomesd::Split> = (0..tomesd::PATTERNS).map(|_| tomesd::random_split(h, w, sy, sx, plan.r, &mut rng)).collect();
+                splits.push(tomesd::split(h, w, sy, sx, plan.r));
+                let tokens = tomesd::Tokens::Random { splits: &splits, timestep: t, stream: &block.input };
+                tomesd::block_patch(g, block, &tokens, &plan.merged)?
+            }
+            _ => tomesd::block_patch(g, block, &tomesd::Tokens::Fixed(&tomesd::split(h, w, sy, sx, plan.r)), &plan.merged)?,
+        };
         patch::apply(g, p)?;
     }
     Ok(report)

@@ -51,6 +51,78 @@ pub fn split(h: usize, w: usize, sy: usize, sx: usize, r: usize) -> Split {
     Split { src, dst, r }
 }
 
+/// A split with the dst of each whole sy×sx cell drawn uniformly from the
+/// cell by `rng` (tomesd's `use_rand=True` draws one per cell the same way).
+pub fn random_split(h: usize, w: usize, sy: usize, sx: usize, r: usize, rng: &mut Rng) -> Split {
+    let (hsy, wsx) = (h / sy, w / sx);
+    let mut is_dst = vec![false; h * w];
+    for cy in 0..hsy {
+        for cx in 0..wsx {
+            let k = rng.below((sy * sx) as u64) as usize;
+            is_dst[(cy * sy + k / sx) * w + cx * sx + k % sx] = true;
+        }
+    }
+    let (mut src, mut dst) = (vec![], vec![]);
+    for (t, d) in is_dst.iter().enumerate() {
+        if *d { dst.push(t as i64) } else { src.push(t as i64) }
+    }
+    let r = r.min(src.len());
+    Split { src, dst, r }
+}
+
+/// xorshift64*: a small, seeded, portable generator (the patterns must be
+/// the same bytes on every machine).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in 0..n (n small: the modulo bias is below 1e-17).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How many dst patterns a block with random dst cells carries; the
+/// timestep picks one (t mod PATTERNS), so consecutive denoising steps use
+/// different cells.
+pub const PATTERNS: usize = 64;
+
+/// The token sets of a block: one split, or one per pattern picked by the
+/// timestep input. As tomesd, an odd batch uses the top-left split (random
+/// cells there would differ between the prompted and unprompted halves of
+/// classifier-free guidance): `splits` ends with it.
+pub enum Tokens<'a> {
+    Fixed(&'a Split),
+    Random { splits: &'a [Split], timestep: &'a str, stream: &'a str },
+}
+
+impl Tokens<'_> {
+    fn first(&self) -> &Split {
+        match self {
+            Tokens::Fixed(s) => s,
+            Tokens::Random { splits, .. } => &splits[0],
+        }
+    }
+}
+
+/// `v - floor(v / m) * m` for a float32 scalar `v` (ONNX's Mod on floats
+/// needs fmod, which TensorRT lacks).
+fn float_mod(e: &mut Emitter, what: &str, v: &str, m: f32) -> String {
+    let m = e.const_f32(&format!("{what}.m"), &[], &[m]);
+    let q = e.op("Div", &format!("{what}.div"), &[v, &m], vec![]);
+    let q = e.op("Floor", &format!("{what}.floor"), &[&q], vec![]);
+    let q = e.op("Mul", &format!("{what}.multiple"), &[&q, &m], vec![]);
+    e.op("Sub", what, &[v, &q], vec![])
+}
+
 /// The matching of one block, as tensors: `merge` and `unmerge` apply it.
 pub struct Matching {
     /// [B, stay, 1] int64: the src tokens that stay, as token indices, in
@@ -62,6 +134,63 @@ pub struct Matching {
     count: String,
     /// [B, N, 1] int64: the row of the merged sequence each token reads back.
     rows: String,
+    /// [src] and [dst] int64: the token indices of each set.
+    src_tokens: String,
+    dst_tokens: String,
+}
+
+/// The token indices of `tokens`' src set, dst set, and each token's place
+/// in concat(src, dst): constants, or rows of per-pattern tables picked by
+/// the timestep.
+fn token_tensors(e: &mut Emitter, tokens: &Tokens) -> (String, String, String) {
+    let place_of = |s: &Split| {
+        let mut place = vec![0i64; s.src.len() + s.dst.len()];
+        for (k, &t) in s.src.iter().chain(&s.dst).enumerate() {
+            place[t as usize] = k as i64;
+        }
+        place
+    };
+    match tokens {
+        Tokens::Fixed(s) => {
+            let n = (s.src.len() + s.dst.len()) as i64;
+            (
+                e.const_i64("src_tokens", &[s.src.len() as i64], &s.src),
+                e.const_i64("dst_tokens", &[s.dst.len() as i64], &s.dst),
+                e.const_i64("token_place", &[n], &place_of(s)),
+            )
+        }
+        Tokens::Random { splits, timestep, stream } => {
+            // k = floor(t) mod patterns, from the first timestep of the batch, in float32
+            // (exact below 2^24); an odd batch takes the last split, the top-left one.
+            let p = splits.len() as i64;
+            let random = (p - 1) as f32;
+            let flat_shape = e.const_i64("t_flat_shape", &[1], &[-1]);
+            let flat = e.op("Reshape", "t_flat", &[timestep, &flat_shape], vec![]);
+            let first = e.const_i64("t_first", &[], &[0]);
+            let t = e.op("Gather", "t", &[&flat, &first], vec![int_attr("axis", 0)]);
+            let t = e.cast("t_float", &t, FLOAT);
+            let t = e.op("Floor", "t_floor", &[&t], vec![]);
+            let k = float_mod(e, "t_mod", &t, random);
+            let shape = e.op("Shape", "stream_shape", &[stream], vec![]);
+            let batch = e.op("Gather", "batch", &[&shape, &first], vec![int_attr("axis", 0)]);
+            let batch = e.cast("batch_float", &batch, FLOAT);
+            let odd = float_mod(e, "batch_mod", &batch, 2.0);
+            let half = e.const_f32("half_batch", &[], &[0.5]);
+            let odd = e.op("Greater", "odd_batch", &[&odd, &half], vec![]);
+            let top_left = e.const_f32("top_left_pattern", &[], &[random]);
+            let k = e.op("Where", "pattern_f", &[&odd, &top_left, &k], vec![]);
+            let k = e.cast("pattern", &k, crate::graph::INT64);
+            let (ns, nd) = (splits[0].src.len() as i64, splits[0].dst.len() as i64);
+            let src: Vec<i64> = splits.iter().flat_map(|s| s.src.clone()).collect();
+            let dst: Vec<i64> = splits.iter().flat_map(|s| s.dst.clone()).collect();
+            let place: Vec<i64> = splits.iter().flat_map(place_of).collect();
+            let src = e.const_i64("src_table", &[p, ns], &src);
+            let dst = e.const_i64("dst_table", &[p, nd], &dst);
+            let place = e.const_i64("place_table", &[p, ns + nd], &place);
+            let pick = |e: &mut Emitter, what: &str, table: &str| e.op("Gather", what, &[table, &k], vec![int_attr("axis", 0)]);
+            (pick(e, "src_tokens", &src), pick(e, "dst_tokens", &dst), pick(e, "token_place", &place))
+        }
+    }
 }
 
 /// Emits the matching of `block` from its input (float32 throughout).
@@ -71,7 +200,8 @@ pub struct Matching {
 /// (TensorRT takes K < 3840; a whole sort would need K = src). The staying
 /// tokens are compacted in token order by an exclusive CumSum of their flags
 /// and one ScatterElements (the merging ones all write one spare row, dropped).
-fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> Matching {
+fn matching(e: &mut Emitter, block: &UnetBlock, tokens: &Tokens, x_elem: i32) -> Matching {
+    let split = tokens.first();
     let (ns, nd, r) = (split.src.len() as i64, split.dst.len() as i64, split.r as i64);
     let stay_n = ns - r;
     let x = match x_elem {
@@ -80,8 +210,7 @@ fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> M
     };
     let norm = e.reduce("ReduceL2", "norm", &x, &[2], true);
     let metric = e.op("Div", "metric", &[&x, &norm], vec![]);
-    let src_tokens = e.const_i64("src_tokens", &[ns], &split.src);
-    let dst_tokens = e.const_i64("dst_tokens", &[nd], &split.dst);
+    let (src_tokens, dst_tokens, place) = token_tensors(e, tokens);
     let a = e.op("Gather", "a", &[&metric, &src_tokens], vec![int_attr("axis", 1)]);
     let b = e.op("Gather", "b", &[&metric, &dst_tokens], vec![int_attr("axis", 1)]);
     let bt = e.transpose("b_t", &b, &[0, 2, 1]);
@@ -132,7 +261,8 @@ fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> M
         let target = e.op("Where", "stay_target", &[&stays, &place, &stay_n_const], vec![]);
         let zero_i = e_zero_i64(e);
         let zeros_i = e.op("Mul", "zeros_i", &[&dst_of, &zero_i], vec![]);
-        let token_ids = e.const_i64("src_token_ids", &[1, ns, 1], &split.src);
+        let column = e.const_i64("src_column_shape", &[3], &[1, ns, 1]);
+        let token_ids = e.op("Reshape", "src_token_ids", &[&src_tokens, &column], vec![]);
         let token_ids = e.op("Add", "src_token_ids_batch", &[&zeros_i, &token_ids], vec![]);
         let buffer = e.slice("stay_buffer", &zeros_i, 1, 0, stay_n + 1, 1);
         let written = e.op("ScatterElements", "stay_written", &[&buffer, &target, &token_ids], vec![int_attr("axis", 1)]);
@@ -147,13 +277,8 @@ fn matching(e: &mut Emitter, block: &UnetBlock, split: &Split, x_elem: i32) -> M
     let dst_rows = e.op("Add", "dst_rows_batch", &[&batch_zeros, &dst_rows], vec![]);
     let by_split = e.op("Concat", "rows_by_split", &[&src_rows, &dst_rows], vec![int_attr("axis", 1)]);
     // Back to token order: token t is entry place[t] of concat(src, dst).
-    let mut place = vec![0i64; (ns + nd) as usize];
-    for (k, &t) in split.src.iter().chain(&split.dst).enumerate() {
-        place[t as usize] = k as i64;
-    }
-    let place = e.const_i64("token_place", &[ns + nd], &place);
     let rows = e.op("Gather", "rows", &[&by_split, &place], vec![int_attr("axis", 1)]);
-    Matching { stay, joins, count, rows }
+    Matching { stay, joins, count, rows, src_tokens, dst_tokens }
 }
 
 /// A one-element int64 zero, named once per matching.
@@ -167,8 +292,7 @@ fn e_zero_i64(e: &mut Emitter) -> String {
 
 /// `merge(y)`: the staying src rows, then each dst row averaged with the
 /// rows joining it. [B, N, C] → [B, N - r, C], in y's type.
-fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching, split: &Split) -> String {
-    let nd = split.dst.len() as i64;
+fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching) -> String {
     let y32 = match elem {
         FLOAT => y.to_string(),
         _ => e.cast(&format!("{what}.y_float"), y, FLOAT),
@@ -176,10 +300,8 @@ fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching, split: &
     let gather_nd = |e: &mut Emitter, name: &str, index: &str| {
         e.op("GatherND", &format!("{what}.{name}"), &[&y32, index], vec![int_attr("batch_dims", 1)])
     };
-    let src_tokens = e.const_i64(&format!("{what}.src_tokens"), &[split.src.len() as i64], &split.src);
-    let src = e.op("Gather", &format!("{what}.src"), &[&y32, &src_tokens], vec![int_attr("axis", 1)]);
-    let dst_tokens = e.const_i64(&format!("{what}.dst_tokens"), &[nd], &split.dst);
-    let dst = e.op("Gather", &format!("{what}.dst"), &[&y32, &dst_tokens], vec![int_attr("axis", 1)]);
+    let src = e.op("Gather", &format!("{what}.src"), &[&y32, &m.src_tokens], vec![int_attr("axis", 1)]);
+    let dst = e.op("Gather", &format!("{what}.dst"), &[&y32, &m.dst_tokens], vec![int_attr("axis", 1)]);
     let joined = e.op("MatMul", &format!("{what}.joined"), &[&m.joins, &src], vec![]);
     let sum = e.op("Add", &format!("{what}.sum"), &[&dst, &joined], vec![]);
     let mean = e.op("Div", &format!("{what}.mean"), &[&sum, &m.count], vec![]);
@@ -202,21 +324,22 @@ fn unmerge(e: &mut Emitter, what: &str, o: &str, m: &Matching) -> String {
 }
 
 /// The patch merging the chosen sub-layers of `block` with `split`.
-pub fn block_patch(g: &Graph, block: &UnetBlock, split: &Split, merged: &[super::matcher::Kind]) -> Result<Patch, PassError> {
+pub fn block_patch(g: &Graph, block: &UnetBlock, tokens: &Tokens, merged: &[super::matcher::Kind]) -> Result<Patch, PassError> {
+    let split = tokens.first();
     let anchor = g.producer(&block.input).unwrap_or(block.sublayers[0].norm);
     let mut patch = Patch::new(format!("{}: tomesd r={}", block.name, split.r), anchor);
     patch.resized_axis = Some(1);
     let x_ty = g.ty(&block.input).cloned().ok_or_else(|| PassError::MissingType(block.input.clone()))?;
     let mut e = Emitter::new(&mut patch, format!("{}.tomesd", block.name), g.opset);
-    let m = matching(&mut e, block, split, x_ty.elem);
+    let m = matching(&mut e, block, tokens, x_ty.elem);
     let mut rewires = vec![];
     let mut types = vec![];
     for sub in block.sublayers.iter().filter(|s| merged.contains(&s.kind)) {
         let kind = sub.kind.name();
         let normed = g.node(sub.norm).output().to_string();
         let elem = g.ty(&normed).map_or(FLOAT, |t| t.elem);
-        let merged_in = merge(&mut e, &format!("{kind}.merge"), &normed, elem, &m, split);
-        types.push((merged_in.clone(), tokens(&x_ty, block.tokens - split.r, block.width, elem)));
+        let merged_in = merge(&mut e, &format!("{kind}.merge"), &normed, elem, &m);
+        types.push((merged_in.clone(), tokens_type(&x_ty, block.tokens - split.r, block.width, elem)));
         for (id, slot) in g.consumers(&normed) {
             rewires.push(Rewire { node: id, slot, tensor: merged_in.clone() });
         }
@@ -229,7 +352,7 @@ pub fn block_patch(g: &Graph, block: &UnetBlock, split: &Split, merged: &[super:
     Ok(patch)
 }
 
-fn tokens(like: &TensorType, n: usize, c: usize, elem: i32) -> TensorType {
+fn tokens_type(like: &TensorType, n: usize, c: usize, elem: i32) -> TensorType {
     let mut ty = crate::patch::tokens_type(like, n, c);
     ty.elem = elem;
     ty
@@ -246,6 +369,22 @@ mod tests {
         assert_eq!(s.dst, vec![0, 2, 10, 12]);
         assert_eq!(s.src.len(), 21);
         assert_eq!(s.r, 21, "r is clamped to the src count");
+    }
+
+    #[test]
+    fn random_dst_cells_are_uniform_over_each_cell() {
+        let mut rng = Rng::new(7);
+        let mut seen = [0usize; 4];
+        for _ in 0..PATTERNS {
+            let s = random_split(16, 16, 2, 2, 128, &mut rng);
+            assert_eq!((s.src.len(), s.dst.len(), s.r), (192, 64, 128), "one dst per cell, the sizes of the fixed split");
+            for &t in &s.dst {
+                let (y, x) = (t as usize / 16, t as usize % 16);
+                seen[(y % 2) * 2 + x % 2] += 1;
+            }
+        }
+        // 4096 draws over 4 offsets: 1024 each on average, sd 28.
+        assert!(seen.iter().all(|&c| (900..1150).contains(&c)), "{seen:?}");
     }
 
     #[test]
