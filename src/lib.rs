@@ -163,7 +163,7 @@ pub fn compile_unet(
 }
 
 /// `prepare_sized` for a UNet: a symbolic latent needs `--latent`.
-fn prepare_latent(proto: &mut pb::ModelProto, dir: &Path, latent: Option<[i64; 2]>) -> Result<(Vec<String>, HashMap<String, TensorType>), Error> {
+pub(crate) fn prepare_latent(proto: &mut pb::ModelProto, dir: &Path, latent: Option<[i64; 2]>) -> Result<(Vec<String>, HashMap<String, TensorType>), Error> {
     let symbolic = |d: &pb::tensor_shape_proto::Dimension| !matches!(d.value, Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0);
     let latent_input = proto.graph.iter().flat_map(|g| &g.input).find_map(|i| {
         let Some(pb::type_proto::Value::TensorType(t)) = i.r#type.as_ref().and_then(|t| t.value.as_ref()) else { return None };

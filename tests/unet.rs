@@ -249,3 +249,17 @@ fn random_dst_cells_match_tomesd_given_the_same_cells() {
     let line = format!("{} {} rand7 {}", path(&out), path(&fixture("sd_unet/io.npz")), path(&fixture("sd_unet/io_rand.npz")));
     check_with_onnxruntime(dir.path(), &[line]);
 }
+
+#[test]
+fn bench_times_a_unet_step_against_its_tomesd_compile() {
+    let o = tome(&["bench", path(&fixture("sd_unet/model.onnx")), "--ratio", "0.5", "--iters", "1", "--warmup", "0", "--threads", "1", "--batch", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["unet_ratio"], 0.5);
+    assert_eq!(report["batch"], 2);
+    let (before, after) = (report["original"]["macs_per_image"].as_u64().unwrap(), report["compiled"]["macs_per_image"].as_u64().unwrap());
+    assert!(after < before, "merging removes work: {before} -> {after} MACs");
+    assert!(report["compiled"]["median_ms"].as_f64().unwrap() > 0.0);
+    let o = tome(&["bench", path(&fixture("sd_unet/model.onnx")), "--ratio", "0.5", "--also", "bound"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

@@ -36,6 +36,9 @@ pub struct BenchOptions {
     pub against: Option<std::path::PathBuf>,
     /// Further compiles of the input, timed in the same turns.
     pub also: Vec<Variant>,
+    /// A Stable Diffusion UNet: compile with tomesd's options instead of
+    /// `compile`'s schedule, its latent pinned to the given size if set.
+    pub unet: Option<(tome_passes::sd::UnetOptions, Option<[i64; 2]>)>,
 }
 
 /// Another compile of the input to time alongside (`bench --also`).
@@ -174,7 +177,13 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
         return Err(Error::Input("--threads, --batch and --iters must be at least 1".into()));
     }
     let mut file = onnx::io::read(path)?;
-    let (_, types) = crate::prepare(&mut file.proto, &file.dir, &opts.compile)?;
+    if opts.unet.is_some() && !opts.also.is_empty() {
+        return Err(Error::Input("--also compares ViT compiles; it does not apply to a UNet (--ratio)".into()));
+    }
+    let (_, types) = match &opts.unet {
+        Some((_, latent)) => crate::prepare_latent(&mut file.proto, &file.dir, *latent)?,
+        None => crate::prepare(&mut file.proto, &file.dir, &opts.compile)?,
+    };
     let macs_before = macs::count(&file.proto, &types);
     // The input compiled with `compile`, and its MACs.
     let compiled_with = |compile: &Options| -> Result<(pb::ModelProto, Report, Macs), Error> {
@@ -190,12 +199,21 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
             let macs = crate::infer_types(&other.proto, &other.dir).map(|t| macs::count(&other.proto, &t)).unwrap_or_default();
             (other.proto, other.dir, None, macs)
         }
-        None => {
-            let (proto, report, macs) = compiled_with(&opts.compile)?;
-            (proto, file.dir.clone(), Some(report), macs)
-        }
+        None => match &opts.unet {
+            Some((unet, _)) => {
+                let mut proto = file.proto.clone();
+                tome_passes::sd::compile_unet(&mut proto, types.clone(), unet)?;
+                let compiled_types = crate::infer_types(&proto, &file.dir).map_err(|e| Error::TypeCheck(e.to_string()))?;
+                let macs = macs::count(&proto, &compiled_types);
+                (proto, file.dir.clone(), None, macs)
+            }
+            None => {
+                let (proto, report, macs) = compiled_with(&opts.compile)?;
+                (proto, file.dir.clone(), Some(report), macs)
+            }
+        },
     };
-    let (original_plan, shape) = plan(&file.proto, &file.dir, opts.batch)?;
+    let (original_plan, shape) = plan_all(&file.proto, &file.dir, opts.batch)?;
     let mut plans = vec![original_plan, planned_like(&compiled, &compiled_dir, opts.batch, &shape)?];
     drop(compiled);
     let mut also_macs = vec![];
@@ -204,7 +222,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
         also_macs.push(macs);
         plans.push(planned_like(&proto, &file.dir, opts.batch, &shape)?);
     }
-    let input: TValue = synthetic_input(&shape)?.into();
+    let input = synthetic_inputs(&shape)?;
 
     let turns = opts.iters.div_ceil(RUNS_PER_TURN);
     let total = (opts.warmup + turns + opts.iters) as u64 * plans.len() as u64;
@@ -234,9 +252,9 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
     })
 }
 
-/// `plan`, refusing a model whose input differs from the original's `shape`.
-fn planned_like(proto: &pb::ModelProto, dir: &Path, batch: usize, shape: &[usize]) -> Result<Arc<TypedRunnableModel>, Error> {
-    let (plan, other) = plan(proto, dir, batch)?;
+/// `plan_all`, refusing a model whose inputs differ from the original's.
+fn planned_like(proto: &pb::ModelProto, dir: &Path, batch: usize, shape: &[(DatumType, Vec<usize>)]) -> Result<Arc<TypedRunnableModel>, Error> {
+    let (plan, other) = plan_all(proto, dir, batch)?;
     if other != shape {
         return Err(Error::Input(format!("the models take different inputs: {shape:?} and {other:?}")));
     }
@@ -244,7 +262,7 @@ fn planned_like(proto: &pb::ModelProto, dir: &Path, batch: usize, shape: &[usize
 }
 
 /// Times every node of `plan` over `runs` runs, grouped by op.
-fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Result<Profile, Error> {
+fn profile(plan: &Arc<TypedRunnableModel>, input: &TVec<TValue>, runs: usize) -> Result<Profile, Error> {
     use std::collections::HashMap;
     use tract_onnx::tract_core::plan::{eval, SimpleState};
     let err = |e: TractError| Error::Run(format!("{e:#}"));
@@ -252,7 +270,7 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TValue, runs: usize) -> Resul
     let mut per_node: HashMap<usize, (f64, String, bool)> = HashMap::new();
     for _ in 0..runs {
         state
-            .run_plan_with_eval(tvec![input.clone()], |ctx, op_state, node, inputs| {
+            .run_plan_with_eval(input.clone(), |ctx, op_state, node, inputs| {
                 let start = Instant::now();
                 let out = eval(ctx, op_state, node, inputs);
                 let entry = per_node
@@ -302,14 +320,14 @@ pub(crate) fn executor(threads: usize) -> Executor {
 /// each; plans take turns (see `RUNS_PER_TURN`). Milliseconds, per plan.
 pub(crate) fn time_in_turns(
     plans: &[Arc<TypedRunnableModel>],
-    input: &TValue,
+    input: &TVec<TValue>,
     warmup: usize,
     iters: usize,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<Vec<f64>>, Error> {
     let run = |k: usize| -> Result<f64, Error> {
         let start = Instant::now();
-        plans[k].run(tvec![input.clone()]).map_err(|e| Error::Run(format!("{e:#}")))?;
+        plans[k].run(input.clone()).map_err(|e| Error::Run(format!("{e:#}")))?;
         bar.inc(1);
         Ok(start.elapsed().as_secs_f64() * 1000.0)
     };
@@ -335,34 +353,62 @@ pub(crate) fn time_in_turns(
     Ok(runs)
 }
 
-/// Parses `proto`, fixes its batch axis to `batch` and optimises it for tract.
+/// Parses `proto` (one input), fixes its batch axis to `batch` and
+/// optimises it for tract; returns the plan and the input's shape.
 pub(crate) fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<usize>), Error> {
+    let (plan, mut inputs) = plan_all(proto, dir, batch)?;
+    match inputs.len() {
+        1 => Ok((plan, inputs.remove(0).1)),
+        n => Err(Error::Input(format!("this command needs a model with one input, this one has {n}"))),
+    }
+}
+
+/// Parses `proto`, fixes the batch axis (axis 0, where symbolic) of every
+/// input to `batch` and optimises it for tract; returns the plan and each
+/// input's type and shape.
+pub(crate) fn plan_all(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<(DatumType, Vec<usize>)>), Error> {
     let err = |e: TractError| Error::Run(format!("{e:#}"));
     // The exporters' value_info spell the batch as a symbol, which would not
     // unify with the fixed batch; tract infers every shape without them.
     let onnx = tract_onnx::Onnx { ignore_value_info: true, ..crate::runtime::tract_ops::onnx() };
     let mut model = onnx.parse(proto, dir.to_str()).map_err(err)?.model;
-    if model.inputs.len() != 1 {
-        return Err(Error::Input(format!("bench needs a model with one input, this one has {}", model.inputs.len())));
+    let mut inputs = vec![];
+    for i in 0..model.inputs.len() {
+        let fact = model.input_fact(i).map_err(err)?.clone();
+        let dims = fact.shape.concretize().ok_or_else(|| Error::Input(format!("input {i} has no known rank")))?;
+        let shape: Vec<usize> = dims
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match d.to_i64() {
+                Ok(v) if v > 0 => Ok(v as usize),
+                _ if axis == 0 => Ok(batch),
+                _ => Err(Error::Input(format!("input {i} axis {axis} is {d}; bench needs every axis but the batch static"))),
+            })
+            .collect::<Result<_, _>>()?;
+        if i == 0 && shape.first() != Some(&batch) && dims.first().is_some_and(|d| d.to_i64().is_ok()) {
+            return Err(Error::Input(format!("the model's batch axis is fixed to {}; use --batch {}", shape[0], shape[0])));
+        }
+        let dt = fact.datum_type.concretize().unwrap_or(f32::datum_type());
+        model.set_input_fact(i, InferenceFact::dt_shape(dt, &shape)).map_err(err)?;
+        inputs.push((dt, shape));
     }
-    let fact = model.input_fact(0).map_err(err)?.clone();
-    let dims = fact.shape.concretize().ok_or_else(|| Error::Input("the model's input has no known rank".into()))?;
-    let shape: Vec<usize> = dims
-        .iter()
-        .enumerate()
-        .map(|(axis, d)| match d.to_i64() {
-            Ok(v) if v > 0 => Ok(v as usize),
-            _ if axis == 0 => Ok(batch),
-            _ => Err(Error::Input(format!("input axis {axis} is {d}; bench needs every axis but the batch static"))),
-        })
-        .collect::<Result<_, _>>()?;
-    if shape.first() != Some(&batch) && dims.first().is_some_and(|d| d.to_i64().is_ok()) {
-        return Err(Error::Input(format!("the model's batch axis is fixed to {}; use --batch {}", shape[0], shape[0])));
-    }
-    let dt = fact.datum_type.concretize().unwrap_or(f32::datum_type());
-    model.set_input_fact(0, InferenceFact::dt_shape(dt, &shape)).map_err(err)?;
     let plan = model.into_optimized().map_err(err)?.into_runnable().map_err(err)?;
-    Ok((plan, shape))
+    Ok((plan, inputs))
+}
+
+/// Deterministic inputs: floats in [-1, 1) (`synthetic_input`), integers
+/// 500 (a mid denoising step, for a UNet's timestep).
+fn synthetic_inputs(facts: &[(DatumType, Vec<usize>)]) -> Result<TVec<TValue>, Error> {
+    facts
+        .iter()
+        .map(|(dt, shape)| {
+            let t = if dt.is_float() { synthetic_input(shape)?.cast_to_dt(*dt).map(|t| t.into_owned()) } else {
+                let n: usize = shape.iter().product();
+                Tensor::from_shape(shape, &vec![500i64; n]).and_then(|t| t.cast_to_dt(*dt).map(|t| t.into_owned()))
+            };
+            t.map(TValue::from).map_err(|e| Error::Run(format!("{e:#}")))
+        })
+        .collect()
 }
 
 /// A deterministic input in [-1, 1), like normalised pixels.
@@ -397,6 +443,7 @@ pub fn render(r: &BenchReport) -> String {
     );
     let label = match &o.against {
         Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        None if o.unet.is_some() => format!("compiled --ratio {}", o.unet.as_ref().map_or(0.0, |u| u.0.ratio)),
         None if o.compile.bound => format!("bound --r {}", o.compile.schedule),
         None if o.compile.tract_ops => format!("compiled --r {}", o.compile.schedule),
         None => format!("portable --r {}", o.compile.schedule),
@@ -462,6 +509,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "bound": r.options.compile.bound,
         "form": if r.options.compile.tract_ops { "tract" } else { "portable" },
         "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
+        "unet_ratio": r.options.unet.as_ref().map(|u| u.0.ratio),
         "against": r.options.against.as_ref().map(|p| p.display().to_string()),
         "original": timing(&r.original),
         "compiled": timing(&r.compiled),

@@ -165,7 +165,7 @@ pub struct BenchArgs {
     /// The ONNX model to time (compiled in memory; nothing is written).
     model: PathBuf,
     /// Tokens merged per block, as for compile.
-    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required_unless_present = "against")]
+    #[arg(long = "r", value_name = "SCHEDULE", allow_hyphen_values = true, required_unless_present_any = ["against", "ratio"], conflicts_with = "ratio")]
     r: Option<String>,
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     prop_attn: OnOff,
@@ -215,6 +215,9 @@ pub struct BenchArgs {
     /// bound), r0 (nothing merged: the target's own ops alone).
     #[arg(long, value_delimiter = ',', value_name = "VARIANTS", conflicts_with = "against")]
     also: Vec<bench::Variant>,
+    /// A Stable Diffusion UNet: time the original against tomesd's merging (see compile --ratio).
+    #[command(flatten)]
+    unet: UnetArgs,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -240,6 +243,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         profile_runs: args.profile,
         against: args.against,
         also: args.also,
+        unet: args.unet.ratio.map(|_| (args.unet.options(), args.unet.latent)),
     };
     let report = bench::bench(&args.model, &opts)?;
     if args.json {

@@ -185,7 +185,7 @@ pub fn sweep(path: &Path, opts: &TuneOptions) -> Result<TuneReport, Error> {
             let outs = outputs(&plan, &batches, data.files.len(), &bar)?;
             let times = match opts.runtime {
                 Runtime::Tract => {
-                    let input: TValue = batches[0].clone().into();
+                    let input: TVec<TValue> = tvec![batches[0].clone().into()];
                     bench::time_in_turns(&[original.clone(), plan.clone()], &input, 0, opts.iters, &bar)?
                 }
                 Runtime::OnnxRuntime => onnxruntime_times(path, &proto, &file.dir, &shape, opts)?,
