@@ -363,10 +363,13 @@ pub(crate) fn plan(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(
     }
 }
 
+/// Each input's element type and shape.
+pub(crate) type InputFacts = Vec<(DatumType, Vec<usize>)>;
+
 /// Parses `proto`, fixes the batch axis (axis 0, where symbolic) of every
 /// input to `batch` and optimises it for tract; returns the plan and each
 /// input's type and shape.
-pub(crate) fn plan_all(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, Vec<(DatumType, Vec<usize>)>), Error> {
+pub(crate) fn plan_all(proto: &pb::ModelProto, dir: &Path, batch: usize) -> Result<(Arc<TypedRunnableModel>, InputFacts), Error> {
     let err = |e: TractError| Error::Run(format!("{e:#}"));
     // The exporters' value_info spell the batch as a symbol, which would not
     // unify with the fixed batch; tract infers every shape without them.
