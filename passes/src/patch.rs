@@ -209,6 +209,21 @@ impl<'p> Emitter<'p> {
         self.op("Transpose", what, &[input], vec![ints_attr("perm", perm)])
     }
 
+    /// Rows of `data` [B, N, width] at `index` [B, k, 1] int64, as [B, k, width]:
+    /// GatherElements over the index broadcast along the last axis.
+    /// (GatherND with batch_dims = 1 says the same, but onnxruntime's symbolic
+    /// shape inference gets its shape wrong, and then its transformers
+    /// optimizer fuses nothing that needs shapes, SkipLayerNormalization included.)
+    pub fn gather_rows(&mut self, what: &str, data: &str, index: &str, width: i64) -> String {
+        let index = if width == 1 {
+            index.to_string()
+        } else {
+            let shape = self.const_i64(&format!("{what}.index_shape"), &[3], &[1, 1, width]);
+            self.op("Expand", &format!("{what}.index"), &[index, &shape], vec![])
+        };
+        self.op("GatherElements", what, &[data, &index], vec![int_attr("axis", 1)])
+    }
+
     pub fn cast(&mut self, what: &str, input: &str, to: i32) -> String {
         self.op("Cast", what, &[input], vec![int_attr("to", to as i64)])
     }

@@ -8,12 +8,13 @@
 //!            └─ Gather(dst tokens) ─┴─ MatMul (cosine) ─ ArgMax → dst_of, best
 //! best ─ TopK(K = min(r, src - r)) → which r src tokens merge (flags)
 //! merge(y)   = Concat(y[stay], (y[dst] + joinsᵀ·y[src]) / (1 + count))
-//! unmerge(o) = GatherND(o, row of every token): a staying src its row, a
+//! unmerge(o) = GatherElements(o, row of every token): a staying src its row, a
 //!              merging src its dst's row, a dst its own
 //! ```
 //! No reducing scatter: the mean is a one-hot MatMul divided by the count
 //! (`joins`, 1 where a merging src meets its dst); the unmerge is one
-//! gather with a row index per token.
+//! gather with a row index per token (GatherElements: onnxruntime's
+//! shape inference mishandles GatherND's batch_dims).
 
 use crate::graph::{Graph, TensorType, FLOAT};
 use crate::patch::{int_attr, Emitter, Patch, Rewire};
@@ -292,13 +293,13 @@ fn e_zero_i64(e: &mut Emitter) -> String {
 
 /// `merge(y)`: the staying src rows, then each dst row averaged with the
 /// rows joining it. [B, N, C] → [B, N - r, C], in y's type.
-fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching) -> String {
+fn merge(e: &mut Emitter, what: &str, y: &str, width: i64, elem: i32, m: &Matching) -> String {
     let y32 = match elem {
         FLOAT => y.to_string(),
         _ => e.cast(&format!("{what}.y_float"), y, FLOAT),
     };
-    let gather_nd = |e: &mut Emitter, name: &str, index: &str| {
-        e.op("GatherND", &format!("{what}.{name}"), &[&y32, index], vec![int_attr("batch_dims", 1)])
+    let gather_rows = |e: &mut Emitter, name: &str, index: &str| {
+        e.gather_rows(&format!("{what}.{name}"), &y32, index, width)
     };
     let src = e.op("Gather", &format!("{what}.src"), &[&y32, &m.src_tokens], vec![int_attr("axis", 1)]);
     let dst = e.op("Gather", &format!("{what}.dst"), &[&y32, &m.dst_tokens], vec![int_attr("axis", 1)]);
@@ -307,7 +308,7 @@ fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching) -> Strin
     let mean = e.op("Div", &format!("{what}.mean"), &[&sum, &m.count], vec![]);
     let out = match &m.stay {
         Some(stay) => {
-            let stay = gather_nd(e, "stay", stay);
+            let stay = gather_rows(e, "stay", stay);
             e.op("Concat", &format!("{what}.out"), &[&stay, &mean], vec![int_attr("axis", 1)])
         }
         None => mean,
@@ -319,8 +320,8 @@ fn merge(e: &mut Emitter, what: &str, y: &str, elem: i32, m: &Matching) -> Strin
 }
 
 /// `unmerge(o)`: every token reads its row of the merged sequence.
-fn unmerge(e: &mut Emitter, what: &str, o: &str, m: &Matching) -> String {
-    e.op("GatherND", &format!("{what}.out"), &[o, &m.rows], vec![int_attr("batch_dims", 1)])
+fn unmerge(e: &mut Emitter, what: &str, o: &str, width: i64, m: &Matching) -> String {
+    e.gather_rows(&format!("{what}.out"), o, &m.rows, width)
 }
 
 /// The patch merging the chosen sub-layers of `block` with `split`.
@@ -338,13 +339,13 @@ pub fn block_patch(g: &Graph, block: &UnetBlock, tokens: &Tokens, merged: &[supe
         let kind = sub.kind.name();
         let normed = g.node(sub.norm).output().to_string();
         let elem = g.ty(&normed).map_or(FLOAT, |t| t.elem);
-        let merged_in = merge(&mut e, &format!("{kind}.merge"), &normed, elem, &m);
+        let merged_in = merge(&mut e, &format!("{kind}.merge"), &normed, block.width as i64, elem, &m);
         types.push((merged_in.clone(), tokens_type(&x_ty, block.tokens - split.r, block.width, elem)));
         for (id, slot) in g.consumers(&normed) {
             rewires.push(Rewire { node: id, slot, tensor: merged_in.clone() });
         }
         let branch = g.node(sub.residual).input(sub.branch_slot).unwrap_or_default().to_string();
-        let restored = unmerge(&mut e, &format!("{kind}.unmerge"), &branch, &m);
+        let restored = unmerge(&mut e, &format!("{kind}.unmerge"), &branch, block.width as i64, &m);
         rewires.push(Rewire { node: sub.residual, slot: sub.branch_slot, tensor: restored });
     }
     patch.rewires = rewires;

@@ -156,7 +156,8 @@ pub fn merge(
             Some(images) => images,
             None => image_index(&mut e, x),
         };
-        let (x_out, size_out) = merge_rows(&mut e, x, size, &images, &matched, at);
+        let width = x_ty.dim(2).unwrap_or(0);
+        let (x_out, size_out) = merge_rows(&mut e, x, width, size, &images, &matched, at);
         let source = track.then(|| track_sources(&mut e, previous.and_then(|m| m.source.as_deref()), &matched, at));
         (x_out, size_out, Some(images), source)
     };
@@ -168,7 +169,7 @@ pub fn merge(
 }
 
 /// The outcome of bipartite matching, as indices [B, k, 1] int64 (the shape
-/// GatherND takes): `src`, the r A tokens that merge away, and `unm`, the
+/// GatherElements takes, broadcast along the width): `src`, the r A tokens that merge away, and `unm`, the
 /// A tokens that stay (ascending when there is a prefix), both as token
 /// indices (A token i is token 2i); `dst`, the B index each src joins.
 struct Matched {
@@ -222,7 +223,7 @@ fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -
 /// tokens joining it) / (their sizes' sum), the sum taken by `same`
 /// [B, r, r] (1 where two src share a dst), and writes it over that row.
 /// Src tokens sharing a dst write the same value, so no write reduces.
-fn merge_rows(e: &mut Emitter, x: &str, size: Option<&str>, images: &Images, m: &Matched, at: MergeAt) -> (String, String) {
+fn merge_rows(e: &mut Emitter, x: &str, width: i64, size: Option<&str>, images: &Images, m: &Matched, at: MergeAt) -> (String, String) {
     let Sizes { n, nb, r, nu, pa, pb, .. } = Sizes::of(at);
     let b_tokens = |e: &mut Emitter, what: &str, from: i64, to: i64| {
         let tokens: Vec<i64> = (from..to).map(|j| 2 * j + 1).collect();
@@ -243,7 +244,8 @@ fn merge_rows(e: &mut Emitter, x: &str, size: Option<&str>, images: &Images, m: 
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let rows = e.op("Concat", "rows", &refs, vec![int_attr("axis", 1)]);
     let gather = |e: &mut Emitter, what: &str, data: &str, index: &str| {
-        e.op("GatherND", what, &[data, index], vec![int_attr("batch_dims", 1)])
+        let width = if what.ends_with("size") { 1 } else { width };
+        e.gather_rows(what, data, index, width)
     };
     let kept = gather(e, "kept", x, &rows);
 
@@ -441,15 +443,23 @@ pub fn unmerge(g: &Graph, tensor: &str, source: &str, tokens: usize) -> Result<(
     patch.renames.push((producer, tensor.to_string(), merged.clone()));
     let mut e = Emitter::new(&mut patch, &prefix, g.opset);
     let index = e.unsqueeze("source_index", source, &[2]);
+    let width = ty.dim(2).unwrap_or(0);
+    let index = match width {
+        1 => index,
+        _ => {
+            let shape = e.const_i64("source_index_shape", &[3], &[1, 1, width]);
+            e.op("Expand", "source_index_rows", &[&index, &shape], vec![])
+        }
+    };
     patch.nodes.push(crate::pb::NodeProto {
         name: format!("{prefix}.tokens"),
-        op_type: "GatherND".into(),
+        op_type: "GatherElements".into(),
         input: vec![merged, index],
         output: vec![tensor.to_string()],
-        attribute: vec![int_attr("batch_dims", 1)],
+        attribute: vec![int_attr("axis", 1)],
         ..Default::default()
     });
-    let width = ty.dim(2).unwrap_or(0) as usize;
+    let width = width as usize;
     patch.types.insert(tensor.to_string(), tokens_type(&ty, tokens, width));
     Ok((patch, tensor.to_string()))
 }
