@@ -1,9 +1,14 @@
-"""The whole performance table of issue 5 from one command: tract and
-onnxruntime, original vs compiled (--r 16), every ratio measured in one run.
+"""The whole performance table from one command: tract, onnxruntime (as
+exported, and after its transformers optimizer) and OpenVINO (f32 and its
+default precision), original vs compiled (--r 16), every ratio measured in
+one run.
 
 Usage:
     python3 bench/perf_table.py [--tome target/release/tome-compile]
         [--bench-dir /work/bench] [--threads 2] [--iters 10] [--quick]
+        [--runtimes tract,ort,ortopt,openvino]
+
+OpenVINO rows need the `openvino` package (skipped, and said, without it).
 
 Weights of the full-size graphs in ../shared/fixtures/bench are filled into
 --bench-dir with ../shared/tools/fill_weights.py when missing. Needs numpy,
@@ -32,7 +37,11 @@ p.add_argument("--bench-dir", default=os.path.join(tempfile.gettempdir(), "tome-
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--iters", type=int, default=10)
 p.add_argument("--quick", action="store_true", help="ViT-B/16 batch 1 only")
+p.add_argument("--runtimes", default="tract,ort,ortopt,openvino", help="which runtimes' columns to measure")
 args = p.parse_args()
+RUNTIMES = set(args.runtimes.split(","))
+# Heads and width of each bench graph, for onnxruntime's optimizer.
+ARCH = {"vit_small_patch16_224": (6, 384), "vit_base_patch16_224": (12, 768), "vit_large_patch16_384": (16, 1024)}
 
 
 def weights(name):
@@ -95,6 +104,41 @@ def ort_times(paths, batch, iters):
     return times
 
 
+def ort_optimized(path, name):
+    """`path` after onnxruntime's transformers optimizer (model_type vit,
+    opt_level 0, as its docs advise before onnxruntime's own graph
+    optimizations), and its count of SkipLayerNormalization fusions."""
+    from onnxruntime.transformers.optimizer import optimize_model
+    out = path.replace(".onnx", ".ortopt.onnx")
+    heads, width = ARCH[name]
+    model = optimize_model(path, model_type="vit", num_heads=heads, hidden_size=width, opt_level=0)
+    model.save_model_to_file(out, use_external_data_format=True)
+    return out, sum(n.op_type == "SkipLayerNormalization" for n in model.model.graph.node)
+
+
+def openvino_times(paths, batch, iters, precision):
+    """As `ort_times`, in OpenVINO on CPU at `precision` ("f32", or None for
+    its default: bf16 where the CPU has it); also each model's first output."""
+    import openvino as ov
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": args.threads}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    models = [core.compile_model(p, "CPU", config) for p in paths]
+    shape = [batch] + [d.get_length() for d in models[0].input(0).get_partial_shape()[1:]]
+    x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    outputs = [np.asarray(m(x)[0]) for m in models]
+    times = np.zeros((iters, len(models)))
+    for turn in range(-(-iters // RUNS_PER_TURN)):
+        for k in [(turn + j) % len(models) for j in range(len(models))]:
+            models[k](x)
+            for i in range(turn * RUNS_PER_TURN, min(iters, (turn + 1) * RUNS_PER_TURN)):
+                start = time.perf_counter()
+                models[k](x)
+                times[i, k] = (time.perf_counter() - start) * 1000
+    return times, outputs
+
+
 def paired(slower, faster):
     """Median of slower / faster over their timed runs paired in order (the
     i-th run of each in the same turn), with a 95% bootstrap interval: the
@@ -118,47 +162,95 @@ for name, batch in cases:
     # The timing bound: r tokens dropped per block, not merged (wrong outputs).
     bound = compile_model(src, "bound", ["--bound", "--verify", "off"])
     iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
-    t_orig, t_comp, ideal, also, merge_share = tract(src, batch, iters)
-    tract_portable, tract_bound, tract_r0 = also["portable"], also["bound"], also["r0"]
+    row = {"model": name, "batch": batch}
+    if "tract" in RUNTIMES:
+        t_orig, t_comp, ideal, also, merge_share = tract(src, batch, iters)
+        row.update({"ideal": ideal, "tract_orig_ms": t_orig, "tract_comp_ms": t_comp, "tract_speedup": t_orig / t_comp,
+                    "tract_portable_speedup": also["portable"], "tract_merge_share": merge_share,
+                    "tract_bound_speedup": also["bound"], "tract_r0_speedup": also["r0"]})
     models = [src, default, trt, bound]
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
     if name == "vit_base_patch16_224":
         weights("paper_tome_r16_" + name)
         models.append(paper)
     # Paired ratios want more runs than medians: each is cheap here.
-    times = ort_times(models, batch, iters * 3 if len(models) > 4 else iters)
-    o = [float(m) for m in np.median(times, axis=0)]
-    row = {"model": name, "batch": batch, "ideal": ideal,
-           "tract_orig_ms": t_orig, "tract_comp_ms": t_comp, "tract_speedup": t_orig / t_comp,
-           "ort_orig_ms": o[0], "ort_comp_ms": o[1], "ort_speedup": o[0] / o[1],
-           "ort_trt_target_vs_default": o[1] / o[2],
-           "tract_portable_speedup": tract_portable, "tract_merge_share": merge_share,
-           "tract_bound_speedup": tract_bound, "tract_r0_speedup": tract_r0, "ort_bound_speedup": o[0] / o[3],
-           "paper_ort_speedup": o[0] / o[4] if len(o) > 4 else None,
-           "paper_vs_r16_ort_paired": paired(times[:, 4], times[:, 1]) if len(o) > 4 else None,
-           "tract_comp_vs_ort_orig": o[0] / t_comp}
+    runs = iters * 3 if len(models) > 4 else iters
+    if "ort" in RUNTIMES:
+        times = ort_times(models, batch, runs)
+        o = [float(m) for m in np.median(times, axis=0)]
+        row.update({"ort_orig_ms": o[0], "ort_comp_ms": o[1], "ort_speedup": o[0] / o[1],
+                    "ort_trt_target_vs_default": o[1] / o[2], "ort_bound_speedup": o[0] / o[3],
+                    "paper_ort_speedup": o[0] / o[4] if len(o) > 4 else None,
+                    "paper_vs_r16_ort_paired": paired(times[:, 4], times[:, 1]) if len(o) > 4 else None})
+        if "tract" in RUNTIMES:
+            row["tract_comp_vs_ort_orig"] = o[0] / row["tract_comp_ms"]
+    if "ortopt" in RUNTIMES:
+        (orig_opt, skip_orig), (comp_opt, skip_comp), (bound_opt, _) = (ort_optimized(m, name) for m in (src, default, bound))
+        times = ort_times([orig_opt, comp_opt, bound_opt], batch, iters)
+        o = [float(m) for m in np.median(times, axis=0)]
+        row.update({"ortopt_orig_ms": o[0], "ortopt_comp_ms": o[1], "ortopt_speedup": o[0] / o[1],
+                    "ortopt_bound_speedup": o[0] / o[2], "ortopt_skip_layernorms": [skip_orig, skip_comp]})
+    try:
+        import openvino  # noqa: F401
+        has_openvino = True
+    except ImportError:
+        has_openvino = False
+        if "openvino" in RUNTIMES:
+            print("openvino is not installed: no OpenVINO columns (pip install openvino)", file=sys.stderr)
+    if "openvino" in RUNTIMES and has_openvino:
+        for precision, key in (("f32", "ov"), (None, "ovdef")):
+            times, outs = openvino_times(models, batch, runs, precision)
+            o = [float(m) for m in np.median(times, axis=0)]
+            row.update({f"{key}_orig_ms": o[0], f"{key}_comp_ms": o[1], f"{key}_speedup": o[0] / o[1],
+                        f"{key}_bound_speedup": o[0] / o[3],
+                        f"{key}_paper_vs_r16_paired": paired(times[:, 4], times[:, 1]) if len(o) > 4 else None})
+            if precision is None:
+                # The default precision's own error: the compiled model's output against its f32 output.
+                ref = row.pop("_ov_f32_comp_out")
+                row["ovdef_comp_max_rel_err"] = float(np.abs(outs[1] - ref).max() / np.abs(ref).max())
+            else:
+                row["_ov_f32_comp_out"] = outs[1]
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
 
+def cell(r, key, fmt):
+    """A table cell: the value formatted, or - where it was not measured."""
+    v = r.get(key)
+    return fmt(v) if v is not None else "-"
+
+
+x = lambda v: f"{v:.2f}x"  # noqa: E731
+ms = lambda v: f"{v:.1f}"  # noqa: E731
+ci = lambda p: f"{p[0]:.3f} ({p[1]:.3f}-{p[2]:.3f})"  # noqa: E731
 print(f"threads {args.threads}; medians of runs in turns (one untimed, then up to {RUNS_PER_TURN} timed, per model per turn); "
       "speedup = original / compiled on the same runtime")
 print("bound = the same token counts with tokens dropped, not merged: no merging cost, the best any ToMe graph can do")
-print("paper export ms / r16 ms = the paper export's time over ours, runs paired within turns (> 1: ours is faster); "
+print("paper / r16 = the paper export's time over ours, runs paired within turns (> 1: ours is faster); "
       "median, 95% bootstrap interval")
-print("tract r16 = the --target tract graph; tract portable = the standard-op graph (what ort and TensorRT get) in tract; "
-      "tract r0 = the --target tract graph with nothing merged (its fused ops alone); "
-      "merge = the matching and merge nodes' share of tract's per-node profile")
-print("| model | batch | ideal (MACs) | tract orig ms | tract r16 ms | tract r16 | tract portable | tract bound | tract r0 | merge, tract "
-      "| ort orig ms | ort r16 ms | ort r16 | ort bound | paper export, ort | paper export ms / r16 ms, ort (paired, 95% CI) "
-      "| tensorrt target vs default, ort "
-      "| tract r16 vs ort orig |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("tract r16 = the --target tract graph; tract portable = the standard-op graph in tract; tract r0 = the --target tract "
+      "graph with nothing merged; merge = the matching and merge nodes' share of tract's per-node profile")
+print("ort opt = both graphs after onnxruntime.transformers.optimizer (vit, opt_level 0); SkipLN = its "
+      "SkipLayerNormalization fusions, original / compiled; ov = OpenVINO f32, ov default = its default precision "
+      "(bf16 where the CPU has it), err = the compiled model's output at that precision against its f32 output, "
+      "max |d| / max |y|")
+columns = [
+    ("model", "model", str), ("batch", "batch", str), ("ideal (MACs)", "ideal", x),
+    ("tract orig ms", "tract_orig_ms", ms), ("tract r16 ms", "tract_comp_ms", ms), ("tract r16", "tract_speedup", x),
+    ("tract portable", "tract_portable_speedup", x), ("tract bound", "tract_bound_speedup", x),
+    ("tract r0", "tract_r0_speedup", x), ("merge, tract", "tract_merge_share", lambda v: f"{100 * v:.1f}%"),
+    ("ort orig ms", "ort_orig_ms", ms), ("ort r16 ms", "ort_comp_ms", ms), ("ort r16", "ort_speedup", x),
+    ("ort bound", "ort_bound_speedup", x), ("paper export, ort", "paper_ort_speedup", x),
+    ("paper / r16, ort", "paper_vs_r16_ort_paired", ci), ("tensorrt target vs default, ort", "ort_trt_target_vs_default", x),
+    ("ort opt orig ms", "ortopt_orig_ms", ms), ("ort opt r16", "ortopt_speedup", x), ("ort opt bound", "ortopt_bound_speedup", x),
+    ("SkipLN", "ortopt_skip_layernorms", lambda v: f"{v[0]} / {v[1]}"),
+    ("ov orig ms", "ov_orig_ms", ms), ("ov r16", "ov_speedup", x), ("ov bound", "ov_bound_speedup", x),
+    ("paper / r16, ov", "ov_paper_vs_r16_paired", ci),
+    ("ov default orig ms", "ovdef_orig_ms", ms), ("ov default r16", "ovdef_speedup", x),
+    ("ov default err", "ovdef_comp_max_rel_err", lambda v: f"{v:.1e}"),
+    ("tract r16 vs ort orig", "tract_comp_vs_ort_orig", x),
+]
+measured = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
+print("| " + " | ".join(c[0] for c in measured) + " |")
+print("|" + "---|" * len(measured))
 for r in rows:
-    paper = f"{r['paper_ort_speedup']:.2f}x" if r["paper_ort_speedup"] else "-"
-    p = r["paper_vs_r16_ort_paired"]
-    paper_paired = f"{p[0]:.3f} ({p[1]:.3f}-{p[2]:.3f})" if p else "-"
-    print(f"| {r['model']} | {r['batch']} | {r['ideal']:.2f}x | {r['tract_orig_ms']:.1f} | {r['tract_comp_ms']:.1f} "
-          f"| {r['tract_speedup']:.2f}x | {r['tract_portable_speedup']:.2f}x | {r['tract_bound_speedup']:.2f}x | {r['tract_r0_speedup']:.2f}x "
-          f"| {100 * r['tract_merge_share']:.1f}% | {r['ort_orig_ms']:.1f} | {r['ort_comp_ms']:.1f} "
-          f"| {r['ort_speedup']:.2f}x | {r['ort_bound_speedup']:.2f}x "
-          f"| {paper} | {paper_paired} | {r['ort_trt_target_vs_default']:.2f}x | {r['tract_comp_vs_ort_orig']:.2f}x |")
+    print("| " + " | ".join(cell(r, key, fmt) for _, key, fmt in measured) + " |")
