@@ -5,20 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use common::fixture;
+use common::{fixture, stderr, tome};
 use prost::Message;
 use tome_compile::onnx;
 use tome_passes::pb;
-
-fn tome(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).trim().to_string()
-}
 
 /// Runs a compile that must fail with exit `code`; returns its error line.
 fn refused(input: &Path, r: &str, out: &Path, code: i32) -> String {

@@ -5,25 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::fixture;
+use common::{fixture, path, stderr, tome};
 use prost::Message;
 use tome_compile::runtime::verify::{self, Outcome};
 use tome_compile::{onnx, Error, ErrorKind};
 use tome_passes::pb;
-
-fn tome(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).trim().to_string()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Files in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {

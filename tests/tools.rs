@@ -15,10 +15,6 @@ use tome_compile::{onnx, Format, Target};
 use tome_passes::pb;
 use tract_onnx::prelude::*;
 
-fn tome(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
-}
-
 fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
 }

@@ -8,20 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fixture;
+use common::{fixture, path, stderr, tome};
 use tome_compile::runtime::run::image_tensor;
-
-fn tome(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
 
 const HALF: [&str; 4] = ["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"];
 

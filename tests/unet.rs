@@ -6,23 +6,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::fixture;
+use common::{fixture, max_relative_error, path, stderr, tome};
 use tome_compile::runtime::run::Runner;
 use tract_onnx::prelude::*;
-
-fn tome(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
 
 /// The command-line flags of a case.json configuration.
 fn flags(cfg: &serde_json::Value) -> Vec<String> {
@@ -42,19 +30,6 @@ fn flags(cfg: &serde_json::Value) -> Vec<String> {
         "--merge".into(),
         merge.join(","),
     ]
-}
-
-/// Largest per-image max |y - ref| / max |ref|.
-fn relative_error(y: &Tensor, reference: &Tensor) -> f32 {
-    let y = y.to_plain_array_view::<f32>().unwrap();
-    let r = reference.to_plain_array_view::<f32>().unwrap();
-    (0..r.shape()[0])
-        .map(|i| {
-            let (yi, ri) = (y.index_axis(tract_ndarray::Axis(0), i), r.index_axis(tract_ndarray::Axis(0), i));
-            let scale = ri.iter().fold(0f32, |m, v| m.max(v.abs()));
-            yi.iter().zip(ri.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
-        })
-        .fold(0f32, f32::max)
 }
 
 /// Runs `model` in tract on the case's inputs at `batch` ("b1" or "b2").
@@ -103,7 +78,7 @@ fn every_tomesd_configuration_matches_the_reference_in_tract_and_onnxruntime() {
             assert_eq!(merging, expected, "{case} {name}: the blocks tomesd merged, with their tokens, downsample and r");
             for batch in ["b1", "b2"] {
                 let y = run_tract(&out, &io, batch);
-                let err = relative_error(&y, &io[&format!("out_{name}_{batch}")]);
+                let err = max_relative_error(&y, &io[&format!("out_{name}_{batch}")]);
                 assert!(err <= 1e-4, "{case} {name} {batch}: tract relative error {err}");
             }
             manifest.push(format!("{} {} {name}", path(&out), path(&fixture(&format!("{case}/io.npz")))));
@@ -240,12 +215,12 @@ fn random_dst_cells_match_tomesd_given_the_same_cells() {
     let refs = tome_compile::onnx::npz::read(&fixture("sd_unet/io_rand.npz")).unwrap();
     for batch in ["b1", "b2"] {
         let y = run_tract(&out, &io, batch);
-        let err = relative_error(&y, &refs[&format!("out_rand7_{batch}")]);
+        let err = max_relative_error(&y, &refs[&format!("out_rand7_{batch}")]);
         assert!(err <= 1e-4, "{batch}: tract relative error {err}");
     }
     // Batch 1 is odd: tomesd turns its randomness off there, and so does the graph.
-    assert!(relative_error(&refs["out_rand7_b1"], &io["out_r0.5_md1_attn_b1"]) < 1e-6);
-    assert!(relative_error(&refs["out_rand7_b2"], &io["out_r0.5_md1_attn_b2"]) > 1e-3, "batch 2 uses random cells");
+    assert!(max_relative_error(&refs["out_rand7_b1"], &io["out_r0.5_md1_attn_b1"]) < 1e-6);
+    assert!(max_relative_error(&refs["out_rand7_b2"], &io["out_r0.5_md1_attn_b2"]) > 1e-3, "batch 2 uses random cells");
     let line = format!("{} {} rand7 {}", path(&out), path(&fixture("sd_unet/io.npz")), path(&fixture("sd_unet/io_rand.npz")));
     check_with_onnxruntime(dir.path(), &[line]);
 }

@@ -226,12 +226,7 @@ pub fn bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, Error> {
 
     let turns = opts.iters.div_ceil(RUNS_PER_TURN);
     let total = (opts.warmup + turns + opts.iters) as u64 * plans.len() as u64;
-    let bar = if opts.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} runs, {elapsed}")
-            .map_err(|e| Error::Input(e.to_string()))?
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar(opts.progress, total)?;
     let mut runs = multithread_tract_scope(executor(opts.threads), || time_in_turns(&plans, &input, opts.warmup, opts.iters, &bar))?;
     bar.finish_and_clear();
     let profile = if opts.profile_runs > 0 {
@@ -314,6 +309,17 @@ fn profile(plan: &Arc<TypedRunnableModel>, input: &TVec<TValue>, runs: usize) ->
 /// products fall back to rayon's global pool, one thread per core.
 pub(crate) fn executor(threads: usize) -> Executor {
     if threads == 1 { Executor::SingleThread } else { Executor::multithread(threads) }
+}
+
+/// A bar counting model runs on stderr (hidden unless `show`).
+pub(crate) fn progress_bar(show: bool, len: u64) -> Result<indicatif::ProgressBar, Error> {
+    let bar = if show { indicatif::ProgressBar::new(len) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} runs, {elapsed}")
+            .map_err(|e| Error::Input(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    Ok(bar)
 }
 
 /// Times `iters` runs of each plan on `input`, after `warmup` untimed runs

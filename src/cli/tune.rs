@@ -166,7 +166,7 @@ pub fn sweep(path: &Path, opts: &TuneOptions) -> Result<TuneReport, Error> {
     let schedules = if opts.schedules.is_empty() { default_schedules(&file.proto, &types, opts)? } else { opts.schedules.clone() };
 
     let runs_per_candidate = (batches.len() + 2 * (opts.iters + opts.iters.div_ceil(bench::RUNS_PER_TURN))) as u64;
-    let bar = progress_bar(opts.progress, (batches.len() as u64) + schedules.len() as u64 * runs_per_candidate)?;
+    let bar = bench::progress_bar(opts.progress, (batches.len() as u64) + schedules.len() as u64 * runs_per_candidate)?;
     let executor = bench::executor(opts.threads);
     bar.set_message("original");
     let reference = multithread_tract_scope(executor.clone(), || outputs(&original, &batches, data.files.len(), &bar))?;
@@ -300,16 +300,6 @@ fn onnxruntime_times(original: &Path, proto: &pb::ModelProto, dir: &Path, shape:
 /// `out.onnx` → `out.<ext>`, beside it.
 pub fn sibling(output: &Path, ext: &str) -> PathBuf {
     output.with_extension(ext)
-}
-
-fn progress_bar(show: bool, len: u64) -> Result<indicatif::ProgressBar, Error> {
-    let bar = if show { indicatif::ProgressBar::new(len) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} runs, {elapsed}")
-            .map_err(|e| Error::Input(e.to_string()))?
-            .progress_chars("=> "),
-    );
-    Ok(bar)
 }
 
 /// The default candidates: r = 0, then constant r and the paper's

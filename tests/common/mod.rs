@@ -8,6 +8,21 @@ use tome_compile::runtime::run::{floats, Runner};
 use tome_compile::{onnx, Options, Report, Schedule};
 use tract_onnx::prelude::Tensor;
 
+/// Runs the built `tome-compile` command with `args`.
+pub fn tome(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tome-compile")).args(args).output().expect("run tome-compile")
+}
+
+/// A command's stderr, trimmed.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+/// A path as a command-line argument.
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
 }

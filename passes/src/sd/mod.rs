@@ -146,9 +146,9 @@ pub fn compile_unet(model: &mut pb::ModelProto, types: HashMap<String, TensorTyp
 /// The blocks and their plan without changing anything (`inspect`).
 pub fn inspect_unet(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, opts: &UnetOptions) -> Result<UnetReport, PassError> {
     let g = Graph::take_from(model, types)?;
-    let report = plan_graph(&g, opts);
+    let planned = plan_graph(&g, opts);
     g.write_into(model)?;
-    report
+    Ok(planned?.1)
 }
 
 /// The graph input carrying the denoising step (`timestep`), which picks
@@ -161,7 +161,8 @@ fn timestep_input(g: &Graph) -> Result<String, PassError> {
         .ok_or_else(|| PassError::Unsupported("--rand-seed varies the dst cells with the denoising step, read from a graph input named timestep (a scalar or [batch]); this UNet has none".into()))
 }
 
-fn plan_graph(g: &Graph, opts: &UnetOptions) -> Result<UnetReport, PassError> {
+/// The blocks and tomesd's plan for them.
+fn plan_graph(g: &Graph, opts: &UnetOptions) -> Result<(Vec<matcher::UnetBlock>, UnetReport), PassError> {
     if g.opset < 13 {
         return Err(PassError::OldOpset(g.opset));
     }
@@ -170,11 +171,12 @@ fn plan_graph(g: &Graph, opts: &UnetOptions) -> Result<UnetReport, PassError> {
         return Err(PassError::NoUnetBlocks);
     }
     let latent = latent_size(g)?;
-    Ok(UnetReport { latent, blocks: plan(&blocks, latent, opts)? })
+    let plans = plan(&blocks, latent, opts)?;
+    Ok((blocks, UnetReport { latent, blocks: plans }))
 }
 
 fn rewrite(g: &mut Graph, opts: &UnetOptions) -> Result<UnetReport, PassError> {
-    let report = plan_graph(g, opts)?;
+    let (blocks, report) = plan_graph(g, opts)?;
     if report.merging().next().is_none() {
         let shallowest = report.blocks.iter().map(|b| b.downsample).min().unwrap_or(1);
         let why = if shallowest > opts.max_downsample {
@@ -187,7 +189,6 @@ fn rewrite(g: &mut Graph, opts: &UnetOptions) -> Result<UnetReport, PassError> {
         };
         return Err(PassError::Unsupported(why));
     }
-    let blocks = matcher::match_unet(g)?;
     let [sy, sx] = opts.stride;
     let timestep = match opts.rand_seed {
         Some(_) => Some(timestep_input(g)?),

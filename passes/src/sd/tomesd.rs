@@ -220,16 +220,18 @@ fn matching(e: &mut Emitter, block: &UnetBlock, tokens: &Tokens, x_elem: i32) ->
     let best = e.op("GatherElements", "best", &[&scores, &dst_of], vec![int_attr("axis", 2)]);
     let zero = e.const_f32("zero", &[1], &[0.0]);
     let one = e.const_f32("one", &[1], &[1.0]);
+    // [B, src, 1] zeros, float and int64: flags, ones and index buffers start from them (their batch follows x).
+    let zeros = e.op("Mul", "zeros", &[&best, &zero], vec![]);
+    let zero_i = e.const_i64("zero_i64", &[1], &[0]);
+    let zeros_i = e.op("Mul", "zeros_i", &[&dst_of, &zero_i], vec![]);
     // merges [B, src, 1]: 1.0 for the r src tokens with the best matches.
     let merges = if stay_n == 0 {
-        let zeros = e.op("Mul", "zeros", &[&best, &zero], vec![]);
         e.op("Add", "merges", &[&zeros, &one], vec![])
     } else {
         let (k, largest) = if r <= stay_n { (r, 1) } else { (stay_n, 0) };
         let k_const = e.const_i64("k", &[1], &[k]);
         let attrs = vec![int_attr("axis", 1), int_attr("largest", largest), int_attr("sorted", 1)];
         let top = e.op_multi("TopK", "chosen", &[&best, &k_const], &["score", "index"], attrs);
-        let zeros = e.op("Mul", "zeros", &[&best, &zero], vec![]);
         let chosen_zeros = e.op("Mul", "chosen_zeros", &[&top[0], &zero], vec![]);
         let ones = e.op("Add", "chosen_ones", &[&chosen_zeros, &one], vec![]);
         let chosen = e.op("ScatterElements", "chosen_flag", &[&zeros, &top[1], &ones], vec![int_attr("axis", 1)]);
@@ -260,8 +262,6 @@ fn matching(e: &mut Emitter, block: &UnetBlock, tokens: &Tokens, x_elem: i32) ->
         let src_rows = e.op("Where", "src_rows", &[&stays, &place, &joined_row], vec![]);
         // The staying tokens' ids, written at their places; merging ones all land on the spare row stay_n.
         let target = e.op("Where", "stay_target", &[&stays, &place, &stay_n_const], vec![]);
-        let zero_i = e_zero_i64(e);
-        let zeros_i = e.op("Mul", "zeros_i", &[&dst_of, &zero_i], vec![]);
         let column = e.const_i64("src_column_shape", &[3], &[1, ns, 1]);
         let token_ids = e.op("Reshape", "src_token_ids", &[&src_tokens, &column], vec![]);
         let token_ids = e.op("Add", "src_token_ids_batch", &[&zeros_i, &token_ids], vec![]);
@@ -272,23 +272,12 @@ fn matching(e: &mut Emitter, block: &UnetBlock, tokens: &Tokens, x_elem: i32) ->
     let dst_rows: Vec<i64> = (0..nd).map(|j| stay_n + j).collect();
     let dst_rows = e.const_i64("dst_rows", &[1, nd, 1], &dst_rows);
     // [B, 1, 1] zeros broadcast the constant rows over the batch.
-    let first = e.slice("first_dst_of", &dst_of, 1, 0, 1, 1);
-    let zero_i = e_zero_i64(e);
-    let batch_zeros = e.op("Mul", "batch_zeros", &[&first, &zero_i], vec![]);
+    let batch_zeros = e.slice("batch_zeros", &zeros_i, 1, 0, 1, 1);
     let dst_rows = e.op("Add", "dst_rows_batch", &[&batch_zeros, &dst_rows], vec![]);
     let by_split = e.op("Concat", "rows_by_split", &[&src_rows, &dst_rows], vec![int_attr("axis", 1)]);
     // Back to token order: token t is entry place[t] of concat(src, dst).
     let rows = e.op("Gather", "rows", &[&by_split, &place], vec![int_attr("axis", 1)]);
     Matching { stay, joins, count, rows, src_tokens, dst_tokens }
-}
-
-/// A one-element int64 zero, named once per matching.
-fn e_zero_i64(e: &mut Emitter) -> String {
-    let name = e.name("zero_i64");
-    if !e.patch.initializers.iter().any(|t| t.name == name) {
-        e.const_i64("zero_i64", &[1], &[0]);
-    }
-    name
 }
 
 /// `merge(y)`: the staying src rows, then each dst row averaged with the
