@@ -48,7 +48,10 @@ def weights(name):
     path = os.path.join(args.bench_dir, name + ".onnx")
     if not os.path.exists(path):
         os.makedirs(args.bench_dir, exist_ok=True)
-        src = os.path.join(SHARED, "fixtures", "bench", name + ".onnx")
+        # The paper exports of ViT-S and ViT-L ship here (gen_paper_exports.py); the rest in ../shared.
+        src = os.path.join(HERE, name + ".onnx")
+        if not os.path.exists(src):
+            src = os.path.join(SHARED, "fixtures", "bench", name + ".onnx")
         subprocess.run([sys.executable, os.path.join(SHARED, "tools", "fill_weights.py"), src, args.bench_dir],
                        check=True, stdout=subprocess.DEVNULL)
     return path
@@ -170,26 +173,26 @@ for name, batch in cases:
                     "tract_bound_speedup": also["bound"], "tract_r0_speedup": also["r0"]})
     models = [src, default, trt, bound]
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
-    if name == "vit_base_patch16_224":
-        weights("paper_tome_r16_" + name)
-        models.append(paper)
+    weights("paper_tome_r16_" + name)
+    models.append(paper)
     # Paired ratios want more runs than medians: each is cheap here.
-    runs = iters * 3 if len(models) > 4 else iters
+    runs = iters * 3
     if "ort" in RUNTIMES:
         times = ort_times(models, batch, runs)
         o = [float(m) for m in np.median(times, axis=0)]
         row.update({"ort_orig_ms": o[0], "ort_comp_ms": o[1], "ort_speedup": o[0] / o[1],
                     "ort_trt_target_vs_default": o[1] / o[2], "ort_bound_speedup": o[0] / o[3],
-                    "paper_ort_speedup": o[0] / o[4] if len(o) > 4 else None,
-                    "paper_vs_r16_ort_paired": paired(times[:, 4], times[:, 1]) if len(o) > 4 else None})
+                    "paper_ort_speedup": o[0] / o[4], "paper_vs_r16_ort_paired": paired(times[:, 4], times[:, 1]),
+                    "r16_vs_bound_ort_paired": paired(times[:, 1], times[:, 3])})
         if "tract" in RUNTIMES:
             row["tract_comp_vs_ort_orig"] = o[0] / row["tract_comp_ms"]
     if "ortopt" in RUNTIMES:
         (orig_opt, skip_orig), (comp_opt, skip_comp), (bound_opt, _) = (ort_optimized(m, name) for m in (src, default, bound))
-        times = ort_times([orig_opt, comp_opt, bound_opt], batch, iters)
+        times = ort_times([orig_opt, comp_opt, bound_opt], batch, runs)
         o = [float(m) for m in np.median(times, axis=0)]
         row.update({"ortopt_orig_ms": o[0], "ortopt_comp_ms": o[1], "ortopt_speedup": o[0] / o[1],
-                    "ortopt_bound_speedup": o[0] / o[2], "ortopt_skip_layernorms": [skip_orig, skip_comp]})
+                    "ortopt_bound_speedup": o[0] / o[2], "ortopt_skip_layernorms": [skip_orig, skip_comp],
+                    "ortopt_r16_vs_bound_paired": paired(times[:, 1], times[:, 2])})
     try:
         import openvino  # noqa: F401
         has_openvino = True
@@ -203,7 +206,8 @@ for name, batch in cases:
             o = [float(m) for m in np.median(times, axis=0)]
             row.update({f"{key}_orig_ms": o[0], f"{key}_comp_ms": o[1], f"{key}_speedup": o[0] / o[1],
                         f"{key}_bound_speedup": o[0] / o[3],
-                        f"{key}_paper_vs_r16_paired": paired(times[:, 4], times[:, 1]) if len(o) > 4 else None})
+                        f"{key}_paper_vs_r16_paired": paired(times[:, 4], times[:, 1]),
+                        f"{key}_r16_vs_bound_paired": paired(times[:, 1], times[:, 3])})
             if precision is None:
                 # The default precision's own error: the compiled model's output against its f32 output.
                 ref = row.pop("_ov_f32_comp_out")
@@ -225,6 +229,8 @@ ci = lambda p: f"{p[0]:.3f} ({p[1]:.3f}-{p[2]:.3f})"  # noqa: E731
 print(f"threads {args.threads}; medians of runs in turns (one untimed, then up to {RUNS_PER_TURN} timed, per model per turn); "
       "speedup = original / compiled on the same runtime")
 print("bound = the same token counts with tokens dropped, not merged: no merging cost, the best any ToMe graph can do")
+print("r16 / bound = our time over the bound's, runs paired within turns (1.03 = 3% slower than the bound); "
+      "median, 95% bootstrap interval")
 print("paper / r16 = the paper export's time over ours, runs paired within turns (> 1: ours is faster); "
       "median, 95% bootstrap interval")
 print("tract r16 = the --target tract graph; tract portable = the standard-op graph in tract; tract r0 = the --target tract "
@@ -239,11 +245,14 @@ columns = [
     ("tract portable", "tract_portable_speedup", x), ("tract bound", "tract_bound_speedup", x),
     ("tract r0", "tract_r0_speedup", x), ("merge, tract", "tract_merge_share", lambda v: f"{100 * v:.1f}%"),
     ("ort orig ms", "ort_orig_ms", ms), ("ort r16 ms", "ort_comp_ms", ms), ("ort r16", "ort_speedup", x),
-    ("ort bound", "ort_bound_speedup", x), ("paper export, ort", "paper_ort_speedup", x),
+    ("ort bound", "ort_bound_speedup", x), ("r16 / bound, ort", "r16_vs_bound_ort_paired", ci),
+    ("paper export, ort", "paper_ort_speedup", x),
     ("paper / r16, ort", "paper_vs_r16_ort_paired", ci), ("tensorrt target vs default, ort", "ort_trt_target_vs_default", x),
     ("ort opt orig ms", "ortopt_orig_ms", ms), ("ort opt r16", "ortopt_speedup", x), ("ort opt bound", "ortopt_bound_speedup", x),
+    ("r16 / bound, ort opt", "ortopt_r16_vs_bound_paired", ci),
     ("SkipLN", "ortopt_skip_layernorms", lambda v: f"{v[0]} / {v[1]}"),
     ("ov orig ms", "ov_orig_ms", ms), ("ov r16", "ov_speedup", x), ("ov bound", "ov_bound_speedup", x),
+    ("r16 / bound, ov", "ov_r16_vs_bound_paired", ci),
     ("paper / r16, ov", "ov_paper_vs_r16_paired", ci),
     ("ov default orig ms", "ovdef_orig_ms", ms), ("ov default r16", "ovdef_speedup", x),
     ("ov default err", "ovdef_comp_max_rel_err", lambda v: f"{v:.1e}"),

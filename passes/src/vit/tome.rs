@@ -68,7 +68,7 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
     let mut patch = Patch::new(format!("{}: proportional attention", block.name), anchor);
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", block.name), g.opset);
     let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
-    let mut bias = key_bias(&mut e, size);
+    let mut bias = key_bias(&mut e, size, fused);
     let elem = logits.as_deref().and_then(|l| g.ty(l)).map(|t| t.elem).unwrap_or(FLOAT);
     if elem != FLOAT {
         bias = e.cast("bias_cast", &bias, elem);
@@ -95,14 +95,19 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
 }
 
 /// `log(size)` as a bias over keys, [B, 1, 1, N], from sizes [B, N, 1],
-/// for the blocks' attention and an attention pool alike. The size axis is dropped by a
-/// MatMul with [1.0] (exact), not a Reshape or Squeeze: tract pushes those
-/// unit-axis removals down through the logits, which become [B, H, N, N, 1]
-/// with the Softmax axis no longer last, and tract then runs the Softmax
-/// on its single-threaded slow path. A Transpose is worse: tract swaps the
-/// Q·Kᵀ output layout and the Softmax runs strided.
-fn key_bias(e: &mut Emitter, size: &str) -> String {
+/// for the blocks' attention and an attention pool alike: a Reshape (a
+/// view, free in onnxruntime and OpenVINO). For tract (`tract`) the size
+/// axis is dropped by a MatMul with [1.0] (exact) instead: tract pushes a
+/// Reshape's unit-axis removal down through the logits, which become
+/// [B, H, N, N, 1] with the Softmax axis no longer last, and tract then
+/// runs the Softmax on its single-threaded slow path. A Transpose is worse
+/// there: tract swaps the Q·Kᵀ output layout and the Softmax runs strided.
+fn key_bias(e: &mut Emitter, size: &str, tract: bool) -> String {
     let log_size = e.op("Log", "log_size", &[size], vec![]);
+    if !tract {
+        let shape = e.const_i64("bias_shape", &[4], &[0, 1, 1, -1]);
+        return e.op("Reshape", "bias", &[&log_size, &shape], vec![]);
+    }
     let one = e.const_f32("one", &[1], &[1.0]);
     let row = e.op("MatMul", "bias_row", &[&log_size, &one], vec![]);
     e.unsqueeze("bias", &row, &[1, 2])
@@ -115,9 +120,10 @@ fn key_bias(e: &mut Emitter, size: &str) -> String {
 /// ```text
 ///  keys ─ sum over heads ─ L2 normalise ─ A=even, B=odd ─ A·Bᵀ (+ protect prefix)
 ///       ─ argmax, max per A ─ TopK order ─ src = first r, unm = rest (ascending)
-///  x, size ─ gather the output rows concat(unm[:pa], B[:pb], unm[pa:], B[pb:])
+///  x, size ─ gather unm, src and dst rows (GatherND), B = odd tokens (Slice)
 ///       ─ per src: (size·x of dst + Σ size·x of src sharing it) / Σ size
-///       ─ written over each src's dst row (ScatterND, no reduction)
+///       ─ written over each src's dst in B (ScatterND, no reduction)
+///       ─ concat(unm[:pa], B[:pb], unm[pa:], B[pb:])
 /// ```
 ///
 /// `previous` is the merge before this one; with `track` the merge also
@@ -156,8 +162,7 @@ pub fn merge(
             Some(images) => images,
             None => image_index(&mut e, x),
         };
-        let width = x_ty.dim(2).unwrap_or(0);
-        let (x_out, size_out) = merge_rows(&mut e, x, width, size, &images, &matched, at);
+        let (x_out, size_out) = merge_rows(&mut e, x, size, &images, &matched, at);
         let source = track.then(|| track_sources(&mut e, previous.and_then(|m| m.source.as_deref()), &matched, at));
         (x_out, size_out, Some(images), source)
     };
@@ -168,8 +173,8 @@ pub fn merge(
     Ok(stream.finish(block, Merged { x: x_out, size: size_out, tokens: tokens - r, source, images }))
 }
 
-/// The outcome of bipartite matching, as indices [B, k, 1] int64 (the shape
-/// GatherElements takes, broadcast along the width): `src`, the r A tokens that merge away, and `unm`, the
+/// The outcome of bipartite matching, as indices [B, k, 1] int64:
+/// `src`, the r A tokens that merge away, and `unm`, the
 /// A tokens that stay (ascending when there is a prefix), both as token
 /// indices (A token i is token 2i); `dst`, the B index each src joins.
 struct Matched {
@@ -183,13 +188,9 @@ struct Matched {
 fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -> Matched {
     let Sizes { n, na, nb, r, nu, pa, pb } = Sizes::of(at);
     let mut scores = similarity(e, block, keys, n);
-    // -inf where a protected A token would move or a token would merge into a protected B token.
+    // -inf where a token would merge into a protected B token, and on the
+    // best score of a protected A token, which then sorts last and stays.
     let blocked = |i: i64, p: i64| if i < p { f32::NEG_INFINITY } else { 0.0 };
-    if pa > 0 {
-        let rows: Vec<f32> = (0..na).map(|i| blocked(i, pa)).collect();
-        let rows = e.const_f32("protect_a", &[na, 1], &rows);
-        scores = e.op("Add", "scores_protect_a", &[&scores, &rows], vec![]);
-    }
     if pb > 0 {
         let columns: Vec<f32> = (0..nb).map(|j| blocked(j, pb)).collect();
         let columns = e.const_f32("protect_b", &[1, nb], &columns);
@@ -197,7 +198,12 @@ fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -
     }
     // Not TopK(k = 1): tract runs that over the last axis 20x slower.
     let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 1)]);
-    let best = e.op("GatherElements", "best", &[&scores, &best_dst], vec![int_attr("axis", 2)]);
+    let mut best = e.reduce("ReduceMax", "best", &scores, &[2], true);
+    if pa > 0 {
+        let rows: Vec<f32> = (0..na).map(|i| blocked(i, pa)).collect();
+        let rows = e.const_f32("protect_a", &[na, 1], &rows);
+        best = e.op("Add", "best_protect_a", &[&best, &rows], vec![]);
+    }
     let all = e.const_i64("order_k", &[1], &[na]);
     let sort_desc = vec![int_attr("axis", 1), int_attr("largest", 1), int_attr("sorted", 1)];
     let order = e.op_multi("TopK", "order", &[&best, &all], &["score", "index"], sort_desc);
@@ -216,76 +222,81 @@ fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -
     Matched { src, dst, unm }
 }
 
-/// The merged stream and sizes. The output rows in order,
-/// `concat(unm[:pa], B[:pb], unm[pa:], B[pb:])`, are gathered from the
-/// stream in one pass (B token j is token 2j+1). Each src token then
-/// computes its dst row's new value, (size·x of dst + Σ size·x of the src
-/// tokens joining it) / (their sizes' sum), the sum taken by `same`
-/// [B, r, r] (1 where two src share a dst), and writes it over that row.
-/// Src tokens sharing a dst write the same value, so no write reduces.
-fn merge_rows(e: &mut Emitter, x: &str, width: i64, size: Option<&str>, images: &Images, m: &Matched, at: MergeAt) -> (String, String) {
-    let Sizes { n, nb, r, nu, pa, pb, .. } = Sizes::of(at);
-    let b_tokens = |e: &mut Emitter, what: &str, from: i64, to: i64| {
-        let tokens: Vec<i64> = (from..to).map(|j| 2 * j + 1).collect();
-        let tokens = e.const_i64(what, &[1, to - from, 1], &tokens);
-        e.op("Expand", &format!("{what}_batch"), &[&tokens, &images.shape], vec![])
-    };
-    let mut parts = vec![];
-    if pb > 0 {
-        parts.push(e.slice("unm_prefix", &m.unm, 1, 0, pa, 1));
-        parts.push(b_tokens(e, "b_prefix", 0, pb));
-        if nu > pa {
-            parts.push(e.slice("unm_rest", &m.unm, 1, pa, nu, 1));
-        }
-        parts.push(b_tokens(e, "b_rest", pb, nb));
-    } else {
-        parts.extend([m.unm.clone(), b_tokens(e, "b", 0, nb)]);
-    }
-    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let rows = e.op("Concat", "rows", &refs, vec![int_attr("axis", 1)]);
-    let gather = |e: &mut Emitter, what: &str, data: &str, index: &str| {
-        let width = if what.ends_with("size") { 1 } else { width };
-        e.gather_rows(what, data, index, width)
-    };
-    let kept = gather(e, "kept", x, &rows);
-
-    let places = e.const_i64("b_places", &[nb], &b_places(nb, nu, pa, pb));
-    let dst_row = e.op("Gather", "dst_row", &[&places, &m.dst], vec![int_attr("axis", 0)]);
-    let a_src = gather(e, "a_src", x, &m.src);
-    let dst_x = gather(e, "dst_x", &kept, &dst_row);
-    let dst_t = e.transpose("dst_t", &m.dst, &[0, 2, 1]);
-    let same_bool = e.op("Equal", "same_dst_bool", &[&m.dst, &dst_t], vec![]);
-    let same = e.cast("same_dst", &same_bool, FLOAT);
-    let (kept_size, sum, size_sum) = match size {
-        Some(s) => {
-            let kept_size = gather(e, "kept_size", s, &rows);
-            let src_size = gather(e, "src_size", s, &m.src);
-            let dst_size = gather(e, "dst_size", &kept_size, &dst_row);
-            let weighted = e.op("Mul", "src_weighted", &[&a_src, &src_size], vec![]);
-            let joined = e.op("MatMul", "joined", &[&same, &weighted], vec![]);
-            let dst_weighted = e.op("Mul", "dst_weighted", &[&dst_x, &dst_size], vec![]);
-            let sum = e.op("Add", "sum", &[&joined, &dst_weighted], vec![]);
-            let joined_size = e.op("MatMul", "joined_size", &[&same, &src_size], vec![]);
-            (kept_size, sum, e.op("Add", "size_sum", &[&joined_size, &dst_size], vec![]))
-        }
+/// The merged stream and sizes, `concat(unm[:pa], B[:pb], unm[pa:], B[pb:])`
+/// (B token j is token 2j+1). The unm and src rows are read by (image,
+/// row) cells with GatherND, which the runtimes run as whole-row copies;
+/// the B tokens are sliced out whole and merged as ToMe's weighted mean,
+/// every B token j becoming (size·x of j + Σ size·x of the src joining j) /
+/// (their sizes' sum), the sums taken by a MatMul with the one-hot
+/// `joins` [B, nb, r] (1 where src i joins j). No write reduces, and no
+/// scatter is needed.
+fn merge_rows(e: &mut Emitter, x: &str, size: Option<&str>, images: &Images, m: &Matched, at: MergeAt) -> (String, String) {
+    let Sizes { n, nb, r, nu, .. } = Sizes::of(at);
+    let size = match size {
+        Some(s) => s.to_string(),
         // Every token stands for one patch.
         None => {
-            let ones = e.const_f32("ones", &[1, n - r, 1], &vec![1.0; (n - r) as usize]);
-            let kept_size = e.op("Expand", "kept_size", &[&ones, &images.shape], vec![]);
-            let joined = e.op("MatMul", "joined", &[&same, &a_src], vec![]);
-            let sum = e.op("Add", "sum", &[&joined, &dst_x], vec![]);
-            let joined_size = e.reduce("ReduceSum", "joined_size", &same, &[2], true);
-            let one = e.const_f32("one", &[1], &[1.0]);
-            (kept_size, sum, e.op("Add", "size_sum", &[&joined_size, &one], vec![]))
+            let one = e.const_f32("one_each", &[1, n, 1], &vec![1.0; n as usize]);
+            e.op("Expand", "ones", &[&one, &images.shape], vec![])
         }
     };
-    let merged = e.op("Div", "merged", &[&sum, &size_sum], vec![]);
-    // ScatterND has no batch dims: each write names its (image, row).
-    let per_src = e.const_i64("per_src", &[3], &[1, r, 1]);
-    let image = e.op("Expand", "image_per_src", &[&images.index, &per_src], vec![]);
-    let cells = e.op("Concat", "dst_cells", &[&image, &dst_row], vec![int_attr("axis", 2)]);
-    let x_out = e.op("ScatterND", "x", &[&kept, &cells, &merged], vec![]);
-    (x_out, e.op("ScatterND", "size", &[&kept_size, &cells, &size_sum], vec![]))
+    // No A token stays when r takes them all (no prefix then).
+    let unm = (nu > 0).then(|| cells(e, "unm", images, &m.unm, nu));
+    let src = cells(e, "src", images, &m.src, r);
+    let rows = |e: &mut Emitter, what: &str, data: &str| {
+        let unm = unm.as_ref().map(|unm| e.op("GatherND", &format!("unm_{what}"), &[data, unm], vec![]));
+        let src = e.op("GatherND", &format!("src_{what}"), &[data, &src], vec![]);
+        (unm, src, every_other(e, &format!("b_{what}"), data, 1, 1, n))
+    };
+    let (unm_x, src_x, b_x) = rows(e, "x", x);
+    let (unm_size, src_size, b_size) = rows(e, "size", &size);
+    let dst_t = e.transpose("dst_t", &m.dst, &[0, 2, 1]);
+    let b_index = e.const_i64("b_index", &[nb, 1], &(0..nb).collect::<Vec<_>>());
+    let joins_bool = e.op("Equal", "joins_bool", &[&dst_t, &b_index], vec![]);
+    let joins = e.cast("joins", &joins_bool, FLOAT);
+    let src_weighted = e.op("Mul", "src_weighted", &[&src_x, &src_size], vec![]);
+    let joined = e.op("MatMul", "joined", &[&joins, &src_weighted], vec![]);
+    let b_weighted = e.op("Mul", "b_weighted", &[&b_x, &b_size], vec![]);
+    let sum = e.op("Add", "sum", &[&b_weighted, &joined], vec![]);
+    let joined_size = e.op("MatMul", "joined_size", &[&joins, &src_size], vec![]);
+    let b_size = e.op("Add", "b_size_merged", &[&b_size, &joined_size], vec![]);
+    let b_x = e.op("Div", "b_x_merged", &[&sum, &b_size], vec![]);
+    (in_order(e, "x", unm_x.as_deref(), &b_x, at), in_order(e, "size", unm_size.as_deref(), &b_size, at))
+}
+
+/// Tokens `start, start + 2, …` (below n) along `axis`: a Gather of constant
+/// indices, which OpenVINO runs compiled where it runs a strided Slice on
+/// its reference path.
+fn every_other(e: &mut Emitter, what: &str, input: &str, axis: i64, start: i64, n: i64) -> String {
+    let tokens: Vec<i64> = (start..n).step_by(2).collect();
+    let tokens = e.const_i64(&format!("{what}_tokens"), &[tokens.len() as i64], &tokens);
+    e.op("Gather", what, &[input, &tokens], vec![int_attr("axis", axis)])
+}
+
+/// `index` [B, k, 1] as (image, index) cells [B, k, 2] for GatherND and ScatterND.
+fn cells(e: &mut Emitter, what: &str, images: &Images, index: &str, k: i64) -> String {
+    let per = e.const_i64(&format!("{what}_per_image"), &[3], &[1, k, 1]);
+    let image = e.op("Expand", &format!("{what}_image"), &[&images.index, &per], vec![]);
+    e.op("Concat", &format!("{what}_cells"), &[&image, index], vec![int_attr("axis", 2)])
+}
+
+/// The output rows `concat(unm[:pa], B[:pb], unm[pa:], B[pb:])`.
+fn in_order(e: &mut Emitter, what: &str, unm: Option<&str>, b: &str, at: MergeAt) -> String {
+    let Sizes { nb, nu, pa, pb, .. } = Sizes::of(at);
+    let Some(unm) = unm else { return b.to_string() };
+    let parts = match pb {
+        0 => vec![unm.to_string(), b.to_string()],
+        _ => {
+            let mut parts = vec![e.slice(&format!("{what}_unm_prefix"), unm, 1, 0, pa, 1), e.slice(&format!("{what}_b_prefix"), b, 1, 0, pb, 1)];
+            if nu > pa {
+                parts.push(e.slice(&format!("{what}_unm_rest"), unm, 1, pa, nu, 1));
+            }
+            parts.push(e.slice(&format!("{what}_b_rest"), b, 1, pb, nb, 1));
+            parts
+        }
+    };
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    e.op("Concat", what, &refs, vec![int_attr("axis", 1)])
 }
 
 /// A merge's token counts: n tokens, A (even) and B (odd) halves, r merging
@@ -336,10 +347,9 @@ fn similarity(e: &mut Emitter, block: &VitBlock, keys: &str, n: i64) -> String {
         true => e.transpose("metric_raw", &key_sum, &[0, 2, 1]),
         false => key_sum,
     };
-    let norm = e.reduce("ReduceL2", "metric_norm", &metric_raw, &[2], true);
-    let metric = e.op("Div", "metric", &[&metric_raw, &norm], vec![]);
-    let metric_a = e.slice("metric_a", &metric, 1, 0, n, 2);
-    let metric_b = e.slice("metric_b", &metric, 1, 1, n, 2);
+    let metric = e.op("LpNormalization", "metric", &[&metric_raw], vec![int_attr("axis", 2), int_attr("p", 2)]);
+    let metric_a = every_other(e, "metric_a", &metric, 1, 0, n);
+    let metric_b = every_other(e, "metric_b", &metric, 1, 1, n);
     let metric_b_t = e.transpose("metric_b_t", &metric_b, &[0, 2, 1]);
     e.op("MatMul", "scores", &[&metric_a, &metric_b_t], vec![])
 }
@@ -707,7 +717,7 @@ pub fn pool_attention_bias(g: &Graph, pool: &crate::vit::matcher::AttentionPool,
     let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
     let mut patch = Patch::new(format!("{}: proportional attention", pool.name), g.producer(&logits).unwrap_or(pool.softmax));
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", pool.name), g.opset);
-    let mut bias = key_bias(&mut e, size);
+    let mut bias = key_bias(&mut e, size, false);
     if ty.rank() == 3 {
         let heads = e.const_i64("heads", &[4], &[1, pool.heads as i64, 1, 1]);
         let spread = e.op("Expand", "bias_heads", &[&bias, &heads], vec![]);
