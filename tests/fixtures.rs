@@ -57,6 +57,12 @@ fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> Pa
     let count = |op: &str| fused_nodes.iter().filter(|n| n.op_type == op).count();
     assert_eq!((count("BipartiteMerge"), count("TopK") > 0), (merging, tracked), "{}: fused merges, TopK left", out.display());
     assert_eq!(count("FusedAttention"), report.fused_attentions, "{}: the report's fused attentions", out.display());
+    // Every float32 LayerNormalization of the standard-op graph is one FusedLayerNorm.
+    let norms = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).iter().filter(|n| n.op_type == "LayerNormalization").count();
+    let float32 = !nodes(&portable).iter().any(|n| n.op_type == "Cast" && n.name.contains(".tome."));
+    if float32 {
+        assert_eq!((count("FusedLayerNorm"), norms(&fused)), (norms(&portable), 0), "{}: fused layer norms", out.display());
+    }
     out
 }
 

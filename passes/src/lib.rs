@@ -17,7 +17,8 @@
 //! 7. `tome::retarget_token_constants` and `retarget_computed_shapes`, once
 //!    every merge tells how many tokens reach each node.
 //! 8. For tract (`Options::tract_ops`), `lower::fuse_attention` per block,
-//!    last: it swallows the proportional bias the passes above add.
+//!    last: it swallows the proportional bias the passes above add; then
+//!    `lower::fuse_layer_norm` on every float32 LayerNormalization.
 //! 9. `Graph::write_into`: topologically sorted nodes back into the model.
 
 pub mod canon;
@@ -330,6 +331,13 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     if opts.tract_ops {
         for block in &vit.blocks {
             if let Some(p) = lower::fuse_attention(g, block) {
+                labels.push(p.label.clone());
+                patch::apply(g, p)?;
+            }
+        }
+        let norms: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == "LayerNormalization").collect();
+        for id in norms {
+            if let Some(p) = lower::fuse_layer_norm(g, id) {
                 labels.push(p.label.clone());
                 patch::apply(g, p)?;
             }

@@ -5,5 +5,6 @@
 pub mod guard;
 pub mod run;
 pub mod tract_attention;
+pub mod tract_norm;
 pub mod tract_ops;
 pub mod verify;

@@ -12,8 +12,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use tome_passes::vit::tome::{FUSED_MERGE_OP, PROP_BIAS_OP};
 
-/// tract's ONNX front end, knowing `BipartiteMerge`, `ProportionalBias` and
-/// `FusedAttention` (`tract_attention`).
+/// tract's ONNX front end, knowing `BipartiteMerge`, `ProportionalBias`,
+/// `FusedAttention` (`tract_attention`) and `FusedLayerNorm` (`tract_norm`).
 /// Every place that hands a model to tract goes through here, so compiled
 /// `--target tract` files load.
 pub fn onnx() -> tract_onnx::Onnx {
@@ -21,6 +21,7 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx.op_register.insert(FUSED_MERGE_OP, build);
     onnx.op_register.insert(PROP_BIAS_OP, build_bias);
     onnx.op_register.insert(tome_passes::vit::lower::FUSED_ATTENTION_OP, crate::runtime::tract_attention::build);
+    onnx.op_register.insert(tome_passes::vit::lower::FUSED_LAYER_NORM_OP, crate::runtime::tract_norm::build);
     onnx
 }
 

@@ -107,9 +107,9 @@ pub fn tokens_of(report: &Report) -> Vec<usize> {
     t
 }
 
-/// Runs `tests/ort_check.py` (onnx.checker full check + onnxruntime against
-/// the references) on `cases` of (model, case, key); panics with its output
-/// when any case fails.
+/// Runs `tests/ort_check.py` (onnx.checker full check, then onnxruntime and,
+/// for float32 models, OpenVINO against the references) on `cases` of
+/// (model, case, key); panics with its output when any case fails.
 pub fn check_with_onnxruntime(dir: &Path, cases: &[(PathBuf, String, String)]) {
     check_with_onnxruntime_within(dir, cases, None)
 }
@@ -134,8 +134,8 @@ pub fn check_with_onnxruntime_within(dir: &Path, cases: &[(PathBuf, String, Stri
         .expect("python3 must be installed (see .ci/run for the packages)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
-    assert!(out.status.success(), "onnxruntime check failed (pip install onnx onnxruntime numpy):\n{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), cases.len(), "{text}");
+    assert!(out.status.success(), "onnxruntime/OpenVINO check failed (pip install -r tests/requirements.txt):\n{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok   ort ")).count(), cases.len(), "{text}");
 }
 
 /// A node named `name` running `op` from `ins` to `outs`.

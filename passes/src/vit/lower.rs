@@ -14,6 +14,46 @@ use crate::vit::tome::{PROP_BIAS_OP, TRACT_OPS_DOMAIN};
 /// `softmax(scale·q·kᵀ + bias)·v`, [B,H,N,Dv].
 pub const FUSED_ATTENTION_OP: &str = "FusedAttention";
 
+/// A LayerNormalization over the last axis as one node, for tract with
+/// tome-compile's ops registered: inputs x [.., C], scale [C] and an
+/// optional bias [C] (float32); attribute `epsilon`; output
+/// `(x - mean) / sqrt(var + epsilon) · scale + bias` over the last axis.
+/// tract expands the standard op into a reduction, a subtraction and its
+/// RmsNorm, three passes over the stream where this is one per row.
+pub const FUSED_LAYER_NORM_OP: &str = "FusedLayerNorm";
+
+/// `node` as a `FUSED_LAYER_NORM_OP` node when it is a float32
+/// LayerNormalization over the last axis whose mean and inverse standard
+/// deviation outputs nobody reads; `None` (unchanged) otherwise.
+pub fn fuse_layer_norm(g: &Graph, id: NodeIndex) -> Option<Patch> {
+    let node = g.node(id);
+    let x_ty = g.ty(node.input(0)?)?;
+    let rank = x_ty.rank() as i64;
+    let last_axis = matches!(node.attr_int("axis").unwrap_or(-1), a if a == -1 || a == rank - 1);
+    let vector = |t: &str| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == 1);
+    let inputs: Vec<&str> = node.proto.input.iter().map(String::as_str).filter(|i| !i.is_empty()).collect();
+    let extra_outputs = node.proto.output.iter().skip(1).any(|o| !o.is_empty());
+    if node.op() != "LayerNormalization" || !node.proto.domain.is_empty() || x_ty.elem != FLOAT || rank < 2 || !last_axis
+        || extra_outputs || !(2..=3).contains(&inputs.len()) || !inputs[1..].iter().all(|t| vector(t))
+    {
+        return None;
+    }
+    let epsilon = node.attr("epsilon").map(|a| a.f).unwrap_or(1e-5);
+    let mut patch = Patch::new(format!("{}: fused layer norm", node.name()), id);
+    patch.removals.push(id);
+    let epsilon = crate::pb::AttributeProto { name: "epsilon".into(), r#type: 1, f: epsilon, ..Default::default() };
+    patch.nodes.push(crate::pb::NodeProto {
+        name: format!("{}.tome.fused", node.name()),
+        op_type: FUSED_LAYER_NORM_OP.into(),
+        domain: TRACT_OPS_DOMAIN.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![node.output().to_string()],
+        attribute: vec![epsilon],
+        ..Default::default()
+    });
+    Some(patch)
+}
+
 /// Replaces a block's Q·Kᵀ, scale, proportional bias, Softmax and P·V by
 /// one `FUSED_ATTENTION_OP` node writing the P·V output; `None` (the graph
 /// unchanged) where the block's attention has another shape.

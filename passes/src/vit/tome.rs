@@ -188,9 +188,16 @@ struct Matched {
 fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -> Matched {
     let Sizes { n, na, nb, r, nu, pa, pb } = Sizes::of(at);
     let mut scores = similarity(e, block, keys, n);
-    // -inf where a token would merge into a protected B token, and on the
-    // best score of a protected A token, which then sorts last and stays.
+    // -inf where a protected A token would move or a token would merge
+    // into a protected B token. (Added to the best score instead, the A
+    // rows' -inf makes OpenVINO 2026.4 return -inf for every A token: it
+    // folds that Add into the ReduceMax wrongly.)
     let blocked = |i: i64, p: i64| if i < p { f32::NEG_INFINITY } else { 0.0 };
+    if pa > 0 {
+        let rows: Vec<f32> = (0..na).map(|i| blocked(i, pa)).collect();
+        let rows = e.const_f32("protect_a", &[na, 1], &rows);
+        scores = e.op("Add", "scores_protect_a", &[&scores, &rows], vec![]);
+    }
     if pb > 0 {
         let columns: Vec<f32> = (0..nb).map(|j| blocked(j, pb)).collect();
         let columns = e.const_f32("protect_b", &[1, nb], &columns);
@@ -198,12 +205,7 @@ fn bipartite_match(e: &mut Emitter, block: &VitBlock, keys: &str, at: MergeAt) -
     }
     // Not TopK(k = 1): tract runs that over the last axis 20x slower.
     let best_dst = e.op("ArgMax", "best_dst", &[&scores], vec![int_attr("axis", 2), int_attr("keepdims", 1)]);
-    let mut best = e.reduce("ReduceMax", "best", &scores, &[2], true);
-    if pa > 0 {
-        let rows: Vec<f32> = (0..na).map(|i| blocked(i, pa)).collect();
-        let rows = e.const_f32("protect_a", &[na, 1], &rows);
-        best = e.op("Add", "best_protect_a", &[&best, &rows], vec![]);
-    }
+    let best = e.reduce("ReduceMax", "best", &scores, &[2], true);
     let all = e.const_i64("order_k", &[1], &[na]);
     let sort_desc = vec![int_attr("axis", 1), int_attr("largest", 1), int_attr("sorted", 1)];
     let order = e.op_multi("TopK", "order", &[&best, &all], &["score", "index"], sort_desc);
