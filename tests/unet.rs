@@ -96,7 +96,7 @@ fn check_with_onnxruntime(dir: &Path, manifest: &[String]) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("ok")).count(), 2 * manifest.len(), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("ok ort ")).count(), 2 * manifest.len(), "{text}");
 }
 
 #[test]
