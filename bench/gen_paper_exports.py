@@ -53,8 +53,8 @@ R = 16
 MODELS = [("vit_small_patch16_224", 224), ("vit_large_patch16_384", 384)]
 SEED = 0  # the weights are stripped; the seed only decides which equal initializers the exporter shares
 FILL = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "tools", "fill_weights.py"))
-if not os.path.exists(FILL):
-    FILL = "/work/shared/tools/fill_weights.py"
+sys.path.insert(0, os.path.join(HERE, "..", "fixtures", "gen"))
+from gen_bench_families import externalize  # noqa: E402  (how the shared bench graphs were stripped)
 
 
 def build(name):
@@ -92,21 +92,7 @@ def strip(src, dst, weights_name):
     initializer order (what onnx.save_model's all_tensors_to_one_file with size_threshold=1024 gives);
     nothing is written there."""
     model = onnx.load(src, load_external_data=False)
-    offset, n_ext = 0, 0
-    for t in model.graph.initializer:
-        nbytes = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if t.data_location != onnx.TensorProto.EXTERNAL and nbytes < 1024:
-            continue
-        t.ClearField("raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            t.ClearField(f)
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (("location", weights_name), ("offset", str(offset)), ("length", str(nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        offset += nbytes
-        n_ext += 1
+    n_ext, offset = externalize(model, weights_name)
     onnx.save_model(model, dst)
     return {"nodes": len(model.graph.node), "initializers": len(model.graph.initializer), "external": n_ext,
             "weights_bytes": offset, "onnx_bytes": os.path.getsize(dst)}

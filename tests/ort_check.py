@@ -8,7 +8,7 @@ with the output named OUTPUT, or KEY@OUTPUT#T with its token T (axis 1);
 PIXELS being the .npz whose `pixel_values` are the inputs (cast to the
 model's input type), TOL a relative tolerance replacing the spec's (used for
 float16 models, whose own arithmetic moves the float32 references).
-Prints one line per case; exits 1 if any case fails the spec's tolerance
+Prints one line per case and runtime; exits 1 if any fails the spec's tolerance
 (max |y - ref| / max |ref| <= 1e-4 per image; 1e-5 absolute for logits_r0).
 OpenVINO runs every float32 model (float16 ones run in onnxruntime only:
 OpenVINO computes them in float32 and misses the float16 references' rounding).
@@ -26,7 +26,7 @@ core = ov.Core()
 def openvino_output(model, x, output):
     """The model's output `output` (or its first) from OpenVINO on CPU in f32."""
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
-    port = next((o for o in compiled.outputs if output in o.get_names()), compiled.output(0)) if output else compiled.output(0)
+    port = next(o for o in compiled.outputs if output in o.get_names()) if output else compiled.output(0)
     return np.asarray(compiled(x)[port]).astype(np.float32)
 
 

@@ -282,7 +282,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         patch::apply(g, p)?;
     }
     if let (Head::AttentionPool(pool), true, Some(m), false) = (&vit.head, opts.prop_attn, merged.last(), opts.bound) {
-        let p = tome::pool_attention_bias(g, pool, &m.size)?;
+        let p = tome::pool_attention_bias(g, pool, &m.size, opts.tract_ops)?;
         labels.push(p.label.clone());
         patch::apply(g, p)?;
     }

@@ -120,9 +120,9 @@ fn key_bias(e: &mut Emitter, size: &str, tract: bool) -> String {
 /// ```text
 ///  keys ─ sum over heads ─ L2 normalise ─ A=even, B=odd ─ A·Bᵀ (+ protect prefix)
 ///       ─ argmax, max per A ─ TopK order ─ src = first r, unm = rest (ascending)
-///  x, size ─ gather unm, src and dst rows (GatherND), B = odd tokens (Slice)
-///       ─ per src: (size·x of dst + Σ size·x of src sharing it) / Σ size
-///       ─ written over each src's dst in B (ScatterND, no reduction)
+///  x, size ─ gather unm and src rows (GatherND), B = odd tokens (Gather)
+///       ─ every B token: (size·x + Σ size·x of the src joining it) / Σ size,
+///         the sums by a MatMul with the one-hot joins (no scatter)
 ///       ─ concat(unm[:pa], B[:pb], unm[pa:], B[pb:])
 /// ```
 ///
@@ -275,7 +275,7 @@ fn every_other(e: &mut Emitter, what: &str, input: &str, axis: i64, start: i64, 
     e.op("Gather", what, &[input, &tokens], vec![int_attr("axis", axis)])
 }
 
-/// `index` [B, k, 1] as (image, index) cells [B, k, 2] for GatherND and ScatterND.
+/// `index` [B, k, 1] as (image, index) cells [B, k, 2] for GatherND.
 fn cells(e: &mut Emitter, what: &str, images: &Images, index: &str, k: i64) -> String {
     let per = e.const_i64(&format!("{what}_per_image"), &[3], &[1, k, 1]);
     let image = e.op("Expand", &format!("{what}_image"), &[&images.index, &per], vec![]);
@@ -456,23 +456,11 @@ pub fn unmerge(g: &Graph, tensor: &str, source: &str, tokens: usize) -> Result<(
     let mut e = Emitter::new(&mut patch, &prefix, g.opset);
     let index = e.unsqueeze("source_index", source, &[2]);
     let width = ty.dim(2).unwrap_or(0);
-    let index = match width {
-        1 => index,
-        _ => {
-            let shape = e.const_i64("source_index_shape", &[3], &[1, 1, width]);
-            e.op("Expand", "source_index_rows", &[&index, &shape], vec![])
-        }
-    };
-    patch.nodes.push(crate::pb::NodeProto {
-        name: format!("{prefix}.tokens"),
-        op_type: "GatherElements".into(),
-        input: vec![merged, index],
-        output: vec![tensor.to_string()],
-        attribute: vec![int_attr("axis", 1)],
-        ..Default::default()
-    });
-    let width = width as usize;
-    patch.types.insert(tensor.to_string(), tokens_type(&ty, tokens, width));
+    e.gather_rows("tokens", &merged, &index, width);
+    if let Some(node) = patch.nodes.last_mut() {
+        node.output = vec![tensor.to_string()];
+    }
+    patch.types.insert(tensor.to_string(), tokens_type(&ty, tokens, width as usize));
     Ok((patch, tensor.to_string()))
 }
 
@@ -712,14 +700,17 @@ fn reads_only_input_shapes(g: &Graph, tensor: &str) -> bool {
 /// logits over the final tokens get `log(size)` per key, as the blocks'
 /// do. Logits [B·H, Q, N] (torch's MultiheadAttention, batch-major over
 /// heads) take the bias spread over heads; [B, H, Q, N] take it as is.
-pub fn pool_attention_bias(g: &Graph, pool: &crate::vit::matcher::AttentionPool, size: &str) -> Result<Patch, PassError> {
+///
+/// `tract` as for `proportional_attention`'s `fused`: the bias keeps the
+/// form tract's Softmax stays fast with.
+pub fn pool_attention_bias(g: &Graph, pool: &crate::vit::matcher::AttentionPool, size: &str, tract: bool) -> Result<Patch, PassError> {
     let softmax = g.node(pool.softmax);
     let logits = softmax.input(0).ok_or_else(|| PassError::MissingType(pool.name.clone()))?.to_string();
     let ty = g.ty(&logits).cloned().ok_or_else(|| PassError::MissingType(logits.clone()))?;
     let n = g.ty(size).and_then(|t| t.dim(1)).ok_or_else(|| PassError::MissingType(size.to_string()))?;
     let mut patch = Patch::new(format!("{}: proportional attention", pool.name), g.producer(&logits).unwrap_or(pool.softmax));
     let mut e = Emitter::new(&mut patch, format!("{}.tome.prop_attn", pool.name), g.opset);
-    let mut bias = key_bias(&mut e, size, false);
+    let mut bias = key_bias(&mut e, size, tract);
     if ty.rank() == 3 {
         let heads = e.const_i64("heads", &[4], &[1, pool.heads as i64, 1, 1]);
         let spread = e.op("Expand", "bias_heads", &[&bias, &heads], vec![]);
