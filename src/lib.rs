@@ -15,7 +15,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 pub use targets::deploy::{compile_bytes, compile_bytes_for, compile_file_checked, compile_file_with, Compiled, FileOptions, Format, Target};
-pub use tome_passes::{Options, PassError, Report, Schedule};
+pub use tome_passes::{Ops, Options, PassError, Report, Schedule};
 
 /// Errors a user can cause; each names the file, tensor or node involved.
 #[derive(Debug, thiserror::Error)]

@@ -90,7 +90,7 @@ fn fused_attention_op_block_rewrite() {
 #[test]
 fn tract_target_block_rewrite() {
     let mut file = onnx::io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();
-    let opts = tome_compile::Options { tract_ops: true, ..options("8", true) };
+    let opts = tome_compile::Options { ops: tome_compile::Ops::Tract, ..options("8", true) };
     tome_compile::compile(&mut file.proto, &file.dir, &opts).unwrap();
     insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));
 }

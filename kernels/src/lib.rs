@@ -1,9 +1,12 @@
-//! Compute kernels for tome-compile's tract ops, in their own crate so that
-//! debug builds (tests) still compile them optimised (`Cargo.toml`).
+//! Compute kernels for tome-compile's ops, in their own crate so that
+//! debug builds (tests) still compile them optimised (`Cargo.toml`) and
+//! the onnxruntime custom-op library (`ort-ops/`) links them without tract.
 //!
 //! `attend`: one head of `softmax(scale·q·kᵀ + bias)·v`, a panel of
 //! queries at a time, so that the panel stays in cache from logits to
-//! output.
+//! output. `merge`: bipartite matching and the size-weighted merge.
+
+pub mod merge;
 
 /// A matrix in a slice: element (i, j) is `data[i·row_stride + j·col_stride]
 /// × factor`, the product rounded to f32 as a multiplication node would

@@ -16,7 +16,7 @@
 //! 6. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
 //! 7. `tome::retarget_token_constants` and `retarget_computed_shapes`, once
 //!    every merge tells how many tokens reach each node.
-//! 8. For tract (`Options::tract_ops`), `lower::fuse_attention` per block,
+//! 8. For tract (`Ops::Tract`), `lower::fuse_attention` per block,
 //!    last: it swallows the proportional bias the passes above add; then
 //!    `lower::fuse_layer_norm` on every float32 LayerNormalization.
 //! 9. `Graph::write_into`: topologically sorted nodes back into the model.
@@ -97,13 +97,28 @@ pub struct Options {
     /// attention, so the outputs are wrong and the speed is what any ToMe
     /// graph with this schedule can at best reach on a runtime.
     pub bound: bool,
-    /// For tract with tome-compile's ops registered (`--target tract`):
-    /// each block's matching and merge as one `BipartiteMerge` node
+    /// Which of tome-compile's own ops the graph may use.
+    pub ops: Ops,
+}
+
+/// tome-compile's own ops (domain `ai.tome`) a compiled graph may use, for
+/// the runtimes that have them registered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ops {
+    /// Standard ONNX only: every runtime.
+    #[default]
+    Standard,
+    /// Each block's matching and merge as one `BipartiteMerge` node
     /// (`tome::FUSED_MERGE_OP`) after the similarity scores, except where a
-    /// block must track token sources; the proportional-attention Add as a
-    /// `ProportionalBias` node; and each attention as one `FusedAttention`
-    /// node (`lower::FUSED_ATTENTION_OP`) that takes that bias.
-    pub tract_ops: bool,
+    /// block must track token sources; the rest standard. For onnxruntime
+    /// with the custom-op library (`--target onnxruntime-ops`).
+    Merge,
+    /// For tract with tome-compile's ops registered (`--target tract`): the
+    /// merge as with `Merge`; the proportional-attention Add as a
+    /// `ProportionalBias` node; each attention as one `FusedAttention` node
+    /// (`lower::FUSED_ATTENTION_OP`) that takes that bias; and each float32
+    /// LayerNormalization over the last axis as one `FusedLayerNorm`.
+    Tract,
 }
 
 /// One block as compiled.
@@ -125,9 +140,9 @@ pub struct Report {
     pub head: String,
     pub tokens_out: usize,
     pub patch_labels: Vec<String>,
-    /// Merges written as one `BipartiteMerge` node (`Options::tract_ops`).
+    /// Merges written as one `BipartiteMerge` node (`Ops::Merge`, `Ops::Tract`).
     pub fused_merges: usize,
-    /// Attentions written as one `FusedAttention` node (`Options::tract_ops`).
+    /// Attentions written as one `FusedAttention` node (`Ops::Tract`).
     pub fused_attentions: usize,
     /// What the canonical view saw through (`canon`), one line per kind.
     pub canonical: Vec<String>,
@@ -217,9 +232,9 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
         let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
         graph.value_info.retain(|v| !changed.contains(&v.name) && produced.contains(&v.name));
     }
-    let tract_ops = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::TRACT_OPS_DOMAIN);
-    if tract_ops && !model.opset_import.iter().any(|o| o.domain == tome::TRACT_OPS_DOMAIN) {
-        model.opset_import.push(pb::OperatorSetIdProto { domain: tome::TRACT_OPS_DOMAIN.into(), version: 1 });
+    let own_ops = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::OPS_DOMAIN);
+    if own_ops && !model.opset_import.iter().any(|o| o.domain == tome::OPS_DOMAIN) {
+        model.opset_import.push(pb::OperatorSetIdProto { domain: tome::OPS_DOMAIN.into(), version: 1 });
     }
     Ok(report)
 }
@@ -258,7 +273,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, false, Some(size)) = (opts.prop_attn, opts.bound, &size) {
-            let p = tome::proportional_attention(g, block, size, opts.tract_ops)?;
+            let p = tome::proportional_attention(g, block, size, opts.ops == Ops::Tract)?;
             labels.push(p.label.clone());
             patch::apply(g, p)?;
         }
@@ -268,7 +283,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                 true => tome::truncate(g, block, step.tokens_in, step.r)?,
                 false => {
                     let at = tome::MergeAt { tokens: step.tokens_in, r: step.r, prefix: vit.prefix };
-                    tome::merge(g, block, at, merged.last(), track, opts.tract_ops)?
+                    tome::merge(g, block, at, merged.last(), track, opts.ops != Ops::Standard)?
                 }
             };
             labels.push(p.label.clone());
@@ -282,7 +297,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         patch::apply(g, p)?;
     }
     if let (Head::AttentionPool(pool), true, Some(m), false) = (&vit.head, opts.prop_attn, merged.last(), opts.bound) {
-        let p = tome::pool_attention_bias(g, pool, &m.size, opts.tract_ops)?;
+        let p = tome::pool_attention_bias(g, pool, &m.size, opts.ops == Ops::Tract)?;
         labels.push(p.label.clone());
         patch::apply(g, p)?;
     }
@@ -328,7 +343,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         .flat_map(|(id, _)| g.node(*id).proto.output.clone())
         .collect();
     // After `changed`: a fused node writes a tensor whose token count changed.
-    if opts.tract_ops {
+    if opts.ops == Ops::Tract {
         for block in &vit.blocks {
             if let Some(p) = lower::fuse_attention(g, block) {
                 labels.push(p.label.clone());

@@ -13,7 +13,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::onnx::macs::{self, Macs};
-use crate::{onnx, Error, Options, Report};
+use crate::{onnx, Error, Ops, Options, Report};
 
 /// How to run the benchmark.
 #[derive(Clone, Debug)]
@@ -64,7 +64,7 @@ impl Variant {
 
     fn options(self, opts: &Options) -> Options {
         match self {
-            Variant::Portable => Options { tract_ops: false, bound: false, ..opts.clone() },
+            Variant::Portable => Options { ops: Ops::Standard, bound: false, ..opts.clone() },
             Variant::Bound => Options { bound: true, ..opts.clone() },
             Variant::Unmerged => Options { schedule: tome_passes::Schedule::Constant(0), bound: false, ..opts.clone() },
         }
@@ -454,7 +454,7 @@ pub fn render(r: &BenchReport) -> String {
         Some(p) => p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         None if o.unet.is_some() => format!("compiled --ratio {}", o.unet.as_ref().map_or(0.0, |u| u.0.ratio)),
         None if o.compile.bound => format!("bound --r {}", o.compile.schedule),
-        None if o.compile.tract_ops => format!("compiled --r {}", o.compile.schedule),
+        None if o.compile.ops == Ops::Tract => format!("compiled --r {}", o.compile.schedule),
         None => format!("portable --r {}", o.compile.schedule),
     };
     let also: Vec<(String, &Timing)> = r.also.iter().map(|(v, t)| (format!("{} --r {}", v.name(), o.compile.schedule), t)).collect();
@@ -516,7 +516,7 @@ pub fn to_json(r: &BenchReport) -> serde_json::Value {
         "schedule": r.options.compile.schedule.to_string(),
         "prop_attn": r.options.compile.prop_attn,
         "bound": r.options.compile.bound,
-        "form": if r.options.compile.tract_ops { "tract" } else { "portable" },
+        "form": if r.options.compile.ops == Ops::Tract { "tract" } else { "portable" },
         "tokens_out": r.report.as_ref().map(|rep| rep.tokens_out),
         "unet_ratio": r.options.unet.as_ref().map(|u| u.0.ratio),
         "against": r.options.against.as_ref().map(|p| p.display().to_string()),

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::targets::deploy::{validate, Target};
 use crate::onnx::macs::{self, Macs};
-use crate::{onnx, Error, Options, PassError, Report};
+use crate::{onnx, Error, Ops, Options, PassError, Report};
 
 /// The result of inspecting one model under one schedule.
 #[derive(Clone, Debug)]
@@ -102,9 +102,10 @@ pub fn render(i: &Inspection) -> String {
         i.options.schedule,
         if i.options.prop_attn { "on" } else { "off" },
         i.target,
-        match i.options.tract_ops {
-            true => "merge as one BipartiteMerge op and attention as one FusedAttention op per block (tract with tome-compile's ops only)",
-            false => "merge as standard ops (gathers, no reducing scatter)",
+        match i.options.ops {
+            Ops::Tract => "merge as one BipartiteMerge op and attention as one FusedAttention op per block (tract with tome-compile's ops only)",
+            Ops::Merge => "merge as one BipartiteMerge op per block (onnxruntime with libtome_ort_ops only)",
+            Ops::Standard => "merge as standard ops (gathers, no reducing scatter)",
         }
     );
     s += &format!("{:<10} {:>5} {:>4} {:>10} {:>10}\n", "block", "asked", "r", "tokens in", "tokens out");

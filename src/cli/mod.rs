@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::runtime::run::{floats, image_tensor, top_k, Runner};
-use crate::{runtime::verify, ErrorKind, Options, PassError, Report, Schedule};
+use crate::{runtime::verify, ErrorKind, Ops, Options, PassError, Report, Schedule};
 
 pub mod bench;
 pub mod inspect;
@@ -332,7 +332,7 @@ fn compile(args: CompileArgs) -> Result<Output> {
         merged_tokens,
         image_size: args.image_size,
         bound: args.bound,
-        tract_ops: false,
+        ops: Ops::Standard,
     };
     let mode = match args.verify {
         VerifyArg::On => verify::Mode::On,
@@ -448,7 +448,7 @@ fn visualize(args: VisualizeArgs) -> Result<()> {
         merged_tokens: false,
         image_size: args.image_size,
         bound: false,
-        tract_ops: false,
+        ops: Ops::Standard,
     };
     let (Ok(mean), Ok(std)) = (<[f32; 3]>::try_from(args.mean), <[f32; 3]>::try_from(args.std)) else {
         bail!("--mean and --std take three comma-separated values, one per RGB channel");

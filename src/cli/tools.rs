@@ -10,7 +10,7 @@ use crate::cli::bench::{self, BenchOptions};
 use crate::cli::tune;
 use crate::targets::check::check_tensorrt;
 use crate::targets::tensorrt_rules::TrtVersion;
-use crate::{onnx, runtime::verify, Compiled, FileOptions, Format, Options, Schedule, Target};
+use crate::{onnx, runtime::verify, Compiled, FileOptions, Format, Ops, Options, Schedule, Target};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
@@ -20,6 +20,9 @@ pub enum TargetArg {
     /// Also checked against TensorRT 8.6 and 10.x ONNX-parser constraints.
     Tensorrt,
     Onnxruntime,
+    /// onnxruntime with tome-compile's custom-op library (libtome_ort_ops):
+    /// each block's merge as one node.
+    OnnxruntimeOps,
     Tract,
 }
 
@@ -29,6 +32,7 @@ impl From<TargetArg> for Target {
             TargetArg::Portable => Target::Portable,
             TargetArg::Tensorrt => Target::TensorRt,
             TargetArg::Onnxruntime => Target::OnnxRuntime,
+            TargetArg::OnnxruntimeOps => Target::OnnxRuntimeOps,
             TargetArg::Tract => Target::Tract,
         }
     }
@@ -232,7 +236,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 merged_tokens,
                 image_size: args.image_size,
                 bound: args.bound,
-                tract_ops: !args.portable,
+                ops: if args.portable { Ops::Standard } else { Ops::Tract },
             }
         },
         threads: args.threads.unwrap_or_else(bench::all_cores),
@@ -324,7 +328,7 @@ pub fn inspect(args: InspectArgs) -> Result<Output> {
         merged_tokens,
         image_size: args.image_size,
         bound: false,
-        tract_ops: false,
+        ops: Ops::Standard,
     };
     let inspection = crate::cli::inspect::inspect(&args.model, &opts, args.target.into()).map_err(|e| unet_hint(&args.model, e.into()))?;
     let _ = args.json; // read by the dispatcher
@@ -584,7 +588,7 @@ fn tune_options(args: &SweepArgs, max_drop: Option<f64>) -> Result<tune::TuneOpt
             merged_tokens,
             image_size: args.image_size,
             bound: false,
-            tract_ops: false,
+            ops: Ops::Standard,
         },
         target: args.target.into(),
         images: args.images.clone(),

@@ -10,6 +10,7 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
+use tome_kernels::merge::{self, Merge};
 use tome_passes::vit::tome::{FUSED_MERGE_OP, PROP_BIAS_OP};
 
 /// tract's ONNX front end, knowing `BipartiteMerge`, `ProportionalBias`,
@@ -126,141 +127,31 @@ impl EvalOp for BipartiteMerge {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let shape = inputs[0].shape().to_vec();
         let &[batch, n, c] = shape.as_slice() else { bail!("{FUSED_MERGE_OP}: x must be [B,N,C], is {shape:?}") };
-        let (na, nb) = (n.div_ceil(2), n / 2);
-        self.check_tokens(n)?;
-        if inputs[1].shape() != [batch, na, nb] {
-            bail!("{FUSED_MERGE_OP}: scores must be [{batch},{na},{nb}], are {:?}", inputs[1].shape());
-        }
-        if let Some(size) = inputs.get(2).filter(|s| s.shape() != [batch, n, 1]) {
-            bail!("{FUSED_MERGE_OP}: size must be [{batch},{n},1], is {:?}", size.shape());
-        }
-        let (x, scores) = (floats(&inputs[0])?, floats(&inputs[1])?);
-        let size = inputs.get(2).map(|s| floats(s)).transpose()?;
+        let merge = Merge {
+            x: floats(&inputs[0])?,
+            scores: floats(&inputs[1])?,
+            size: inputs.get(2).map(|s| floats(s)).transpose()?,
+            batch,
+            n,
+            c,
+            r: self.r,
+            prefix: self.prefix,
+        };
+        merge.check_lengths().map_err(|e| format_err!("{FUSED_MERGE_OP}: {e}"))?;
         let out_n = n - self.r;
-        // Every element is written below, row by row.
+        // Every element is written by the kernel, row by row.
         let mut out_x = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, c])? };
         let mut out_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
         let mut x_view = out_x.try_as_plain_ram_mut()?;
         let mut size_view = out_size.try_as_plain_ram_mut()?;
-        let (xs, sizes) = (x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
-        for b in 0..batch {
-            let image = Image {
-                x: &x[b * n * c..][..n * c],
-                size: size.map(|s| &s[b * n..][..n]),
-                scores: &scores[b * na * nb..][..na * nb],
-                c,
-            };
-            let rows = self.rows(&image);
-            image.write(&rows, &mut xs[b * out_n * c..][..out_n * c], &mut sizes[b * out_n..][..out_n]);
-        }
+        merge.run(x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
         Ok(tvec!(out_x.into_tvalue(), out_size.into_tvalue()))
     }
 }
 
-/// One image's inputs.
-struct Image<'a> {
-    x: &'a [f32],
-    size: Option<&'a [f32]>,
-    scores: &'a [f32],
-    c: usize,
-}
-
-/// An output token: A token `i` kept as is, or B token `j` with the A
-/// tokens merged into it.
-enum Row {
-    Kept(usize),
-    Joined(usize, Vec<usize>),
-}
-
 impl BipartiteMerge {
-    /// At most half of the unprotected tokens can merge away (`r_eff`).
     fn check_tokens(&self, n: usize) -> TractResult<()> {
-        if self.r > n.saturating_sub(self.prefix) / 2 {
-            bail!("{FUSED_MERGE_OP}: r={} is more than half of the {n} tokens past the {} protected", self.r, self.prefix);
-        }
-        Ok(())
-    }
-
-    /// The matching (`TOME_SPEC.md`): each A token's best B token, the r
-    /// best-scoring A tokens merge away, and the output order
-    /// `unm[:pa], B[:pb], unm[pa:], B[pb:]`.
-    fn rows(&self, image: &Image) -> Vec<Row> {
-        let n = image.x.len() / image.c;
-        let (na, nb) = (n.div_ceil(2), n / 2);
-        let (pa, pb) = (self.prefix.div_ceil(2), self.prefix / 2);
-        // Max and argmax per A row over unprotected B columns; ties go to the
-        // lowest index, and a protected A row scores -inf.
-        let best: Vec<(f32, usize)> = (0..na)
-            .map(|i| {
-                let row = &image.scores[i * nb..][..nb];
-                let mut best = (f32::NEG_INFINITY, 0);
-                for (j, &v) in row.iter().enumerate().skip(pb).filter(|_| i >= pa) {
-                    if v > best.0 {
-                        best = (v, j);
-                    }
-                }
-                best
-            })
-            .collect();
-        // Stable sort, descending: ties keep the lower index first. `+ 0.0`
-        // makes -0 equal to 0, as a comparison of values does.
-        let mut order: Vec<usize> = (0..na).collect();
-        order.sort_by(|&a, &b| (best[b].0 + 0.0).total_cmp(&(best[a].0 + 0.0)));
-        let (src, unm) = order.split_at(self.r);
-        let mut unm = unm.to_vec();
-        if self.prefix > 0 {
-            unm.sort_unstable();
-        }
-        let mut joined: Vec<Vec<usize>> = vec![vec![]; nb];
-        for &a in src {
-            joined[best[a].1].push(a);
-        }
-        let mut joined = joined.into_iter().enumerate().map(|(j, a)| Row::Joined(j, a));
-        let cut = pa.min(unm.len());
-        let mut rows: Vec<Row> = unm[..cut].iter().map(|&i| Row::Kept(i)).collect();
-        rows.extend(joined.by_ref().take(pb));
-        rows.extend(unm[cut..].iter().map(|&i| Row::Kept(i)));
-        rows.extend(joined);
-        rows
-    }
-}
-
-impl Image<'_> {
-    fn size_of(&self, token: usize) -> f32 {
-        self.size.map_or(1.0, |s| s[token])
-    }
-
-    /// `sum(x·size) / sum(size)` over each row's tokens (A token i is token
-    /// 2i, B token j is 2j+1), into `x` [rows, c] and `size` [rows].
-    /// A row of one token is its token: the reference's `x·s/s` is x within
-    /// half an ulp.
-    fn write(&self, rows: &[Row], x: &mut [f32], size: &mut [f32]) {
-        let c = self.c;
-        let token = |t: usize| &self.x[t * c..][..c];
-        for ((row, out), total) in rows.iter().zip(x.chunks_exact_mut(c)).zip(size) {
-            let (t, sources) = match row {
-                Row::Kept(i) => (2 * i, &[][..]),
-                Row::Joined(j, sources) => (2 * j + 1, sources.as_slice()),
-            };
-            *total = self.size_of(t);
-            if sources.is_empty() {
-                out.copy_from_slice(token(t));
-                continue;
-            }
-            for (o, v) in out.iter_mut().zip(token(t)) {
-                *o = v * *total;
-            }
-            for &a in sources {
-                let s = self.size_of(2 * a);
-                for (o, v) in out.iter_mut().zip(token(2 * a)) {
-                    *o += v * s;
-                }
-                *total += s;
-            }
-            for o in out.iter_mut() {
-                *o /= *total;
-            }
-        }
+        merge::check(self.r, self.prefix, n).map_err(|e| format_err!("{FUSED_MERGE_OP}: {e}"))
     }
 }
 

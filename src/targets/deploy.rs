@@ -9,7 +9,9 @@
 //! format) fuses each block's matching and merge into one `ai.tome`
 //! `BipartiteMerge` node and adds the proportional-attention bias with a
 //! `ProportionalBias` node, which tract runs with tome-compile's ops
-//! (`tract_ops`) and no other runtime knows.
+//! (`tract_ops`) and no other runtime knows. `--target onnxruntime-ops`
+//! fuses only the merge, for onnxruntime with the custom-op library
+//! (`ort-ops/`).
 
 use std::fmt;
 use std::path::Path;
@@ -21,7 +23,7 @@ use tract_onnx::prelude::*;
 
 use crate::targets::check::{check_tensorrt, CheckReport};
 use crate::targets::tensorrt_rules::TrtVersion;
-use crate::{onnx, runtime::verify, Error, Options, Report};
+use crate::{onnx, runtime::verify, Error, Ops, Options, Report};
 
 /// The runtime a compiled model is meant for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,6 +35,9 @@ pub enum Target {
     TensorRt,
     /// onnxruntime: runs the portable form as is.
     OnnxRuntime,
+    /// onnxruntime with tome-compile's custom-op library
+    /// (`libtome_ort_ops`): each block's matching and merge in one node.
+    OnnxRuntimeOps,
     /// tract with tome-compile's ops (`tract_ops::onnx`): the matching and
     /// merge of each block in one node, the proportional bias in another.
     Tract,
@@ -42,7 +47,12 @@ impl Target {
     /// `opts` as this target and format compile them: only ONNX for tract
     /// fuses the merge (tract's NNEF writer has no serialiser for the op).
     pub fn options(self, opts: &Options, format: Format) -> Options {
-        Options { tract_ops: self == Target::Tract && format == Format::Onnx, ..opts.clone() }
+        let ops = match (self, format) {
+            (Target::Tract, Format::Onnx) => Ops::Tract,
+            (Target::OnnxRuntimeOps, _) => Ops::Merge,
+            _ => Ops::Standard,
+        };
+        Options { ops, ..opts.clone() }
     }
 }
 
@@ -53,8 +63,9 @@ impl FromStr for Target {
             "portable" => Ok(Target::Portable),
             "tensorrt" | "trt" => Ok(Target::TensorRt),
             "onnxruntime" | "ort" => Ok(Target::OnnxRuntime),
+            "onnxruntime-ops" => Ok(Target::OnnxRuntimeOps),
             "tract" => Ok(Target::Tract),
-            _ => Err(Error::Input(format!("unknown target '{s}': expected tensorrt, onnxruntime, tract or portable"))),
+            _ => Err(Error::Input(format!("unknown target '{s}': expected tensorrt, onnxruntime, onnxruntime-ops, tract or portable"))),
         }
     }
 }
@@ -65,6 +76,7 @@ impl fmt::Display for Target {
             Target::Portable => "portable",
             Target::TensorRt => "tensorrt",
             Target::OnnxRuntime => "onnxruntime",
+            Target::OnnxRuntimeOps => "onnxruntime-ops",
             Target::Tract => "tract",
         })
     }
@@ -171,7 +183,7 @@ pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &
 ///
 /// ```
 /// let bytes = std::fs::read("fixtures/timm_vit/model.onnx")?;
-/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, merged_tokens: false, image_size: None, bound: false, tract_ops: false };
+/// let opts = tome_compile::Options { schedule: "16".parse()?, prop_attn: true, unmerge: false, merged_tokens: false, image_size: None, bound: false, ops: tome_compile::Ops::Standard };
 /// let (compiled, report) = tome_compile::compile_bytes(&bytes, &opts)?;
 /// assert_eq!(report.tokens_out, 101); // 197 tokens, 16 merged in each of 6 blocks
 /// assert!(!compiled.is_empty()); // ONNX bytes, ready to write or hand to a runtime

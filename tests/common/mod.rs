@@ -31,7 +31,7 @@ pub fn fixture(rel: &str) -> PathBuf {
 pub const SCHEDULES: [(&str, &str); 5] = [("r4", "4"), ("r8", "8"), ("r16", "16"), ("r64", "64"), ("decr8", "8:-1")];
 
 pub fn options(r: &str, prop_attn: bool) -> Options {
-    Options { schedule: r.parse::<Schedule>().expect("schedule"), prop_attn, unmerge: true, merged_tokens: false, image_size: None, bound: false, tract_ops: false }
+    Options { schedule: r.parse::<Schedule>().expect("schedule"), prop_attn, unmerge: true, merged_tokens: false, image_size: None, bound: false, ops: tome_compile::Ops::Standard }
 }
 
 /// Compiles `model` into `out` with the library API.

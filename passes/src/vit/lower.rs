@@ -6,7 +6,7 @@ use petgraph::stable_graph::NodeIndex;
 use crate::graph::{Graph, FLOAT};
 use crate::vit::matcher::VitBlock;
 use crate::patch::{Emitter, Patch};
-use crate::vit::tome::{PROP_BIAS_OP, TRACT_OPS_DOMAIN};
+use crate::vit::tome::{PROP_BIAS_OP, OPS_DOMAIN};
 
 /// A block's attention as one node, for tract with tome-compile's ops
 /// registered: inputs q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an
@@ -45,7 +45,7 @@ pub fn fuse_layer_norm(g: &Graph, id: NodeIndex) -> Option<Patch> {
     patch.nodes.push(crate::pb::NodeProto {
         name: format!("{}.tome.fused", node.name()),
         op_type: FUSED_LAYER_NORM_OP.into(),
-        domain: TRACT_OPS_DOMAIN.into(),
+        domain: OPS_DOMAIN.into(),
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![node.output().to_string()],
         attribute: vec![epsilon],
@@ -118,7 +118,7 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     inputs.extend(bias.as_deref());
     let scale_attr = crate::pb::AttributeProto { name: "scale".into(), r#type: 1, f: scale, ..Default::default() };
     e.op(FUSED_ATTENTION_OP, "fused", &inputs, vec![scale_attr]);
-    e.in_domain(TRACT_OPS_DOMAIN);
+    e.in_domain(OPS_DOMAIN);
     patch.nodes.last_mut()?.output = vec![av.output().to_string()];
     Some(patch)
 }

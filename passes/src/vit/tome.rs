@@ -11,16 +11,16 @@ use crate::patch::{int_attr, tokens_type, Emitter, Patch, Rewire};
 use crate::PassError;
 
 /// The op and domain of a block's matching and merge as one node
-/// (`Options::tract_ops`): inputs x [B,N,C] and scores [B,⌈N/2⌉,⌊N/2⌋]
-/// (float32), then size [B,N,1] after the first merge; attributes `r` and
-/// `prefix`; outputs x and size [B,N-r,·]. Only tract with tome-compile's
-/// op registered runs it.
+/// (`Ops::Merge`, `Ops::Tract`): inputs x [B,N,C] and scores
+/// [B,⌈N/2⌉,⌊N/2⌋] (float32), then size [B,N,1] after the first merge;
+/// attributes `r` and `prefix`; outputs x and size [B,N-r,·]. tract with
+/// tome-compile's ops and onnxruntime with its custom-op library run it.
 pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
 /// The tract target's proportional-attention Add: logits [B,H,N,N] float32
 /// plus bias [B,1,1,N], in the same domain.
 pub const PROP_BIAS_OP: &str = "ProportionalBias";
-/// The domain of both tract-target ops.
-pub const TRACT_OPS_DOMAIN: &str = "ai.tome";
+/// The domain of tome-compile's own ops.
+pub const OPS_DOMAIN: &str = "ai.tome";
 
 /// Where a merge happens: the tokens entering the block, how many of them
 /// merge away, and the protected prefix tokens (cls, dist, registers).
@@ -80,7 +80,7 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
     let biased = match &logits {
         Some(l) if fused && elem == FLOAT && !fused_attention => {
             let out = e.op(PROP_BIAS_OP, "logits", &[l, &bias], vec![]);
-            e.in_domain(TRACT_OPS_DOMAIN);
+            e.in_domain(OPS_DOMAIN);
             out
         }
         Some(l) => e.op("Add", "logits", &[l, &bias], vec![]),
@@ -153,7 +153,7 @@ pub fn merge(
         inputs.extend(size);
         let attrs = vec![int_attr("r", r as i64), int_attr("prefix", prefix as i64)];
         let outs = e.op_multi(FUSED_MERGE_OP, "bipartite", &inputs, &["x", "size"], attrs);
-        e.in_domain(TRACT_OPS_DOMAIN);
+        e.in_domain(OPS_DOMAIN);
         e.patch.label += &format!(" as {FUSED_MERGE_OP}");
         (outs[0].clone(), outs[1].clone(), None, None)
     } else {
