@@ -1,6 +1,6 @@
 //! Compute kernels for tome-compile's ops, in their own crate so that
 //! debug builds (tests) still compile them optimised (`Cargo.toml`) and
-//! the onnxruntime custom-op library (`ort-ops/`) links them without tract.
+//! the runtime plugins (`plugins/`) link them without tract.
 //!
 //! `attend`: one head of `softmax(scale·q·kᵀ + bias)·v`, a panel of
 //! queries at a time, so that the panel stays in cache from logits to

@@ -1,7 +1,7 @@
 //! `BipartiteMerge`: a block's bipartite soft matching on given similarity
 //! scores, then ToMe's size-weighted merge (`TOME_SPEC.md`). One kernel for
 //! every runtime that takes the op: tract (`--target tract`) and
-//! onnxruntime through the custom-op library (`ort-ops/`).
+//! onnxruntime and OpenVINO through their plugins (`plugins/`).
 
 /// The merge's inputs for a batch: x [batch, n, c], scores [batch, ⌈n/2⌉,
 /// ⌊n/2⌋] (A = even tokens by B = odd tokens), size [batch, n] or every
@@ -66,15 +66,9 @@ impl Merge<'_> {
         // Max and argmax per A row over unprotected B columns; ties go to the
         // lowest index, and a protected A row scores -inf.
         let best: Vec<(f32, usize)> = (0..na)
-            .map(|i| {
-                let row = &scores[i * nb..][..nb];
-                let mut best = (f32::NEG_INFINITY, 0);
-                for (j, &v) in row.iter().enumerate().skip(pb).filter(|_| i >= pa) {
-                    if v > best.0 {
-                        best = (v, j);
-                    }
-                }
-                best
+            .map(|i| match i < pa {
+                true => (f32::NEG_INFINITY, 0),
+                false => best_of(&scores[i * nb + pb..][..nb - pb], pb),
             })
             .collect();
         // Stable sort, descending: ties keep the lower index first. `+ 0.0`
@@ -97,6 +91,25 @@ impl Merge<'_> {
         rows.extend(unm[cut..].iter().map(|&i| Row::Kept(i)));
         rows.extend(joined);
         rows
+    }
+}
+
+/// A row's maximum and the first index holding it (offset by `skip`), or
+/// (-inf, 0) if every value is -inf or NaN. The maximum is taken in eight
+/// lanes, which the compiler keeps in one vector register.
+fn best_of(row: &[f32], skip: usize) -> (f32, usize) {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    match row.iter().position(|&v| v == max) {
+        Some(j) if max > f32::NEG_INFINITY => (max, j + skip),
+        _ => (f32::NEG_INFINITY, 0),
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::runtime::run::{floats, image_tensor, top_k, Runner};
-use crate::{runtime::verify, ErrorKind, Ops, Options, PassError, Report, Schedule};
+use crate::{runtime::verify, ErrorKind, Ops, Options, PassError, Report, Schedule, Target};
 
 pub mod bench;
 pub mod inspect;
@@ -346,7 +346,12 @@ fn compile(args: CompileArgs) -> Result<Output> {
     let mut text = report_text(&compiled.report, &schedule, opts.prop_attn);
     if compiled.report.fused_merges > 0 {
         let (n, op) = (compiled.report.fused_merges, tome_passes::vit::tome::FUSED_MERGE_OP);
-        text += &format!("{n} merges as one {op} node each: runs in tract with tome-compile's ops only\n");
+        let runs = match Target::from(args.deploy.target) {
+            Target::OnnxRuntimeOps => "runs in onnxruntime with libtome_ort_ops registered (README: Runtime plugins)",
+            Target::OpenVinoOps => "runs in OpenVINO with libtome_ov_ops added (README: Runtime plugins)",
+            _ => "runs in tract with tome-compile's ops only",
+        };
+        text += &format!("{n} merges as one {op} node each: {runs}\n");
     }
     if compiled.report.fused_attentions > 0 {
         let (n, op) = (compiled.report.fused_attentions, tome_passes::vit::lower::FUSED_ATTENTION_OP);

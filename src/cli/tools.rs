@@ -23,6 +23,9 @@ pub enum TargetArg {
     /// onnxruntime with tome-compile's custom-op library (libtome_ort_ops):
     /// each block's merge as one node.
     OnnxruntimeOps,
+    /// OpenVINO with tome-compile's extension (libtome_ov_ops): each
+    /// block's merge as one node.
+    OpenvinoOps,
     Tract,
 }
 
@@ -33,6 +36,7 @@ impl From<TargetArg> for Target {
             TargetArg::Tensorrt => Target::TensorRt,
             TargetArg::Onnxruntime => Target::OnnxRuntime,
             TargetArg::OnnxruntimeOps => Target::OnnxRuntimeOps,
+            TargetArg::OpenvinoOps => Target::OpenVinoOps,
             TargetArg::Tract => Target::Tract,
         }
     }

@@ -10,8 +10,8 @@
 //! `BipartiteMerge` node and adds the proportional-attention bias with a
 //! `ProportionalBias` node, which tract runs with tome-compile's ops
 //! (`tract_ops`) and no other runtime knows. `--target onnxruntime-ops`
-//! fuses only the merge, for onnxruntime with the custom-op library
-//! (`ort-ops/`).
+//! and `--target openvino-ops` fuse only the merge, for onnxruntime and
+//! OpenVINO with tome-compile's plugins (`plugins/`).
 
 use std::fmt;
 use std::path::Path;
@@ -38,6 +38,9 @@ pub enum Target {
     /// onnxruntime with tome-compile's custom-op library
     /// (`libtome_ort_ops`): each block's matching and merge in one node.
     OnnxRuntimeOps,
+    /// OpenVINO with tome-compile's extension (`libtome_ov_ops`): each
+    /// block's matching and merge in one node.
+    OpenVinoOps,
     /// tract with tome-compile's ops (`tract_ops::onnx`): the matching and
     /// merge of each block in one node, the proportional bias in another.
     Tract,
@@ -49,7 +52,7 @@ impl Target {
     pub fn options(self, opts: &Options, format: Format) -> Options {
         let ops = match (self, format) {
             (Target::Tract, Format::Onnx) => Ops::Tract,
-            (Target::OnnxRuntimeOps, _) => Ops::Merge,
+            (Target::OnnxRuntimeOps | Target::OpenVinoOps, _) => Ops::Merge,
             _ => Ops::Standard,
         };
         Options { ops, ..opts.clone() }
@@ -64,8 +67,9 @@ impl FromStr for Target {
             "tensorrt" | "trt" => Ok(Target::TensorRt),
             "onnxruntime" | "ort" => Ok(Target::OnnxRuntime),
             "onnxruntime-ops" => Ok(Target::OnnxRuntimeOps),
+            "openvino-ops" => Ok(Target::OpenVinoOps),
             "tract" => Ok(Target::Tract),
-            _ => Err(Error::Input(format!("unknown target '{s}': expected tensorrt, onnxruntime, onnxruntime-ops, tract or portable"))),
+            _ => Err(Error::Input(format!("unknown target '{s}': expected tensorrt, onnxruntime, onnxruntime-ops, openvino-ops, tract or portable"))),
         }
     }
 }
@@ -77,6 +81,7 @@ impl fmt::Display for Target {
             Target::TensorRt => "tensorrt",
             Target::OnnxRuntime => "onnxruntime",
             Target::OnnxRuntimeOps => "onnxruntime-ops",
+            Target::OpenVinoOps => "openvino-ops",
             Target::Tract => "tract",
         })
     }

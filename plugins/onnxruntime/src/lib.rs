@@ -293,3 +293,4 @@ pub unsafe extern "system" fn RegisterCustomOps(options: *mut c_void, api_base: 
     }
     register(options, domain)
 }
+

@@ -1,0 +1,105 @@
+// OpenVINO's half of libtome_ov_ops: the op `BipartiteMerge` (domain
+// ai.tome, TOME_SPEC.md) for OpenVINO's core and its ONNX front end. The
+// shapes are checked and inferred here; the merge itself is tome-kernels',
+// called through `tome_bipartite_merge` (src/lib.rs).
+
+#include <openvino/core/extension.hpp>
+#include <openvino/core/op_extension.hpp>
+#include <openvino/frontend/onnx/extension/op.hpp>
+#include <openvino/op/op.hpp>
+
+extern "C" int tome_bipartite_merge(const float* x, const float* scores, const float* size, const size_t* dims, float* out_x,
+                                    float* out_size, char* error, size_t error_len);
+
+namespace {
+
+// Inputs x [B,N,C], scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1];
+// outputs x [B,N-r,C] and size [B,N-r,1]; all float32.
+class BipartiteMerge : public ov::op::Op {
+public:
+    OPENVINO_OP("BipartiteMerge", "ai.tome");
+
+    BipartiteMerge() = default;
+    BipartiteMerge(const ov::OutputVector& args, int64_t r, int64_t prefix) : Op(args), m_r(r), m_prefix(prefix) {
+        constructor_validate_and_infer_types();
+    }
+
+    void validate_and_infer_types() override {
+        const auto inputs = get_input_size();
+        NODE_VALIDATION_CHECK(this, inputs == 2 || inputs == 3, "BipartiteMerge takes inputs (x, scores[, size]), has ", inputs);
+        NODE_VALIDATION_CHECK(this, m_r >= 1 && m_prefix >= 0, "BipartiteMerge needs r >= 1 and prefix >= 0, has r=", m_r,
+                              ", prefix=", m_prefix);
+        for (size_t i = 0; i < inputs; ++i) {
+            NODE_VALIDATION_CHECK(this, get_input_element_type(i).compatible(ov::element::f32), "BipartiteMerge input ", i,
+                                  " must be float32");
+            NODE_VALIDATION_CHECK(this, get_input_partial_shape(i).rank().compatible(3), "BipartiteMerge input ", i,
+                                  " must have rank 3");
+        }
+        ov::PartialShape x = get_input_partial_shape(0);
+        ov::PartialShape out_x{ov::Dimension::dynamic(), ov::Dimension::dynamic(), ov::Dimension::dynamic()};
+        if (x.rank().is_static()) {
+            out_x = x;
+            if (x[1].is_static()) {
+                NODE_VALIDATION_CHECK(this, m_r <= (x[1].get_length() - std::min<int64_t>(m_prefix, x[1].get_length())) / 2,
+                                      "BipartiteMerge: r=", m_r, " is more than half of the ", x[1].get_length(),
+                                      " tokens past the ", m_prefix, " protected");
+                out_x[1] = x[1].get_length() - m_r;
+            } else {
+                out_x[1] = ov::Dimension::dynamic();
+            }
+        }
+        ov::PartialShape out_size = out_x;
+        out_size[2] = 1;
+        set_output_type(0, ov::element::f32, out_x);
+        set_output_type(1, ov::element::f32, out_size);
+    }
+
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
+        return std::make_shared<BipartiteMerge>(args, m_r, m_prefix);
+    }
+
+    bool visit_attributes(ov::AttributeVisitor& visitor) override {
+        visitor.on_attribute("r", m_r);
+        visitor.on_attribute("prefix", m_prefix);
+        return true;
+    }
+
+    bool has_evaluate() const override {
+        return true;
+    }
+
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
+        const ov::Shape shape = inputs[0].get_shape();
+        OPENVINO_ASSERT(shape.size() == 3 && shape[1] >= static_cast<size_t>(m_r), "BipartiteMerge: x must be [B,N,C], is ",
+                        shape);
+        const size_t out_n = shape[1] - static_cast<size_t>(m_r);
+        outputs[0].set_shape({shape[0], out_n, shape[2]});
+        outputs[1].set_shape({shape[0], out_n, 1});
+        const size_t dims[5] = {shape[0], shape[1], shape[2], static_cast<size_t>(m_r), static_cast<size_t>(m_prefix)};
+        const float* size = inputs.size() > 2 ? inputs[2].data<const float>() : nullptr;
+        OPENVINO_ASSERT(inputs[1].get_size() == shape[0] * ((shape[1] + 1) / 2) * (shape[1] / 2),
+                        "BipartiteMerge: scores must be [B,ceil(N/2),floor(N/2)], are ", inputs[1].get_shape());
+        OPENVINO_ASSERT(!size || inputs[2].get_size() == shape[0] * shape[1], "BipartiteMerge: size must be [B,N,1], is ",
+                        inputs[2].get_shape());
+        char error[256] = {0};
+        const int failed = tome_bipartite_merge(inputs[0].data<const float>(), inputs[1].data<const float>(), size, dims,
+                                                outputs[0].data<float>(), outputs[1].data<float>(), error, sizeof error);
+        OPENVINO_ASSERT(!failed, "BipartiteMerge: ", error);
+        return true;
+    }
+
+private:
+    int64_t m_r = 0;
+    int64_t m_prefix = 0;
+};
+
+}  // namespace
+
+// OpenVINO's entry point is `create_extensions`; src/lib.rs exports it and
+// calls this (a Rust library exports only its own symbols).
+extern "C" void tome_create_extensions(std::vector<ov::Extension::Ptr>& extensions) {
+    extensions = {
+        std::make_shared<ov::OpExtension<BipartiteMerge>>(),
+        std::make_shared<ov::frontend::onnx::OpExtension<BipartiteMerge>>("BipartiteMerge", "ai.tome"),
+    };
+}
