@@ -9,6 +9,9 @@ Usage:
         [--runtimes tract,ort,ortopt,openvino]
 
 OpenVINO rows need the `openvino` package (skipped, and said, without it).
+The "ops" columns time `--target onnxruntime-ops` with tome-compile's
+plugins loaded (`cargo build --release -p tome-onnxruntime-ops -p
+tome-openvino-ops`; skipped, and said, without them).
 
 Weights of the full-size graphs in ../shared/fixtures/bench are filled into
 --bench-dir with ../shared/tools/fill_weights.py when missing. Needs numpy,
@@ -38,7 +41,14 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--iters", type=int, default=10)
 p.add_argument("--quick", action="store_true", help="ViT-B/16 batch 1 only")
 p.add_argument("--runtimes", default="tract,ort,ortopt,openvino", help="which runtimes' columns to measure")
+p.add_argument("--plugins", default=os.path.join(HERE, "..", "target", "release"),
+               help="directory with libtome_ort_ops.so and libtome_ov_ops.so")
 args = p.parse_args()
+ORT_OPS, OV_OPS = (os.path.join(args.plugins, f) for f in ("libtome_ort_ops.so", "libtome_ov_ops.so"))
+HAS_OPS = os.path.exists(ORT_OPS) and os.path.exists(OV_OPS)
+if not HAS_OPS:
+    print(f"no plugins in {args.plugins}: no ops columns (cargo build --release -p tome-onnxruntime-ops "
+          "-p tome-openvino-ops)", file=sys.stderr)
 RUNTIMES = set(args.runtimes.split(","))
 # Heads and width of each bench graph, for onnxruntime's optimizer.
 ARCH = {"vit_small_patch16_224": (6, 384), "vit_base_patch16_224": (12, 768), "vit_large_patch16_384": (16, 1024)}
@@ -92,6 +102,8 @@ def ort_times(paths, batch, iters):
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # the paper export's dynamic shapes warn on every run
+    if HAS_OPS:
+        so.register_custom_ops_library(ORT_OPS)
     sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in paths]
     shape = [batch] + [d for d in sessions[0].get_inputs()[0].shape[1:]]
     x = np.random.RandomState(0).randn(*shape).astype(np.float32)
@@ -124,6 +136,8 @@ def openvino_times(paths, batch, iters, precision):
     its default: bf16 where the CPU has it); also each model's first output."""
     import openvino as ov
     core = ov.Core()
+    if HAS_OPS:
+        core.add_extension(OV_OPS)
     config = {"INFERENCE_NUM_THREADS": args.threads}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
@@ -175,6 +189,8 @@ for name, batch in cases:
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
     weights("paper_tome_r16_" + name)
     models.append(paper)
+    if HAS_OPS:
+        models.append(compile_model(src, "ops", ["--target", "onnxruntime-ops"]))
     # Paired ratios want more runs than medians: each is cheap here.
     runs = iters * 3
     if "ort" in RUNTIMES:
@@ -184,6 +200,9 @@ for name, batch in cases:
                     "ort_trt_target_vs_default": o[1] / o[2], "ort_bound_speedup": o[0] / o[3],
                     "paper_ort_speedup": o[0] / o[4], "paper_vs_r16_ort_paired": paired(times[:, 4], times[:, 1]),
                     "r16_vs_bound_ort_paired": paired(times[:, 1], times[:, 3])})
+        if HAS_OPS:
+            row.update({"ort_ops_speedup": o[0] / o[5], "ops_vs_bound_ort_paired": paired(times[:, 5], times[:, 3]),
+                        "paper_vs_ops_ort_paired": paired(times[:, 4], times[:, 5])})
         if "tract" in RUNTIMES:
             row["tract_comp_vs_ort_orig"] = o[0] / row["tract_comp_ms"]
     if "ortopt" in RUNTIMES:
@@ -208,6 +227,9 @@ for name, batch in cases:
                         f"{key}_bound_speedup": o[0] / o[3],
                         f"{key}_paper_vs_r16_paired": paired(times[:, 4], times[:, 1]),
                         f"{key}_r16_vs_bound_paired": paired(times[:, 1], times[:, 3])})
+            if HAS_OPS:
+                row.update({f"{key}_ops_speedup": o[0] / o[5], f"{key}_ops_vs_bound_paired": paired(times[:, 5], times[:, 3]),
+                            f"{key}_paper_vs_ops_paired": paired(times[:, 4], times[:, 5])})
             if precision is None:
                 # The default precision's own error: each model's output against its f32 output.
                 for k, which in ((0, "orig"), (1, "comp")):
@@ -240,6 +262,8 @@ print("ort opt = both graphs after onnxruntime.transformers.optimizer (vit, opt_
       "SkipLayerNormalization fusions, original / compiled; ov = OpenVINO f32, ov default = its default precision "
       "(bf16 where the CPU has it), err = each model's output at that precision against its own f32 output, "
       "max |d| / max |y|")
+print("ops = the --target onnxruntime-ops graph (each block's merge one BipartiteMerge node) with tome-compile's "
+      "plugins loaded: libtome_ort_ops in onnxruntime, libtome_ov_ops in OpenVINO")
 columns = [
     ("model", "model", str), ("batch", "batch", str), ("ideal (MACs)", "ideal", x),
     ("tract orig ms", "tract_orig_ms", ms), ("tract r16 ms", "tract_comp_ms", ms), ("tract r16", "tract_speedup", x),
@@ -249,12 +273,16 @@ columns = [
     ("ort bound", "ort_bound_speedup", x), ("r16 / bound, ort", "r16_vs_bound_ort_paired", ci),
     ("paper export, ort", "paper_ort_speedup", x),
     ("paper / r16, ort", "paper_vs_r16_ort_paired", ci), ("tensorrt target vs default, ort", "ort_trt_target_vs_default", x),
+    ("ort ops", "ort_ops_speedup", x), ("ops / bound, ort", "ops_vs_bound_ort_paired", ci),
+    ("paper / ops, ort", "paper_vs_ops_ort_paired", ci),
     ("ort opt orig ms", "ortopt_orig_ms", ms), ("ort opt r16", "ortopt_speedup", x), ("ort opt bound", "ortopt_bound_speedup", x),
     ("r16 / bound, ort opt", "ortopt_r16_vs_bound_paired", ci),
     ("SkipLN", "ortopt_skip_layernorms", lambda v: f"{v[0]} / {v[1]}"),
     ("ov orig ms", "ov_orig_ms", ms), ("ov r16", "ov_speedup", x), ("ov bound", "ov_bound_speedup", x),
     ("r16 / bound, ov", "ov_r16_vs_bound_paired", ci),
     ("paper / r16, ov", "ov_paper_vs_r16_paired", ci),
+    ("ov ops", "ov_ops_speedup", x), ("ops / bound, ov", "ov_ops_vs_bound_paired", ci),
+    ("paper / ops, ov", "ov_paper_vs_ops_paired", ci),
     ("ov default orig ms", "ovdef_orig_ms", ms), ("ov default r16", "ovdef_speedup", x),
     ("ov default err, orig", "ovdef_orig_max_rel_err", lambda v: f"{v:.1e}"),
     ("ov default err, r16", "ovdef_comp_max_rel_err", lambda v: f"{v:.1e}"),

@@ -4,6 +4,8 @@
 //! original model. `--target tensorrt` must give the same model, pass the
 //! TensorRT parser check, and so match the references too: tract runs the
 //! default target's file, onnxruntime the tensorrt target's.
+//! `--target onnxruntime-ops` (= `openvino-ops`) must match them in tract,
+//! onnxruntime and OpenVINO, with tome-compile's plugins loaded.
 
 mod common;
 
@@ -42,20 +44,48 @@ fn tensorrt_twin(source: &Path, default: &Path, opts: &tome_compile::Options) ->
     Some(out)
 }
 
-/// Compiles `source` for tract next to `default`: one `BipartiteMerge` per
-/// merging block in place of the standard-op merge, except where a block
-/// tracks token sources (`--unmerge`); returns its path.
-fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
-    let out = default.with_extension("tract.onnx");
-    let report = tome_compile::compile_file_with(source, &out, opts, Target::Tract, Format::Onnx).expect("compile --target tract");
+fn nodes(m: &tome_compile::onnx::io::OnnxFile) -> Vec<tome_passes::pb::NodeProto> {
+    m.proto.graph.iter().flat_map(|g| &g.node).cloned().collect()
+}
+
+/// Compiles `source` for `target` next to `default` (as `{ext}.onnx`) and
+/// checks that it has one `BipartiteMerge` per merging block in place of
+/// the standard-op merge, except where a block tracks token sources
+/// (`--unmerge`); returns the report and both files.
+fn fused_twin(source: &Path, default: &Path, opts: &tome_compile::Options, target: Target, ext: &str) -> (tome_compile::Report, PathBuf, [tome_compile::onnx::io::OnnxFile; 2]) {
+    let out = default.with_extension(format!("{ext}.onnx"));
+    let report = tome_compile::compile_file_with(source, &out, opts, target, Format::Onnx).expect("compile the fused target");
     let (fused, portable) = (tome_compile::onnx::io::read(&out).unwrap(), tome_compile::onnx::io::read(default).unwrap());
-    let nodes = |m: &tome_compile::onnx::io::OnnxFile| m.proto.graph.iter().flat_map(|g| &g.node).cloned().collect::<Vec<_>>();
     let tracked = nodes(&portable).iter().any(|n| n.name.contains(".tome.unmerge"));
     let merging = if tracked { 0 } else { report.blocks.iter().filter(|b| b.step.r > 0).count() };
     assert_eq!(report.fused_merges, merging, "{}: the report's fused merges", out.display());
     let fused_nodes = nodes(&fused);
     let count = |op: &str| fused_nodes.iter().filter(|n| n.op_type == op).count();
     assert_eq!((count("BipartiteMerge"), count("TopK") > 0), (merging, tracked), "{}: fused merges, TopK left", out.display());
+    (report, out, [fused, portable])
+}
+
+/// Compiles `source` for onnxruntime and OpenVINO with tome-compile's
+/// plugins next to `default`: the merge fused (`fused_twin`), nothing else
+/// changed, and both targets write the same bytes; returns its path.
+fn plugin_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
+    let (report, out, [fused, portable]) = fused_twin(source, default, opts, Target::OnnxRuntimeOps, "ops");
+    let ov = default.with_extension("openvino.onnx");
+    tome_compile::compile_file_with(source, &ov, opts, Target::OpenVinoOps, Format::Onnx).expect("compile --target openvino-ops");
+    assert_eq!(std::fs::read(&ov).unwrap(), std::fs::read(&out).unwrap(), "{}: the two plugin targets differ", ov.display());
+    let ops = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).into_iter().filter(|n| !n.name.contains(".tome.merge")).map(|n| n.op_type).collect::<Vec<_>>();
+    assert_eq!(ops(&fused), ops(&portable), "{}: only the merges change", out.display());
+    assert_eq!(report.fused_attentions, 0, "{}", out.display());
+    out
+}
+
+/// Compiles `source` for tract next to `default`: the merge fused
+/// (`fused_twin`), each attention one `FusedAttention` and each float32
+/// LayerNormalization one `FusedLayerNorm`; returns its path.
+fn tract_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
+    let (report, out, [fused, portable]) = fused_twin(source, default, opts, Target::Tract, "tract");
+    let fused_nodes = nodes(&fused);
+    let count = |op: &str| fused_nodes.iter().filter(|n| n.op_type == op).count();
     assert_eq!(count("FusedAttention"), report.fused_attentions, "{}: the report's fused attentions", out.display());
     // Every float32 LayerNormalization of the standard-op graph is one FusedLayerNorm.
     let norms = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).iter().filter(|n| n.op_type == "LayerNormalization").count();
@@ -146,6 +176,10 @@ fn check_case(case: &str, model: &str) {
             assert!(err <= 1e-4, "{case}/{model} {name}: tract relative error {err:e} > 1e-4");
             let fused = tract_twin(&source, &out, &opts);
             let reference = &refs[&format!("logits_{name}")];
+            let plugged = plugin_twin(&source, &out, &opts);
+            let err = max_relative_error(&run_tract(&plugged, &refs), reference);
+            assert!(err <= 1e-4, "{case}/{model} {name}: --target onnxruntime-ops in tract, relative error {err:e} > 1e-4");
+            ort_cases.push((plugged, case.to_string(), format!("logits_{name}")));
             let err = max_relative_error(&run_tract(&fused, &refs), reference);
             println!("tract --target tract {case}/{model} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case}/{model} {name}: --target tract relative error {err:e} > 1e-4");
@@ -233,7 +267,11 @@ fn float16_model_merges_in_float32() {
         let out = dir.path().join(format!("{key}.onnx"));
         let report = compile_to(&fixture("timm_vit_fp16/model.onnx"), &out, &options(r, true));
         assert_eq!(Some(tokens_of(&report)), expected_tokens("timm_vit", &format!("{key}_prop1")));
+        let plugged = out.with_extension("ops.onnx");
+        let opts = options(r, true);
+        tome_compile::compile_file_with(&fixture("timm_vit_fp16/model.onnx"), &plugged, &opts, Target::OnnxRuntimeOps, Format::Onnx).expect("compile");
         ort_cases.push((out, "timm_vit".to_string(), format!("logits_{key}_prop1")));
+        ort_cases.push((plugged, "timm_vit".to_string(), format!("logits_{key}_prop1")));
     }
     check_with_onnxruntime_within(dir.path(), &ort_cases, Some(FP16_TOLERANCE));
 }

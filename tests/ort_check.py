@@ -12,7 +12,11 @@ Prints one line per case and runtime; exits 1 if any fails the spec's tolerance
 (max |y - ref| / max |ref| <= 1e-4 per image; 1e-5 absolute for logits_r0).
 OpenVINO runs every float32 model (float16 ones run in onnxruntime only:
 OpenVINO computes them in float32 and misses the float16 references' rounding).
+The plugins named by TOME_ORT_OPS and TOME_OV_OPS (libtome_ort_ops,
+libtome_ov_ops) are loaded into both, so that `--target onnxruntime-ops`
+graphs run; a graph with a `BipartiteMerge` node must have them.
 """
+import os
 import sys
 
 import numpy as np
@@ -21,6 +25,11 @@ import onnxruntime as ort
 import openvino as ov
 
 core = ov.Core()
+if os.environ.get("TOME_OV_OPS"):
+    core.add_extension(os.environ["TOME_OV_OPS"])
+options = ort.SessionOptions()
+if os.environ.get("TOME_ORT_OPS"):
+    options.register_custom_ops_library(os.environ["TOME_ORT_OPS"])
 
 
 def openvino_output(model, x, output):
@@ -44,7 +53,7 @@ for line in open(sys.argv[1]):
     model, npz, key, pixels, *tol = line.split()
     onnx.checker.check_model(onnx.load(model), full_check=True)
     data = np.load(npz)
-    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     inputs = np.load(pixels)
     name = sess.get_inputs()[0].name
     x = inputs[name] if name in inputs else inputs["pixel_values"]

@@ -27,7 +27,7 @@ fn main() {
     cc::Build::new().cpp(true).std("c++17").flag("-isystem").flag(include.as_os_str()).file("cpp/extension.cpp").compile("tome_ov_extension");
     for name in ["openvino", "openvino_onnx_frontend"] {
         if let Some(file) = find_lib(&lib, name) {
-            println!("cargo:rustc-link-arg={}", file.display());
+            println!("cargo:rustc-link-arg-cdylib={}", file.display());
         }
     }
     println!("cargo:rustc-cfg=openvino");

@@ -1,8 +1,12 @@
 //! `tome_compile._native`: the command line, run in process. The Python
 //! side (`python/tome_compile/`) turns keyword arguments into the same flags
-//! the `tome-compile` command takes, so both give the same bytes.
+//! the `tome-compile` command takes, so both give the same bytes. The module
+//! is also onnxruntime's custom-op library (`plugins/onnxruntime`).
 
 use pyo3::exceptions::PyException;
+// onnxruntime's custom-op library lives in this module too: its entry point
+// `RegisterCustomOps` is exported from here (`tome_compile.onnxruntime_ops()`).
+use tome_ort_ops as _;
 use pyo3::prelude::*;
 
 pyo3::create_exception!(_native, TomeCompileError, PyException, "A failed tome-compile command: `.kind`, `.message` and `.exit_code` as its `--json` error.");

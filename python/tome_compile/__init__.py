@@ -17,7 +17,7 @@ import tempfile
 from . import _native
 
 
-__all__ = ["compile", "inspect", "tune", "sweep", "TomeCompileError", "main"]
+__all__ = ["compile", "inspect", "tune", "sweep", "onnxruntime_ops", "TomeCompileError", "main"]
 
 
 def _flags(**kwargs):
@@ -121,6 +121,17 @@ def compile(model, r=16, prop_attn=True, target="portable", *, output=None, toke
         return m.result(out, output), report
     finally:
         m.close()
+
+
+def onnxruntime_ops():
+    """The path of onnxruntime's custom-op library for graphs compiled with
+    ``target="onnxruntime-ops"``: this package's native module, which holds
+    libtome_ort_ops's entry point.
+
+        so = onnxruntime.SessionOptions()
+        so.register_custom_ops_library(tome_compile.onnxruntime_ops())
+    """
+    return _native.__file__
 
 
 def inspect(model, r=0, prop_attn=True, target="portable", *, tokens=None, unmerge=False, image_size=None):

@@ -149,7 +149,7 @@ pub struct Compiled {
 pub fn compile_file_checked(input: &Path, output: &Path, opts: &Options, file: &FileOptions) -> Result<Compiled, Error> {
     let (target, format) = (file.target, file.format);
     onnx::io::check_output_path(input, output)?;
-    if format == Format::Nnef && matches!(target, Target::TensorRt | Target::OnnxRuntime) {
+    if format == Format::Nnef && !matches!(target, Target::Tract | Target::Portable) {
         return Err(Error::Input(format!(
             "--format nnef writes tract's NNEF archive, which {target} does not read; use --format onnx, or --target tract"
         )));

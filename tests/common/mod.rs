@@ -107,9 +107,32 @@ pub fn tokens_of(report: &Report) -> Vec<usize> {
     t
 }
 
+/// tome-compile's runtime plugins, (libtome_ort_ops, libtome_ov_ops), built
+/// once per test binary into `target/plugins` (a target directory of their
+/// own: this one is locked while the tests run).
+pub fn plugins() -> &'static (PathBuf, PathBuf) {
+    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let target = root.join("target/plugins");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .current_dir(root)
+            .args(["build", "--quiet", "-p", "tome-onnxruntime-ops", "-p", "tome-openvino-ops", "--target-dir"])
+            .arg(&target)
+            .output()
+            .expect("run cargo build for the plugins");
+        assert!(out.status.success(), "building the plugins failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let libs = (target.join("debug/libtome_ort_ops.so"), target.join("debug/libtome_ov_ops.so"));
+        assert!(libs.0.exists() && libs.1.exists(), "the plugins were not built: {libs:?}");
+        libs
+    })
+}
+
 /// Runs `tests/ort_check.py` (onnx.checker full check, then onnxruntime and,
-/// for float32 models, OpenVINO against the references) on `cases` of
-/// (model, case, key); panics with its output when any case fails.
+/// for float32 models, OpenVINO against the references, both with
+/// tome-compile's plugins loaded) on `cases` of (model, case, key); panics
+/// with its output when any case fails.
 pub fn check_with_onnxruntime(dir: &Path, cases: &[(PathBuf, String, String)]) {
     check_with_onnxruntime_within(dir, cases, None)
 }
@@ -127,9 +150,12 @@ pub fn check_with_onnxruntime_within(dir: &Path, cases: &[(PathBuf, String, Stri
         .collect();
     std::fs::write(&manifest, lines.join("\n")).expect("manifest");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_check.py");
+    let (ort_ops, ov_ops) = plugins();
     let out = std::process::Command::new("python3")
         .arg(&script)
         .arg(&manifest)
+        .env("TOME_ORT_OPS", ort_ops)
+        .env("TOME_OV_OPS", ov_ops)
         .output()
         .expect("python3 must be installed (see .ci/run for the packages)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

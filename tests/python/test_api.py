@@ -75,3 +75,16 @@ assert tuned == again, "tune writes compile's bytes for the chosen schedule"
 sweep = tome_compile.sweep(model_path, "fixtures/images", schedules=["4", "8:-1"], iters=1, threads=1)
 assert [c["schedule"] for c in sweep["candidates"]] == ["4", "8:-1"] and sweep["metric"] == "agreement"
 print("python API: ok")
+
+# onnxruntime's custom-op library from the wheel runs --target onnxruntime-ops graphs.
+plugged, report = tome_compile.compile(onnx.load(model_path), r=8, target="onnxruntime-ops")
+assert sum(n.op_type == "BipartiteMerge" for n in plugged.graph.node) == 6, "one BipartiteMerge per merging block"
+so = ort.SessionOptions()
+so.register_custom_ops_library(tome_compile.onnxruntime_ops())
+refs = np.load("fixtures/timm_vit/io.npz")
+session = ort.InferenceSession(plugged.SerializeToString(), so, providers=["CPUExecutionProvider"])
+y = session.run(None, {session.get_inputs()[0].name: refs["pixel_values"]})[0]
+ref = refs["logits_r8_prop1"]
+err = float(np.abs(y - ref).max() / np.abs(ref).max())
+assert err <= 1e-4, f"onnxruntime-ops from the wheel: relative error {err}"
+print("onnxruntime_ops(): ok")
