@@ -16,13 +16,14 @@ from onnx import TensorProto, helper
 ort_lib, ov_lib = sys.argv[1], sys.argv[2]
 
 
-def merge_model(r, n, c, scores_shape, prefix=0):
-    """x [1,n,c], scores of `scores_shape` -> BipartiteMerge(r, prefix)."""
-    node = helper.make_node("BipartiteMerge", ["x", "scores"], ["y", "size"], domain="ai.tome", r=r, prefix=prefix)
+def merge_model(r, n, c, metric_shape, **attributes):
+    """x [1,n,c], keys (rank 4) or scores (rank 3) of `metric_shape` ->
+    BipartiteMerge(r, **attributes)."""
+    node = helper.make_node("BipartiteMerge", ["x", "metric"], ["y", "size"], domain="ai.tome", r=r, **attributes)
     graph = helper.make_graph(
         [node], "merge",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n, c]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, scores_shape)],
+         helper.make_tensor_value_info("metric", TensorProto.FLOAT, metric_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
          helper.make_tensor_value_info("size", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tome", 1)])
@@ -47,11 +48,14 @@ def run_ov(model, feeds):
 rng = np.random.default_rng(0)
 cases = [
     # (what, model, feeds, words the message must hold)
-    ("r above half the tokens", merge_model(4, 6, 3, [1, 3, 3]),
-     {"x": rng.standard_normal((1, 6, 3), np.float32), "scores": rng.standard_normal((1, 3, 3), np.float32)},
+    ("r above half the tokens", merge_model(4, 6, 3, [1, 2, 6, 4], keys_transposed=0),
+     {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 2, 6, 4), np.float32)},
      ["r=4", "more than half"]),
+    ("keys of other tokens than x", merge_model(1, 6, 3, [1, 2, 4, 5], keys_transposed=1),
+     {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 2, 4, 5), np.float32)},
+     ["keys"]),
     ("scores of the wrong shape", merge_model(1, 6, 3, [1, 3, 2]),
-     {"x": rng.standard_normal((1, 6, 3), np.float32), "scores": rng.standard_normal((1, 3, 2), np.float32)},
+     {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 3, 2), np.float32)},
      ["scores"]),
 ]
 failed = 0
@@ -65,11 +69,22 @@ for what, model, feeds, words in cases:
         ok = message is not None and all(w in message for w in words)
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} {what}: {message!r}")
-# A well-formed node still runs: the refusals above are not a broken library.
-good = {"x": rng.standard_normal((1, 6, 3), np.float32), "scores": rng.standard_normal((1, 3, 3), np.float32)}
+# Well-formed nodes still run, keys in either layout or scores given, and
+# agree: the refusals above are not a broken library. Scores from the keys
+# as ToMe takes them (mean over heads, L2-normalised, even by odd tokens).
+x = rng.standard_normal((1, 6, 3), np.float32)
+keys = rng.standard_normal((1, 2, 6, 4), np.float32)
+metric = keys.mean(1)
+metric /= np.linalg.norm(metric, axis=-1, keepdims=True)
+scores = metric[:, ::2] @ metric[:, 1::2].transpose(0, 2, 1)
+forms = [("keys", merge_model(2, 6, 3, [1, 2, 6, 4]), keys),
+         ("keys transposed", merge_model(2, 6, 3, [1, 2, 4, 6], keys_transposed=1), keys.transpose(0, 1, 3, 2).copy()),
+         ("scores", merge_model(2, 6, 3, [1, 3, 3]), scores.astype(np.float32))]
 for runtime, run in [("ort", run_ort), ("ov", run_ov)]:
-    y = run(merge_model(2, 6, 3, [1, 3, 3]), good)
-    ok = y[0].shape == (1, 4, 3) and y[1].shape == (1, 4, 1) and float(y[1].sum()) == 6.0
-    failed += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} a valid merge: shapes {y[0].shape}, {y[1].shape}, sizes sum {float(y[1].sum())}")
+    outs = [run(model, {"x": x, "metric": m}) for _, model, m in forms]
+    for (what, _, _), y in zip(forms, outs):
+        ok = y[0].shape == (1, 4, 3) and y[1].shape == (1, 4, 1) and float(y[1].sum()) == 6.0
+        ok = ok and np.allclose(y[0], outs[-1][0], rtol=0, atol=1e-6) and np.array_equal(y[1], outs[-1][1])
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} a valid merge from {what}: shapes {y[0].shape}, {y[1].shape}")
 sys.exit(1 if failed else 0)

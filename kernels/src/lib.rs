@@ -123,7 +123,7 @@ fn attend_tiles<const FMA: bool, const R: usize, const C: usize>(head: &Head, s:
 /// `acc[r][c] += a[r]·b[c]`, fused where the target has FMA (elsewhere
 /// `mul_add` would be a libm call).
 #[inline(always)]
-fn outer_add<const FMA: bool, const R: usize, const C: usize>(acc: &mut [[f32; C]; R], a: &[f32], b: &[f32]) {
+pub(crate) fn outer_add<const FMA: bool, const R: usize, const C: usize>(acc: &mut [[f32; C]; R], a: &[f32], b: &[f32]) {
     let (a, b): (&[f32; R], &[f32; C]) = (a.try_into().expect("R values"), b.try_into().expect("C values"));
     for r in 0..R {
         for c in 0..C {
@@ -136,7 +136,7 @@ fn outer_add<const FMA: bool, const R: usize, const C: usize>(acc: &mut [[f32; C
 /// right, so that a tile's inner loop reads memory in order. Inlined, so
 /// that it compiles for the caller's instruction set.
 #[inline(always)]
-fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, width: usize) {
+pub(crate) fn pack_panels<const C: usize>(dst: &mut Vec<f32>, src: Matrix, rows: usize, width: usize) {
     dst.clear();
     dst.resize(width.div_ceil(C) * rows * C, 0.0);
     for (c0, panel) in (0..width).step_by(C).zip(dst.chunks_exact_mut(rows * C)) {

@@ -1,21 +1,32 @@
-//! `BipartiteMerge`: a block's bipartite soft matching on given similarity
-//! scores, then ToMe's size-weighted merge (`TOME_SPEC.md`). One kernel for
+//! `BipartiteMerge`: a block's bipartite soft matching on its keys (or on
+//! scores already taken), then ToMe's size-weighted merge (`TOME_SPEC.md`). One kernel for
 //! every runtime that takes the op: tract (`--target tract`) and
 //! onnxruntime and OpenVINO through their plugins (`plugins/`).
 
-/// The merge's inputs for a batch: x [batch, n, c], scores [batch, ⌈n/2⌉,
-/// ⌊n/2⌋] (A = even tokens by B = odd tokens), size [batch, n] or every
-/// token one patch; r A tokens merge away, the first `prefix` tokens are
-/// protected.
+use crate::{outer_add, pack_panels, Matrix};
+
+/// The merge's inputs for a batch: x [batch, n, c], what the matching
+/// scores come from, size [batch, n] or every token one patch; r A tokens
+/// merge away, the first `prefix` tokens are protected.
 pub struct Merge<'a> {
     pub x: &'a [f32],
-    pub scores: &'a [f32],
+    pub metric: Metric<'a>,
     pub size: Option<&'a [f32]>,
     pub batch: usize,
     pub n: usize,
     pub c: usize,
     pub r: usize,
     pub prefix: usize,
+}
+
+/// What the matching scores come from.
+pub enum Metric<'a> {
+    /// The block's keys, [batch, heads, n, d] or, `transposed`, [batch,
+    /// heads, d, n]: the kernel takes ToMe's similarity of their mean.
+    Keys { keys: &'a [f32], heads: usize, d: usize, transposed: bool },
+    /// The similarity scores already taken, [batch, ⌈n/2⌉, ⌊n/2⌋] (A =
+    /// even tokens by B = odd tokens).
+    Scores(&'a [f32]),
 }
 
 /// Why a merge cannot run on its inputs, in words naming the input.
@@ -33,8 +44,13 @@ impl Merge<'_> {
     pub fn check_lengths(&self) -> Result<(), String> {
         let (b, n, c) = (self.batch, self.n, self.c);
         check(self.r, self.prefix, n)?;
-        let mut inputs = vec![("x", self.x.len(), [b, n, c]), ("scores", self.scores.len(), [b, n.div_ceil(2), n / 2])];
-        inputs.extend(self.size.map(|s| ("size", s.len(), [b, n, 1])));
+        let metric = match self.metric {
+            Metric::Keys { keys, heads, d, transposed: true } => ("keys", keys.len(), vec![b, heads, d, n]),
+            Metric::Keys { keys, heads, d, transposed: false } => ("keys", keys.len(), vec![b, heads, n, d]),
+            Metric::Scores(scores) => ("scores", scores.len(), vec![b, n.div_ceil(2), n / 2]),
+        };
+        let mut inputs = vec![("x", self.x.len(), vec![b, n, c]), metric];
+        inputs.extend(self.size.map(|s| ("size", s.len(), vec![b, n, 1])));
         match inputs.into_iter().find(|(_, len, shape)| *len != shape.iter().product::<usize>()) {
             Some((what, len, shape)) => Err(format!("{what} has {len} values, must be {shape:?}")),
             None => Ok(()),
@@ -46,13 +62,18 @@ impl Merge<'_> {
     pub fn run(&self, out_x: &mut [f32], out_size: &mut [f32]) {
         let (n, c, out_n) = (self.n, self.c, self.n - self.r);
         let (na, nb) = (n.div_ceil(2), n / 2);
+        let mut scratch = Similarity::default();
         for b in 0..self.batch {
             let image = Image {
                 x: &self.x[b * n * c..][..n * c],
                 size: self.size.map(|s| &s[b * n..][..n]),
                 c,
             };
-            let rows = self.rows(&self.scores[b * na * nb..][..na * nb]);
+            let scores = match self.metric {
+                Metric::Keys { keys, heads, d, transposed } => scratch.scores(&keys[b * heads * d * n..][..heads * d * n], heads, d, n, transposed),
+                Metric::Scores(scores) => &scores[b * na * nb..][..na * nb],
+            };
+            let rows = self.rows(scores);
             image.write(&rows, &mut out_x[b * out_n * c..][..out_n * c], &mut out_size[b * out_n..][..out_n]);
         }
     }
@@ -92,6 +113,132 @@ impl Merge<'_> {
         rows.extend(joined);
         rows
     }
+}
+
+/// ToMe's similarity, its buffers reused from image to image: the metric
+/// (the keys' sum over heads, each token's row L2-normalised; the mean's
+/// 1/heads cancels), then the scores of A (even) tokens against B (odd)
+/// ones.
+#[derive(Default)]
+struct Similarity {
+    sum: Vec<f32>,
+    norms: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Similarity {
+    fn scores(&mut self, keys: &[f32], heads: usize, d: usize, n: usize, transposed: bool) -> &[f32] {
+        // The sum over heads, head by head in order, in the keys' layout.
+        self.sum.clear();
+        self.sum.resize(n * d, 0.0);
+        for head in keys.chunks_exact(n * d).take(heads) {
+            self.sum.iter_mut().zip(head).for_each(|(m, k)| *m += k);
+        }
+        // Each token's row normalised; (k, t) of the metric is then
+        // sum[t·d + k], or sum[k·n + t] for transposed keys.
+        let metric = match transposed {
+            false => {
+                for row in self.sum.chunks_exact_mut(d) {
+                    let norm = sum_of_squares(row).sqrt();
+                    row.iter_mut().for_each(|v| *v /= norm);
+                }
+                Matrix { data: &self.sum, row_stride: 1, col_stride: d, factor: 1.0 }
+            }
+            true => {
+                // Across tokens, which lie in order: every loop vectorises.
+                self.norms.clear();
+                self.norms.resize(n, 0.0);
+                for row in self.sum.chunks_exact(n) {
+                    self.norms.iter_mut().zip(row).for_each(|(s, v)| *s += v * v);
+                }
+                self.norms.iter_mut().for_each(|s| *s = s.sqrt());
+                for row in self.sum.chunks_exact_mut(n) {
+                    row.iter_mut().zip(&self.norms).for_each(|(v, norm)| *v /= norm);
+                }
+                Matrix { data: &self.sum, row_stride: n, col_stride: 1, factor: 1.0 }
+            }
+        };
+        let (na, nb) = (n.div_ceil(2), n / 2);
+        self.scores.resize(na * nb, 0.0);
+        scores(metric, d, na, nb, &mut self.a, &mut self.b, &mut self.scores);
+        &self.scores
+    }
+}
+
+/// `out` [na, nb] = A·Bᵀ for A the even tokens of `metric` (element (k, t)
+/// is token t's k-th value) and B the odd ones, in register tiles as
+/// `attend`'s logits, compiled for the best instruction set this CPU has.
+fn scores(metric: Matrix, d: usize, na: usize, nb: usize, a: &mut Vec<f32>, b: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { scores_avx512(metric, d, na, nb, a, b, out) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { scores_avx2(metric, d, na, nb, a, b, out) };
+        }
+    }
+    scores_tiles::<{ cfg!(target_arch = "aarch64") }, 4, 16>(metric, d, na, nb, a, b, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn scores_avx512(metric: Matrix, d: usize, na: usize, nb: usize, a: &mut Vec<f32>, b: &mut Vec<f32>, out: &mut [f32]) {
+    scores_tiles::<true, 6, 32>(metric, d, na, nb, a, b, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(metric: Matrix, d: usize, na: usize, nb: usize, a: &mut Vec<f32>, b: &mut Vec<f32>, out: &mut [f32]) {
+    scores_tiles::<true, 6, 16>(metric, d, na, nb, a, b, out)
+}
+
+/// R A tokens × C B tokens per tile, summed over the metric's d columns.
+#[inline(always)]
+fn scores_tiles<const FMA: bool, const R: usize, const C: usize>(
+    metric: Matrix,
+    d: usize,
+    na: usize,
+    nb: usize,
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    // Token i of A is token 2i, token j of B token 2j + 1.
+    let a_t = Matrix { col_stride: 2 * metric.col_stride, ..metric };
+    let b_t = Matrix { data: &metric.data[metric.col_stride.min(metric.data.len())..], ..a_t };
+    pack_panels::<R>(a, a_t, d, na);
+    pack_panels::<C>(b, b_t, d, nb);
+    for (j0, b_panel) in (0..nb).step_by(C).zip(b.chunks_exact(d * C)) {
+        let columns = C.min(nb - j0);
+        for (i0, a_tile) in (0..na).step_by(R).zip(a.chunks_exact(d * R)) {
+            let mut acc = [[0f32; C]; R];
+            for (a, b) in a_tile.chunks_exact(R).zip(b_panel.chunks_exact(C)) {
+                outer_add::<FMA, R, C>(&mut acc, a, b);
+            }
+            for (i, acc) in (i0..na).zip(&acc) {
+                out[i * nb + j0..][..columns].copy_from_slice(&acc[..columns]);
+            }
+        }
+    }
+}
+
+/// Σ v², in eight lanes (one vector register; a sum in order would wait on
+/// each addition).
+fn sum_of_squares(row: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// A row's maximum and the first index holding it (offset by `skip`), or

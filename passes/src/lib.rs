@@ -283,7 +283,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                 true => tome::truncate(g, block, step.tokens_in, step.r)?,
                 false => {
                     let at = tome::MergeAt { tokens: step.tokens_in, r: step.r, prefix: vit.prefix };
-                    tome::merge(g, block, at, merged.last(), track, opts.ops != Ops::Standard)?
+                    tome::merge(g, block, at, merged.last(), track, opts.ops)?
                 }
             };
             labels.push(p.label.clone());

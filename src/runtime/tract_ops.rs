@@ -1,16 +1,15 @@
 //! tract's ops for `--target tract` (semantics in `TOME_SPEC.md`, inputs and
 //! outputs as `tome_passes::vit::tome::{FUSED_MERGE_OP, PROP_BIAS_OP}`):
 //! `BipartiteMerge`, a block's matching and size-weighted merge in one node
-//! from the similarity scores the graph computes with tract's own MatMul
-//! (the standard-op form costs about 30 small nodes per block; this one
-//! reads each token once), and `ProportionalBias`, the proportional-attention
+//! from its keys (tome-kernels' `merge`; the standard-op form costs about
+//! 40 small nodes per block; this one reads each token once), and `ProportionalBias`, the proportional-attention
 //! Add done in place.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use tome_kernels::merge::{self, Merge};
+use tome_kernels::merge::{self, Merge, Metric};
 use tome_passes::vit::tome::{FUSED_MERGE_OP, PROP_BIAS_OP};
 
 /// tract's ONNX front end, knowing `BipartiteMerge`, `ProportionalBias`,
@@ -34,21 +33,25 @@ pub(crate) fn floats(t: &Tensor) -> TractResult<&[f32]> {
 fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let r: i64 = node.get_attr("r")?;
     let prefix: i64 = node.get_attr_opt("prefix")?.unwrap_or(0);
-    if r < 1 || prefix < 0 {
-        bail!("{}: {FUSED_MERGE_OP} needs r >= 1 and prefix >= 0, has r={r}, prefix={prefix}", node.name);
+    let keys_transposed: i64 = node.get_attr_opt("keys_transposed")?.unwrap_or(0);
+    if r < 1 || prefix < 0 || !(0..=1).contains(&keys_transposed) {
+        bail!("{}: {FUSED_MERGE_OP} needs r >= 1, prefix >= 0 and keys_transposed 0 or 1, has r={r}, prefix={prefix}, keys_transposed={keys_transposed}", node.name);
     }
     if !(2..=3).contains(&node.input.len()) || node.output.len() != 2 {
-        bail!("{}: {FUSED_MERGE_OP} takes inputs (x, scores[, size]) and gives outputs (x, size)", node.name);
+        bail!("{}: {FUSED_MERGE_OP} takes inputs (x, keys or scores[, size]) and gives outputs (x, size)", node.name);
     }
-    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize }), vec![]))
+    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_transposed: keys_transposed == 1 }), vec![]))
 }
 
-/// Bipartite soft matching on given scores, then the size-weighted merge.
+/// Bipartite soft matching on the block's keys or given scores, then the
+/// size-weighted merge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct BipartiteMerge {
     pub r: usize,
     /// Protected prefix tokens (cls, dist, registers).
     pub prefix: usize,
+    /// Keys [B,H,D,N] instead of [B,H,N,D].
+    pub keys_transposed: bool,
 }
 
 impl Expansion for BipartiteMerge {
@@ -62,9 +65,12 @@ impl Expansion for BipartiteMerge {
 
     fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
         check_output_arity(outputs, 2)?;
-        for t in inputs.iter().chain(outputs) {
+        // Input 1 is keys (rank 4) or scores (rank 3).
+        for (i, t) in inputs.iter().chain(outputs).enumerate() {
             s.equals(&t.datum_type, f32::datum_type())?;
-            s.equals(&t.rank, 3)?;
+            if i != 1 {
+                s.equals(&t.rank, 3)?;
+            }
         }
         for out in outputs {
             s.equals(&out.shape[0], &inputs[0].shape[0])?;
@@ -92,7 +98,7 @@ impl Op for BipartiteMerge {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("r={} prefix={}", self.r, self.prefix)])
+        Ok(vec![format!("r={} prefix={} keys_transposed={}", self.r, self.prefix, self.keys_transposed)])
     }
 
     op_as_typed_op!();
@@ -101,13 +107,18 @@ impl Op for BipartiteMerge {
 impl TypedOp for BipartiteMerge {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = inputs[0];
-        if inputs.iter().any(|f| f.datum_type != f32::datum_type() || f.rank() != 3) {
-            bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], scores and size; got {inputs:?}");
+        let ranks: Vec<usize> = inputs.iter().map(|f| f.rank()).collect();
+        if inputs.iter().any(|f| f.datum_type != f32::datum_type()) || ranks[0] != 3 || !(3..=4).contains(&ranks[1]) || ranks.get(2).is_some_and(|&r| r != 3) {
+            bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], keys [B,H,N,D] or scores [B,⌈N/2⌉,⌊N/2⌋], and size [B,N,1]; got {inputs:?}");
         }
         if let Ok(n) = x.shape[1].to_usize() {
             self.check_tokens(n)?;
             let expected = [n.div_ceil(2), n / 2];
-            if inputs[1].shape.iter().skip(1).map(|d| d.to_usize().ok()).ne(expected.map(Some)) {
+            let tokens_axis = if self.keys_transposed { 3 } else { 2 };
+            if ranks[1] == 4 && inputs[1].shape[tokens_axis].to_usize().is_ok_and(|k| k != n) {
+                bail!("{FUSED_MERGE_OP}: keys must have {n} tokens on axis {tokens_axis}, are {:?}", inputs[1].shape);
+            }
+            if ranks[1] == 3 && inputs[1].shape.iter().skip(1).map(|d| d.to_usize().ok()).ne(expected.map(Some)) {
                 bail!("{FUSED_MERGE_OP}: scores must be [B,{},{}] for {n} tokens, are {:?}", expected[0], expected[1], inputs[1].shape);
             }
             if inputs.get(2).is_some_and(|s| s.shape.iter().skip(1).map(|d| d.to_usize().ok()).ne([Some(n), Some(1)])) {
@@ -127,9 +138,16 @@ impl EvalOp for BipartiteMerge {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let shape = inputs[0].shape().to_vec();
         let &[batch, n, c] = shape.as_slice() else { bail!("{FUSED_MERGE_OP}: x must be [B,N,C], is {shape:?}") };
+        let metric = match *inputs[1].shape() {
+            [_, heads, k2, k3] => {
+                let d = if self.keys_transposed { k2 } else { k3 };
+                Metric::Keys { keys: floats(&inputs[1])?, heads, d, transposed: self.keys_transposed }
+            }
+            _ => Metric::Scores(floats(&inputs[1])?),
+        };
         let merge = Merge {
             x: floats(&inputs[0])?,
-            scores: floats(&inputs[1])?,
+            metric,
             size: inputs.get(2).map(|s| floats(s)).transpose()?,
             batch,
             n,

@@ -8,12 +8,14 @@ use petgraph::stable_graph::NodeIndex;
 use crate::graph::{Dim, Graph, TensorType, FLOAT, INT64};
 use crate::vit::matcher::VitBlock;
 use crate::patch::{int_attr, tokens_type, Emitter, Patch, Rewire};
-use crate::PassError;
+use crate::{Ops, PassError};
 
 /// The op and domain of a block's matching and merge as one node
-/// (`Ops::Merge`, `Ops::Tract`): inputs x [B,N,C] and scores
-/// [B,⌈N/2⌉,⌊N/2⌋] (float32), then size [B,N,1] after the first merge;
-/// attributes `r` and `prefix`; outputs x and size [B,N-r,·]. tract with
+/// (`Ops::Merge`, `Ops::Tract`): inputs x [B,N,C], then the block's keys
+/// [B,H,N,D] (`Ops::Merge`; attribute `keys_transposed` for [B,H,D,N]) or
+/// the similarity scores [B,⌈N/2⌉,⌊N/2⌋] (`Ops::Tract`), float32, then
+/// size [B,N,1] after the first merge; attributes `r` and `prefix`;
+/// outputs x and size [B,N-r,·]. tract with
 /// tome-compile's ops and onnxruntime with its custom-op library run it.
 pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
 /// The tract target's proportional-attention Add: logits [B,H,N,N] float32
@@ -127,14 +129,16 @@ fn key_bias(e: &mut Emitter, size: &str, tract: bool) -> String {
 /// ```
 ///
 /// `previous` is the merge before this one; with `track` the merge also
-/// composes the token sources (`Merged::source`).
+/// composes the token sources (`Merged::source`). With `ops` other than
+/// `Ops::Standard` (and no `track`) the matching and merge are one
+/// `FUSED_MERGE_OP` node.
 pub fn merge(
     g: &Graph,
     block: &VitBlock,
     at: MergeAt,
     previous: Option<&Merged>,
     track: bool,
-    fused: bool,
+    ops: Ops,
 ) -> Result<(Patch, Merged), PassError> {
     let size = previous.map(|m| m.size.as_str());
     let MergeAt { tokens, r, prefix } = at;
@@ -147,11 +151,17 @@ pub fn merge(
         _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
     };
     let x = x.as_str();
-    let (x_out, size_out, images, source) = if fused && !track {
-        let scores = similarity(&mut e, block, &keys, tokens as i64);
-        let mut inputs = vec![x, scores.as_str()];
+    let (x_out, size_out, images, source) = if ops != Ops::Standard && !track {
+        // tract reads the keys in the projection's layout for its attention
+        // and would copy them for the op: it gets the scores, which its
+        // own ops compute from that layout.
+        let (metric, mut attrs) = match ops {
+            Ops::Tract => (similarity(&mut e, block, &keys, tokens as i64), vec![]),
+            _ => (keys.clone(), vec![int_attr("keys_transposed", block.keys_transposed as i64)]),
+        };
+        let mut inputs = vec![x, metric.as_str()];
         inputs.extend(size);
-        let attrs = vec![int_attr("r", r as i64), int_attr("prefix", prefix as i64)];
+        attrs.extend([int_attr("r", r as i64), int_attr("prefix", prefix as i64)]);
         let outs = e.op_multi(FUSED_MERGE_OP, "bipartite", &inputs, &["x", "size"], attrs);
         e.in_domain(OPS_DOMAIN);
         e.patch.label += &format!(" as {FUSED_MERGE_OP}");

@@ -18,7 +18,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{null, null_mut};
 
-use tome_kernels::merge::Merge;
+use tome_kernels::merge::{Merge, Metric};
 
 /// The op's name and domain, as `tome_passes::vit::tome` writes them.
 const OP_NAME: &CStr = c"BipartiteMerge";
@@ -164,7 +164,7 @@ struct CustomOp {
     get_end_version: unsafe extern "system" fn(*const CustomOp) -> i32,
 }
 
-/// Inputs (x, scores[, size]), outputs (x, size), all float32.
+/// Inputs (x, keys or scores[, size]), outputs (x, size), all float32.
 static MERGE_OP: CustomOp = CustomOp {
     version: API_VERSION,
     create_kernel: None,
@@ -199,6 +199,7 @@ struct Kernel {
     api: *const Api,
     r: usize,
     prefix: usize,
+    keys_transposed: bool,
 }
 
 unsafe extern "system" fn create_kernel_v2(_: *const CustomOp, api: *const Api, info: *const c_void, kernel: *mut *mut c_void) -> Status {
@@ -208,13 +209,17 @@ unsafe extern "system" fn create_kernel_v2(_: *const CustomOp, api: *const Api, 
         let get: unsafe extern "system" fn(*const c_void, *const c_char, *mut i64) -> Status = api.get(KERNEL_INFO_GET_ATTRIBUTE_INT64);
         api.check(get(info, name.as_ptr(), &mut value), "").ok().map(|()| value)
     };
-    let (r, prefix) = (attribute(c"r"), attribute(c"prefix").unwrap_or(0));
+    let (r, prefix, transposed) = (attribute(c"r"), attribute(c"prefix").unwrap_or(0), attribute(c"keys_transposed").unwrap_or(0));
     match r {
-        Some(r) if r >= 1 && prefix >= 0 => {
-            *kernel = Box::into_raw(Box::new(Kernel { api, r: r as usize, prefix: prefix as usize })) as *mut c_void;
+        Some(r) if r >= 1 && prefix >= 0 && (0..=1).contains(&transposed) => {
+            let kernel_data = Kernel { api, r: r as usize, prefix: prefix as usize, keys_transposed: transposed == 1 };
+            *kernel = Box::into_raw(Box::new(kernel_data)) as *mut c_void;
             null_mut()
         }
-        _ => api.status(ORT_INVALID_ARGUMENT, &format!("{}: needs an int attribute r >= 1 and prefix >= 0, has r={r:?}, prefix={prefix}", op_name())),
+        _ => api.status(
+            ORT_INVALID_ARGUMENT,
+            &format!("{}: needs int attributes r >= 1, prefix >= 0 and keys_transposed 0 or 1, has r={r:?}, prefix={prefix}, keys_transposed={transposed}", op_name()),
+        ),
     }
 }
 
@@ -247,7 +252,7 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
         Ok(value)
     };
     let (x, dims) = api.floats(input(0)?, "x")?;
-    let (scores, _) = api.floats(input(1)?, "scores")?;
+    let (keys, keys_dims) = api.floats(input(1)?, "keys or scores")?;
     let size = match input(2)? {
         s if s.is_null() => None,
         s => Some(api.floats(s, "size")?.0),
@@ -255,7 +260,18 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     let &[batch, n, c] = dims.as_slice() else {
         return Err(api.status(ORT_INVALID_ARGUMENT, &format!("{}: x must be [B,N,C], is {dims:?}", op_name())));
     };
-    let merge = Merge { x, scores, size, batch, n, c, r: kernel.r, prefix: kernel.prefix };
+    let metric = match *keys_dims.as_slice() {
+        [_, heads, k2, k3] => {
+            let d = if kernel.keys_transposed { k2 } else { k3 };
+            Metric::Keys { keys, heads, d, transposed: kernel.keys_transposed }
+        }
+        [_, _, _] => Metric::Scores(keys),
+        _ => {
+            let message = format!("{}: input 1 must be keys [B,H,N,D] or scores [B,N/2,N/2], is {keys_dims:?}", op_name());
+            return Err(api.status(ORT_INVALID_ARGUMENT, &message));
+        }
+    };
+    let merge = Merge { x, metric, size, batch, n, c, r: kernel.r, prefix: kernel.prefix };
     merge.check_lengths().map_err(|e| api.status(ORT_INVALID_ARGUMENT, &format!("{}: {e}", op_name())))?;
     let out_n = n - kernel.r;
     let out_x = api.output(context, 0, &[batch, out_n, c])?;

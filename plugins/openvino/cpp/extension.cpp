@@ -5,35 +5,38 @@
 
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
-#include <openvino/frontend/onnx/extension/op.hpp>
+#include <openvino/frontend/onnx/extension/conversion.hpp>
 #include <openvino/op/op.hpp>
 
-extern "C" int tome_bipartite_merge(const float* x, const float* scores, const float* size, const size_t* dims, float* out_x,
+extern "C" int tome_bipartite_merge(const float* x, const float* keys, const float* size, const size_t* dims, float* out_x,
                                     float* out_size, char* error, size_t error_len);
 
 namespace {
 
-// Inputs x [B,N,C], scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1];
-// outputs x [B,N-r,C] and size [B,N-r,1]; all float32.
+// Inputs x [B,N,C], keys [B,H,N,D] ([B,H,D,N] with keys_transposed = 1) or
+// scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1]; outputs x [B,N-r,C] and size [B,N-r,1]; all float32.
 class BipartiteMerge : public ov::op::Op {
 public:
     OPENVINO_OP("BipartiteMerge", "ai.tome");
 
     BipartiteMerge() = default;
-    BipartiteMerge(const ov::OutputVector& args, int64_t r, int64_t prefix) : Op(args), m_r(r), m_prefix(prefix) {
+    BipartiteMerge(const ov::OutputVector& args, int64_t r, int64_t prefix, int64_t keys_transposed)
+        : Op(args), m_r(r), m_prefix(prefix), m_keys_transposed(keys_transposed) {
         constructor_validate_and_infer_types();
     }
 
     void validate_and_infer_types() override {
         const auto inputs = get_input_size();
-        NODE_VALIDATION_CHECK(this, inputs == 2 || inputs == 3, "BipartiteMerge takes inputs (x, scores[, size]), has ", inputs);
-        NODE_VALIDATION_CHECK(this, m_r >= 1 && m_prefix >= 0, "BipartiteMerge needs r >= 1 and prefix >= 0, has r=", m_r,
-                              ", prefix=", m_prefix);
+        NODE_VALIDATION_CHECK(this, inputs == 2 || inputs == 3, "BipartiteMerge takes inputs (x, keys[, size]), has ", inputs);
+        NODE_VALIDATION_CHECK(this, m_r >= 1 && m_prefix >= 0 && (m_keys_transposed == 0 || m_keys_transposed == 1),
+                              "BipartiteMerge needs r >= 1, prefix >= 0 and keys_transposed 0 or 1, has r=", m_r,
+                              ", prefix=", m_prefix, ", keys_transposed=", m_keys_transposed);
         for (size_t i = 0; i < inputs; ++i) {
             NODE_VALIDATION_CHECK(this, get_input_element_type(i).compatible(ov::element::f32), "BipartiteMerge input ", i,
                                   " must be float32");
-            NODE_VALIDATION_CHECK(this, get_input_partial_shape(i).rank().compatible(3), "BipartiteMerge input ", i,
-                                  " must have rank 3");
+            const auto rank = get_input_partial_shape(i).rank();
+            NODE_VALIDATION_CHECK(this, rank.compatible(3) || (i == 1 && rank.compatible(4)), "BipartiteMerge input ", i,
+                                  " must have rank ", i == 1 ? "4 (keys) or 3 (scores)" : "3");
         }
         ov::PartialShape x = get_input_partial_shape(0);
         ov::PartialShape out_x{ov::Dimension::dynamic(), ov::Dimension::dynamic(), ov::Dimension::dynamic()};
@@ -55,12 +58,13 @@ public:
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
-        return std::make_shared<BipartiteMerge>(args, m_r, m_prefix);
+        return std::make_shared<BipartiteMerge>(args, m_r, m_prefix, m_keys_transposed);
     }
 
     bool visit_attributes(ov::AttributeVisitor& visitor) override {
         visitor.on_attribute("r", m_r);
         visitor.on_attribute("prefix", m_prefix);
+        visitor.on_attribute("keys_transposed", m_keys_transposed);
         return true;
     }
 
@@ -75,10 +79,17 @@ public:
         const size_t out_n = shape[1] - static_cast<size_t>(m_r);
         outputs[0].set_shape({shape[0], out_n, shape[2]});
         outputs[1].set_shape({shape[0], out_n, 1});
-        const size_t dims[5] = {shape[0], shape[1], shape[2], static_cast<size_t>(m_r), static_cast<size_t>(m_prefix)};
+        const ov::Shape keys = inputs[1].get_shape();
+        const size_t tokens_axis = m_keys_transposed ? 3 : 2;
+        const bool scores = keys.size() == 3;
+        OPENVINO_ASSERT(scores || (keys.size() == 4 && keys[0] == shape[0] && keys[tokens_axis] == shape[1]),
+                        "BipartiteMerge: keys must be [B,H,N,D] ([B,H,D,N] transposed) for x ", shape, ", are ", keys);
+        OPENVINO_ASSERT(!scores || inputs[1].get_size() == shape[0] * ((shape[1] + 1) / 2) * (shape[1] / 2),
+                        "BipartiteMerge: scores must be [B,ceil(N/2),floor(N/2)], are ", keys);
+        const size_t dims[8] = {shape[0], shape[1], shape[2], static_cast<size_t>(m_r), static_cast<size_t>(m_prefix),
+                                scores ? 0 : keys[1], scores ? 0 : keys[5 - tokens_axis],
+                                static_cast<size_t>(m_keys_transposed)};
         const float* size = inputs.size() > 2 ? inputs[2].data<const float>() : nullptr;
-        OPENVINO_ASSERT(inputs[1].get_size() == shape[0] * ((shape[1] + 1) / 2) * (shape[1] / 2),
-                        "BipartiteMerge: scores must be [B,ceil(N/2),floor(N/2)], are ", inputs[1].get_shape());
         OPENVINO_ASSERT(!size || inputs[2].get_size() == shape[0] * shape[1], "BipartiteMerge: size must be [B,N,1], is ",
                         inputs[2].get_shape());
         char error[256] = {0};
@@ -91,15 +102,29 @@ public:
 private:
     int64_t m_r = 0;
     int64_t m_prefix = 0;
+    int64_t m_keys_transposed = 0;
 };
 
 }  // namespace
 
 // OpenVINO's entry point is `create_extensions`; src/lib.rs exports it and
 // calls this (a Rust library exports only its own symbols).
+// The ONNX node as the op: `prefix` and `keys_transposed` default to 0, as
+// in tract's and onnxruntime's readings of the node.
+ov::OutputVector from_onnx(const ov::frontend::NodeContext& node) {
+    ov::OutputVector inputs;
+    for (size_t i = 0; i < node.get_input_size(); ++i) {
+        inputs.push_back(node.get_input(static_cast<int>(i)));
+    }
+    const auto op = std::make_shared<BipartiteMerge>(inputs, node.get_attribute<int64_t>("r"),
+                                                     node.get_attribute<int64_t>("prefix", 0),
+                                                     node.get_attribute<int64_t>("keys_transposed", 0));
+    return op->outputs();
+}
+
 extern "C" void tome_create_extensions(std::vector<ov::Extension::Ptr>& extensions) {
     extensions = {
         std::make_shared<ov::OpExtension<BipartiteMerge>>(),
-        std::make_shared<ov::frontend::onnx::OpExtension<BipartiteMerge>>("BipartiteMerge", "ai.tome"),
+        std::make_shared<ov::frontend::onnx::ConversionExtension>("BipartiteMerge", "ai.tome", from_onnx),
     };
 }

@@ -16,7 +16,7 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use tome_kernels::merge::Merge;
+use tome_kernels::merge::{Merge, Metric};
 
 #[cfg(openvino)]
 extern "C" {
@@ -34,17 +34,20 @@ pub unsafe extern "C" fn create_extensions(extensions: *mut c_void) {
     tome_create_extensions(extensions)
 }
 
-/// The merge of a batch for the C++ op: `dims` is [batch, n, c, r, prefix],
+/// The merge of a batch for the C++ op: `dims` is [batch, n, c, r, prefix,
+/// heads, d, keys_transposed] (keys [batch, heads, n, d], or [batch,
+/// heads, d, n] when keys_transposed is 1; heads 0 for scores [batch,
+/// ⌈n/2⌉, ⌊n/2⌋] in their place),
 /// `size` may be null (every token one patch). 0 on success, else 1 with a
 /// NUL-ended message in `error` (cut to `error_len` bytes).
 ///
 /// # Safety
-/// x, scores and size hold the values their shapes say; `out_x` [batch,
+/// x, keys and size hold the values their shapes say; `out_x` [batch,
 /// n-r, c] and `out_size` [batch, n-r] are writable.
 #[no_mangle]
 pub unsafe extern "C" fn tome_bipartite_merge(
     x: *const f32,
-    scores: *const f32,
+    keys: *const f32,
     size: *const f32,
     dims: *const usize,
     out_x: *mut f32,
@@ -52,11 +55,14 @@ pub unsafe extern "C" fn tome_bipartite_merge(
     error: *mut c_char,
     error_len: usize,
 ) -> i32 {
-    let [batch, n, c, r, prefix] = *(dims as *const [usize; 5]);
+    let [batch, n, c, r, prefix, heads, d, keys_transposed] = *(dims as *const [usize; 8]);
     let slice = |p: *const f32, len: usize| if len == 0 { &[][..] } else { std::slice::from_raw_parts(p, len) };
     let merge = Merge {
         x: slice(x, batch * n * c),
-        scores: slice(scores, batch * n.div_ceil(2) * (n / 2)),
+        metric: match heads {
+            0 => Metric::Scores(slice(keys, batch * n.div_ceil(2) * (n / 2))),
+            _ => Metric::Keys { keys: slice(keys, batch * heads * n * d), heads, d, transposed: keys_transposed == 1 },
+        },
         size: (!size.is_null()).then(|| slice(size, batch * n)),
         batch,
         n,
