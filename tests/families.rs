@@ -4,8 +4,9 @@
 //! (spectrogram patches with overlapping strides, cls + distillation). Every
 //! schedule, proportional attention on and off, against references from a
 //! PyTorch ToMe forward on the Hugging Face or timm modules
-//! (`fixtures/gen/tome_hf.py`, `gen_timm_siglip.py`), in tract and
-//! onnxruntime, with the reference's tokens per block. And the families ToMe
+//! (`fixtures/gen/tome_hf.py`, `gen_timm_siglip.py`), in tract,
+//! onnxruntime and OpenVINO (with `--target onnxruntime-ops` too), with the
+//! reference's tokens per block. And the families ToMe
 //! has no semantics for, refused naming the node.
 
 mod common;
@@ -44,7 +45,14 @@ fn check_family(case: &str) {
             let err = max_relative_error(&run_at_batch(&out, &refs), &refs[&format!("logits_{name}")]);
             println!("tract {case} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case} {name}: tract relative error {err:e} > 1e-4");
+            // The plugin targets' graph (one BipartiteMerge a block) in
+            // onnxruntime and OpenVINO with the plugins loaded.
+            let plugged = out.with_extension("ops.onnx");
+            let target = tome_compile::Target::OnnxRuntimeOps;
+            let fused = tome_compile::compile_file_with(&source, &plugged, &options(r, prop == 1), target, tome_compile::Format::Onnx).expect("compile");
+            assert_eq!(fused.fused_merges, report.blocks.iter().filter(|b| b.step.r > 0).count(), "{case} {name}: fused merges");
             ort.push((out, case.to_string(), format!("logits_{name}")));
+            ort.push((plugged, case.to_string(), format!("logits_{name}")));
         }
     }
     let out = dir.path().join("r0.onnx");

@@ -44,6 +44,9 @@ impl Merge<'_> {
     pub fn check_lengths(&self) -> Result<(), String> {
         let (b, n, c) = (self.batch, self.n, self.c);
         check(self.r, self.prefix, n)?;
+        if c == 0 {
+            return Err("x has no channels".into());
+        }
         let metric = match self.metric {
             Metric::Keys { keys, heads, d, transposed: true } => ("keys", keys.len(), vec![b, heads, d, n]),
             Metric::Keys { keys, heads, d, transposed: false } => ("keys", keys.len(), vec![b, heads, n, d]),
@@ -57,25 +60,54 @@ impl Merge<'_> {
         }
     }
 
-    /// Merges every image: x into `out_x` [batch, n - r, c], sizes into
-    /// `out_size` [batch, n - r]. Call `check_lengths` first.
+    /// Merges every image, in order: x into `out_x` [batch, n - r, c],
+    /// sizes into `out_size` [batch, n - r]. Call `check_lengths` first.
     pub fn run(&self, out_x: &mut [f32], out_size: &mut [f32]) {
-        let (n, c, out_n) = (self.n, self.c, self.n - self.r);
-        let (na, nb) = (n.div_ceil(2), n / 2);
-        let mut scratch = Similarity::default();
-        for b in 0..self.batch {
-            let image = Image {
-                x: &self.x[b * n * c..][..n * c],
-                size: self.size.map(|s| &s[b * n..][..n]),
-                c,
-            };
-            let scores = match self.metric {
-                Metric::Keys { keys, heads, d, transposed } => scratch.scores(&keys[b * heads * d * n..][..heads * d * n], heads, d, n, transposed),
-                Metric::Scores(scores) => &scores[b * na * nb..][..na * nb],
-            };
-            let rows = self.rows(scores);
-            image.write(&rows, &mut out_x[b * out_n * c..][..out_n * c], &mut out_size[b * out_n..][..out_n]);
+        let (c, out_n) = (self.c, self.n - self.r);
+        for (b, (x, size)) in out_x.chunks_exact_mut(out_n * c).zip(out_size.chunks_exact_mut(out_n)).enumerate() {
+            self.run_image(b, x, size);
         }
+    }
+
+    /// As `run`, the images spread over up to `threads` threads (scoped
+    /// threads of its own: for a runtime that has no pool to lend).
+    pub fn run_threaded(&self, threads: usize, out_x: &mut [f32], out_size: &mut [f32]) {
+        let (c, out_n) = (self.c, self.n - self.r);
+        let per = self.batch.div_ceil(threads.clamp(1, self.batch.max(1)));
+        if per >= self.batch {
+            return self.run(out_x, out_size);
+        }
+        let mut parts = out_x.chunks_mut(per * out_n * c).zip(out_size.chunks_mut(per * out_n)).enumerate();
+        let Some((_, (first_x, first_size))) = parts.next() else { return };
+        let part_of = |part: usize, x: &mut [f32], size: &mut [f32]| {
+            for (i, (x, size)) in x.chunks_exact_mut(out_n * c).zip(size.chunks_exact_mut(out_n)).enumerate() {
+                self.run_image(part * per + i, x, size);
+            }
+        };
+        std::thread::scope(|scope| {
+            for (part, (x, size)) in parts {
+                scope.spawn(move || part_of(part, x, size));
+            }
+            part_of(0, first_x, first_size);
+        });
+    }
+
+    /// Merges image `b` into its `out_x` [n - r, c] and `out_size` [n - r].
+    pub fn run_image(&self, b: usize, out_x: &mut [f32], out_size: &mut [f32]) {
+        let (n, c) = (self.n, self.c);
+        let (na, nb) = (n.div_ceil(2), n / 2);
+        let image = Image {
+            x: &self.x[b * n * c..][..n * c],
+            size: self.size.map(|s| &s[b * n..][..n]),
+            c,
+        };
+        let mut scratch = Similarity::default();
+        let scores = match self.metric {
+            Metric::Keys { keys, heads, d, transposed } => scratch.scores(&keys[b * heads * d * n..][..heads * d * n], heads, d, n, transposed),
+            Metric::Scores(scores) => &scores[b * na * nb..][..na * nb],
+        };
+        let rows = self.rows(scores);
+        image.write(&rows, out_x, out_size);
     }
 
     /// The matching (`TOME_SPEC.md`): each A token's best B token, the r

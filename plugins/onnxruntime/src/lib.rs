@@ -17,6 +17,7 @@
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{null, null_mut};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tome_kernels::merge::{Merge, Metric};
 
@@ -39,7 +40,7 @@ pub struct ApiBase {
 /// before them.
 #[repr(C)]
 pub struct Api {
-    table: [*const c_void; 102],
+    table: [*const c_void; 275],
 }
 
 // Indices into `OrtApi` (onnxruntime_c_api.h, in declaration order).
@@ -56,6 +57,7 @@ const KERNEL_INFO_GET_ATTRIBUTE_INT64: usize = 86;
 const KERNEL_CONTEXT_GET_INPUT_COUNT: usize = 88;
 const KERNEL_CONTEXT_GET_INPUT: usize = 90;
 const KERNEL_CONTEXT_GET_OUTPUT: usize = 91;
+const KERNEL_CONTEXT_PARALLEL_FOR: usize = 274;
 const RELEASE_STATUS: usize = 93;
 const RELEASE_TENSOR_TYPE_AND_SHAPE_INFO: usize = 99;
 
@@ -276,8 +278,40 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     let out_n = n - kernel.r;
     let out_x = api.output(context, 0, &[batch, out_n, c])?;
     let out_size = api.output(context, 1, &[batch, out_n, 1])?;
-    merge.run(out_x, out_size);
-    Ok(())
+    if batch <= 1 {
+        merge.run(out_x, out_size);
+        return Ok(());
+    }
+    // Images over onnxruntime's own thread pool, one call per image.
+    let mut job = Images { merge: &merge, out_x: out_x.as_mut_ptr(), out_size: out_size.as_mut_ptr(), panicked: AtomicBool::new(false) };
+    let parallel_for: unsafe extern "system" fn(*const c_void, unsafe extern "system" fn(*mut c_void, usize), usize, usize, *mut c_void) -> Status =
+        api.get(KERNEL_CONTEXT_PARALLEL_FOR);
+    api.check(parallel_for(context, merge_image, batch, 0, &mut job as *mut Images as *mut c_void), "KernelContext_ParallelFor")?;
+    match job.panicked.load(Ordering::Relaxed) {
+        true => Err(api.status(ORT_FAIL, &format!("{}: the kernel panicked", op_name()))),
+        false => Ok(()),
+    }
+}
+
+/// A batch's merge handed to onnxruntime's pool: the outputs as pointers,
+/// each call writing its own image's rows only.
+struct Images<'a> {
+    merge: &'a Merge<'a>,
+    out_x: *mut f32,
+    out_size: *mut f32,
+    panicked: AtomicBool,
+}
+
+unsafe extern "system" fn merge_image(job: *mut c_void, b: usize) {
+    let job = &*(job as *const Images);
+    let merge = job.merge;
+    let out_n = merge.n - merge.r;
+    // Image b's rows: disjoint from every other call's.
+    let out_x = std::slice::from_raw_parts_mut(job.out_x.add(b * out_n * merge.c), out_n * merge.c);
+    let out_size = std::slice::from_raw_parts_mut(job.out_size.add(b * out_n), out_n);
+    if catch_unwind(AssertUnwindSafe(|| merge.run_image(b, out_x, out_size))).is_err() {
+        job.panicked.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The library's entry point (`SessionOptions.register_custom_ops_library`):

@@ -74,7 +74,10 @@ pub unsafe extern "C" fn tome_bipartite_merge(
         let out_n = n - r;
         let out_x = if out_n * c * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_x, batch * out_n * c) };
         let out_size = if out_n * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_size, batch * out_n) };
-        catch_unwind(AssertUnwindSafe(|| merge.run(out_x, out_size))).map_err(|_| "the kernel panicked".to_string())
+        // OpenVINO lends no thread pool to an extension: images go to
+        // threads of the kernel's own.
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        catch_unwind(AssertUnwindSafe(|| merge.run_threaded(threads, out_x, out_size))).map_err(|_| "the kernel panicked".to_string())
     });
     let Err(message) = result else { return 0 };
     if !error.is_null() && error_len > 0 {
