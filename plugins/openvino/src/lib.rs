@@ -75,8 +75,10 @@ pub unsafe extern "C" fn tome_bipartite_merge(
         let out_x = if out_n * c * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_x, batch * out_n * c) };
         let out_size = if out_n * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_size, batch * out_n) };
         // OpenVINO lends no thread pool to an extension: images go to
-        // threads of the kernel's own.
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        // threads of the kernel's own, as many as the CPUs this process
+        // may use (read once: it reads cgroup files, tens of µs).
+        static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let threads = if batch > 1 { *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get())) } else { 1 };
         catch_unwind(AssertUnwindSafe(|| merge.run_threaded(threads, out_x, out_size))).map_err(|_| "the kernel panicked".to_string())
     });
     let Err(message) = result else { return 0 };
