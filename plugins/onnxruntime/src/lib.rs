@@ -80,11 +80,18 @@ impl Api {
     /// `Ok` for a null status, else the status released and `Err` with it
     /// handed back as a fresh one (the caller returns it).
     fn check(&self, status: Status, what: &str) -> Result<(), Status> {
-        if status.is_null() {
-            return Ok(());
+        match self.succeeded(status) {
+            true => Ok(()),
+            false => Err(self.status(ORT_FAIL, &format!("{}: {what} failed", op_name()))),
         }
-        unsafe { self.get::<unsafe extern "system" fn(Status)>(RELEASE_STATUS)(status) };
-        Err(self.status(ORT_FAIL, &format!("{}: {what} failed", OP_NAME.to_str().unwrap_or_default())))
+    }
+
+    /// Whether `status` is success (null); a failure's status is released.
+    fn succeeded(&self, status: Status) -> bool {
+        if !status.is_null() {
+            unsafe { self.get::<unsafe extern "system" fn(Status)>(RELEASE_STATUS)(status) };
+        }
+        status.is_null()
     }
 
     /// A tensor's element type and dimensions.
@@ -209,7 +216,8 @@ unsafe extern "system" fn create_kernel_v2(_: *const CustomOp, api: *const Api, 
     let attribute = |name: &CStr| {
         let mut value = 0i64;
         let get: unsafe extern "system" fn(*const c_void, *const c_char, *mut i64) -> Status = api.get(KERNEL_INFO_GET_ATTRIBUTE_INT64);
-        api.check(get(info, name.as_ptr(), &mut value), "").ok().map(|()| value)
+        // An absent attribute is a failed status, released here.
+        api.succeeded(get(info, name.as_ptr(), &mut value)).then_some(value)
     };
     let (r, prefix, transposed) = (attribute(c"r"), attribute(c"prefix").unwrap_or(0), attribute(c"keys_transposed").unwrap_or(0));
     match r {
