@@ -161,12 +161,51 @@ struct Similarity {
 }
 
 impl Similarity {
+    /// The scores [⌈n/2⌉, ⌊n/2⌋] from one image's keys, compiled for the
+    /// best instruction set this CPU has.
     fn scores(&mut self, keys: &[f32], heads: usize, d: usize, n: usize, transposed: bool) -> &[f32] {
-        // The sum over heads, head by head in order, in the keys' layout.
+        let image = Keys { keys, heads, d, n, transposed };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has the features the function is compiled for.
+                unsafe { self.fill_avx512(image) };
+                return &self.scores;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                unsafe { self.fill_avx2(image) };
+                return &self.scores;
+            }
+        }
+        self.fill::<{ cfg!(target_arch = "aarch64") }, 4, 16>(image);
+        &self.scores
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn fill_avx512(&mut self, image: Keys) {
+        self.fill::<true, 6, 32>(image)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fill_avx2(&mut self, image: Keys) {
+        self.fill::<true, 6, 16>(image)
+    }
+
+    #[inline(always)]
+    fn fill<const FMA: bool, const R: usize, const C: usize>(&mut self, image: Keys) {
+        let Keys { keys, heads, d, n, transposed } = image;
+        // The sum over heads, in the keys' layout, a block at a time so
+        // that the block stays in L1 while every head is added to it.
         self.sum.clear();
         self.sum.resize(n * d, 0.0);
-        for head in keys.chunks_exact(n * d).take(heads) {
-            self.sum.iter_mut().zip(head).for_each(|(m, k)| *m += k);
+        const BLOCK: usize = 512;
+        for (i, block) in self.sum.chunks_mut(BLOCK).enumerate() {
+            for head in keys.chunks_exact(n * d).take(heads) {
+                block.iter_mut().zip(&head[i * BLOCK..]).for_each(|(m, k)| *m += k);
+            }
         }
         // Each token's row normalised; (k, t) of the metric is then
         // sum[t·d + k], or sum[k·n + t] for transposed keys.
@@ -194,42 +233,23 @@ impl Similarity {
         };
         let (na, nb) = (n.div_ceil(2), n / 2);
         self.scores.resize(na * nb, 0.0);
-        scores(metric, d, na, nb, &mut self.a, &mut self.b, &mut self.scores);
-        &self.scores
+        scores_tiles::<FMA, R, C>(metric, d, na, nb, &mut self.a, &mut self.b, &mut self.scores);
     }
+}
+
+/// One image's keys and their shape.
+#[derive(Clone, Copy)]
+struct Keys<'a> {
+    keys: &'a [f32],
+    heads: usize,
+    d: usize,
+    n: usize,
+    transposed: bool,
 }
 
 /// `out` [na, nb] = A·Bᵀ for A the even tokens of `metric` (element (k, t)
-/// is token t's k-th value) and B the odd ones, in register tiles as
-/// `attend`'s logits, compiled for the best instruction set this CPU has.
-fn scores(metric: Matrix, d: usize, na: usize, nb: usize, a: &mut Vec<f32>, b: &mut Vec<f32>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { scores_avx512(metric, d, na, nb, a, b, out) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { scores_avx2(metric, d, na, nb, a, b, out) };
-        }
-    }
-    scores_tiles::<{ cfg!(target_arch = "aarch64") }, 4, 16>(metric, d, na, nb, a, b, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn scores_avx512(metric: Matrix, d: usize, na: usize, nb: usize, a: &mut Vec<f32>, b: &mut Vec<f32>, out: &mut [f32]) {
-    scores_tiles::<true, 6, 32>(metric, d, na, nb, a, b, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_avx2(metric: Matrix, d: usize, na: usize, nb: usize, a: &mut Vec<f32>, b: &mut Vec<f32>, out: &mut [f32]) {
-    scores_tiles::<true, 6, 16>(metric, d, na, nb, a, b, out)
-}
-
-/// R A tokens × C B tokens per tile, summed over the metric's d columns.
+/// is token t's k-th value) and B the odd ones, in register tiles of R A
+/// tokens × C B tokens as `attend`'s logits, summed over the d columns.
 #[inline(always)]
 fn scores_tiles<const FMA: bool, const R: usize, const C: usize>(
     metric: Matrix,
