@@ -29,6 +29,18 @@ pub enum Metric<'a> {
     Scores(&'a [f32]),
 }
 
+impl<'a> Metric<'a> {
+    /// The op's second input as its shape says: keys for rank 4 (d on axis
+    /// 2 when `keys_transposed`, else 3), scores for rank 3, else `None`.
+    pub fn of(values: &'a [f32], shape: &[usize], keys_transposed: bool) -> Option<Metric<'a>> {
+        match *shape {
+            [_, heads, k2, k3] => Some(Metric::Keys { keys: values, heads, d: if keys_transposed { k2 } else { k3 }, transposed: keys_transposed }),
+            [_, _, _] => Some(Metric::Scores(values)),
+            _ => None,
+        }
+    }
+}
+
 /// Why a merge cannot run on its inputs, in words naming the input.
 pub fn check(r: usize, prefix: usize, n: usize) -> Result<(), String> {
     // At most half of the unprotected tokens can merge away (`r_eff`).
@@ -63,10 +75,7 @@ impl Merge<'_> {
     /// Merges every image, in order: x into `out_x` [batch, n - r, c],
     /// sizes into `out_size` [batch, n - r]. Call `check_lengths` first.
     pub fn run(&self, out_x: &mut [f32], out_size: &mut [f32]) {
-        let (c, out_n) = (self.c, self.n - self.r);
-        for (b, (x, size)) in out_x.chunks_exact_mut(out_n * c).zip(out_size.chunks_exact_mut(out_n)).enumerate() {
-            self.run_image(b, x, size);
-        }
+        self.run_images(0, out_x, out_size)
     }
 
     /// As `run`, the images spread over up to `threads` threads (scoped
@@ -79,17 +88,20 @@ impl Merge<'_> {
         }
         let mut parts = out_x.chunks_mut(per * out_n * c).zip(out_size.chunks_mut(per * out_n)).enumerate();
         let Some((_, (first_x, first_size))) = parts.next() else { return };
-        let part_of = |part: usize, x: &mut [f32], size: &mut [f32]| {
-            for (i, (x, size)) in x.chunks_exact_mut(out_n * c).zip(size.chunks_exact_mut(out_n)).enumerate() {
-                self.run_image(part * per + i, x, size);
-            }
-        };
         std::thread::scope(|scope| {
             for (part, (x, size)) in parts {
-                scope.spawn(move || part_of(part, x, size));
+                scope.spawn(move || self.run_images(part * per, x, size));
             }
-            part_of(0, first_x, first_size);
+            self.run_images(0, first_x, first_size);
         });
+    }
+
+    /// Images `first..` into `out_x` and `out_size`, as many as they hold.
+    fn run_images(&self, first: usize, out_x: &mut [f32], out_size: &mut [f32]) {
+        let (c, out_n) = (self.c, self.n - self.r);
+        for (i, (x, size)) in out_x.chunks_exact_mut(out_n * c).zip(out_size.chunks_exact_mut(out_n)).enumerate() {
+            self.run_image(first + i, x, size);
+        }
     }
 
     /// Merges image `b` into its `out_x` [n - r, c] and `out_size` [n - r].

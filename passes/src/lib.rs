@@ -108,13 +108,15 @@ pub enum Ops {
     /// Standard ONNX only: every runtime.
     #[default]
     Standard,
-    /// Each block's matching and merge as one `BipartiteMerge` node
-    /// (`tome::FUSED_MERGE_OP`) after the similarity scores, except where a
-    /// block must track token sources; the rest standard. For onnxruntime
-    /// with the custom-op library (`--target onnxruntime-ops`).
+    /// Each block's similarity, matching and merge as one `BipartiteMerge`
+    /// node (`tome::FUSED_MERGE_OP`) reading the block's keys, except where
+    /// a block must track token sources; the rest standard. For onnxruntime
+    /// and OpenVINO with tome-compile's plugins (`--target onnxruntime-ops`,
+    /// `openvino-ops`).
     Merge,
     /// For tract with tome-compile's ops registered (`--target tract`): the
-    /// merge as with `Merge`; the proportional-attention Add as a
+    /// matching and merge as one `BipartiteMerge` node after the similarity
+    /// scores (tract's MatMul); the proportional-attention Add as a
     /// `ProportionalBias` node; each attention as one `FusedAttention` node
     /// (`lower::FUSED_ATTENTION_OP`) that takes that bias; and each float32
     /// LayerNormalization over the last axis as one `FusedLayerNorm`.

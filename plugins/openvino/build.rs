@@ -14,7 +14,7 @@ fn main() {
         println!("cargo:warning=OpenVINO not found (set OPENVINO_ROOT or pip install openvino): libtome_ov_ops has no extension");
         return;
     };
-    let Some(lib) = ["lib", "libs", "runtime/lib/intel64"].iter().map(|d| root.join(d)).find(|d| libopenvino(d).is_some()) else {
+    let Some(lib) = ["lib", "libs", "runtime/lib/intel64"].iter().map(|d| root.join(d)).find(|d| find_lib(d, "openvino").is_some()) else {
         println!("cargo:warning=no libopenvino.so under {}: libtome_ov_ops has no extension", root.display());
         return;
     };
@@ -41,10 +41,6 @@ fn openvino_root() -> Option<PathBuf> {
     let out = Command::new("python3").args(["-c", "import openvino, os; print(os.path.dirname(openvino.__file__))"]).output().ok()?;
     let dir = String::from_utf8(out.stdout).ok()?;
     (out.status.success() && !dir.trim().is_empty()).then(|| PathBuf::from(dir.trim()))
-}
-
-fn libopenvino(dir: &Path) -> Option<PathBuf> {
-    find_lib(dir, "openvino")
 }
 
 /// `lib{name}.so` or its versioned file (the wheel ships only `.so.NNNN`).

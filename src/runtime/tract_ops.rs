@@ -138,13 +138,8 @@ impl EvalOp for BipartiteMerge {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let shape = inputs[0].shape().to_vec();
         let &[batch, n, c] = shape.as_slice() else { bail!("{FUSED_MERGE_OP}: x must be [B,N,C], is {shape:?}") };
-        let metric = match *inputs[1].shape() {
-            [_, heads, k2, k3] => {
-                let d = if self.keys_transposed { k2 } else { k3 };
-                Metric::Keys { keys: floats(&inputs[1])?, heads, d, transposed: self.keys_transposed }
-            }
-            _ => Metric::Scores(floats(&inputs[1])?),
-        };
+        let metric = Metric::of(floats(&inputs[1])?, inputs[1].shape(), self.keys_transposed)
+            .ok_or_else(|| format_err!("{FUSED_MERGE_OP}: input 1 must be keys [B,H,N,D] or scores, is {:?}", inputs[1].shape()))?;
         let merge = Merge {
             x: floats(&inputs[0])?,
             metric,

@@ -120,11 +120,18 @@ impl Api {
             return Err(self.status(ORT_INVALID_ARGUMENT, &message));
         }
         let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        // Read only: onnxruntime hands out inputs' data through the same call.
+        let data = self.data(value as *mut Value)?;
+        let len = dims.iter().product();
+        Ok((if len == 0 { &[] } else { std::slice::from_raw_parts(data, len) }, dims))
+    }
+
+    /// Where a float32 tensor's values are.
+    unsafe fn data(&self, value: *mut Value) -> Result<*mut f32, Status> {
         let mut data = null_mut();
         let get_data: unsafe extern "system" fn(*mut Value, *mut *mut c_void) -> Status = self.get(GET_TENSOR_MUTABLE_DATA);
-        self.check(get_data(value as *mut Value, &mut data), "GetTensorMutableData")?;
-        let len = dims.iter().product();
-        Ok((if len == 0 { &[] } else { std::slice::from_raw_parts(data as *const f32, len) }, dims))
+        self.check(get_data(value, &mut data), "GetTensorMutableData")?;
+        Ok(data as *mut f32)
     }
 
     /// Output `index` of shape `dims`, allocated by onnxruntime.
@@ -134,11 +141,9 @@ impl Api {
         let get_output: unsafe extern "system" fn(*mut c_void, usize, *const i64, usize, *mut *mut Value) -> Status =
             self.get(KERNEL_CONTEXT_GET_OUTPUT);
         self.check(get_output(context, index, shape.as_ptr(), shape.len(), &mut value), "KernelContext_GetOutput")?;
-        let mut data = null_mut();
-        let get_data: unsafe extern "system" fn(*mut Value, *mut *mut c_void) -> Status = self.get(GET_TENSOR_MUTABLE_DATA);
-        self.check(get_data(value, &mut data), "GetTensorMutableData")?;
+        let data = self.data(value)?;
         let len = dims.iter().product();
-        Ok(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(data as *mut f32, len) })
+        Ok(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(data, len) })
     }
 }
 
@@ -270,16 +275,9 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     let &[batch, n, c] = dims.as_slice() else {
         return Err(api.status(ORT_INVALID_ARGUMENT, &format!("{}: x must be [B,N,C], is {dims:?}", op_name())));
     };
-    let metric = match *keys_dims.as_slice() {
-        [_, heads, k2, k3] => {
-            let d = if kernel.keys_transposed { k2 } else { k3 };
-            Metric::Keys { keys, heads, d, transposed: kernel.keys_transposed }
-        }
-        [_, _, _] => Metric::Scores(keys),
-        _ => {
-            let message = format!("{}: input 1 must be keys [B,H,N,D] or scores [B,N/2,N/2], is {keys_dims:?}", op_name());
-            return Err(api.status(ORT_INVALID_ARGUMENT, &message));
-        }
+    let Some(metric) = Metric::of(keys, &keys_dims, kernel.keys_transposed) else {
+        let message = format!("{}: input 1 must be keys [B,H,N,D] or scores [B,N/2,N/2], is {keys_dims:?}", op_name());
+        return Err(api.status(ORT_INVALID_ARGUMENT, &message));
     };
     let merge = Merge { x, metric, size, batch, n, c, r: kernel.r, prefix: kernel.prefix };
     merge.check_lengths().map_err(|e| api.status(ORT_INVALID_ARGUMENT, &format!("{}: {e}", op_name())))?;
