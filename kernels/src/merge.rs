@@ -75,32 +75,9 @@ impl Merge<'_> {
     /// Merges every image, in order: x into `out_x` [batch, n - r, c],
     /// sizes into `out_size` [batch, n - r]. Call `check_lengths` first.
     pub fn run(&self, out_x: &mut [f32], out_size: &mut [f32]) {
-        self.run_images(0, out_x, out_size)
-    }
-
-    /// As `run`, the images spread over up to `threads` threads (scoped
-    /// threads of its own: for a runtime that has no pool to lend).
-    pub fn run_threaded(&self, threads: usize, out_x: &mut [f32], out_size: &mut [f32]) {
         let (c, out_n) = (self.c, self.n - self.r);
-        let per = self.batch.div_ceil(threads.clamp(1, self.batch.max(1)));
-        if per >= self.batch {
-            return self.run(out_x, out_size);
-        }
-        let mut parts = out_x.chunks_mut(per * out_n * c).zip(out_size.chunks_mut(per * out_n)).enumerate();
-        let Some((_, (first_x, first_size))) = parts.next() else { return };
-        std::thread::scope(|scope| {
-            for (part, (x, size)) in parts {
-                scope.spawn(move || self.run_images(part * per, x, size));
-            }
-            self.run_images(0, first_x, first_size);
-        });
-    }
-
-    /// Images `first..` into `out_x` and `out_size`, as many as they hold.
-    fn run_images(&self, first: usize, out_x: &mut [f32], out_size: &mut [f32]) {
-        let (c, out_n) = (self.c, self.n - self.r);
-        for (i, (x, size)) in out_x.chunks_exact_mut(out_n * c).zip(out_size.chunks_exact_mut(out_n)).enumerate() {
-            self.run_image(first + i, x, size);
+        for (b, (x, size)) in out_x.chunks_exact_mut(out_n * c).zip(out_size.chunks_exact_mut(out_n)).enumerate() {
+            self.run_image(b, x, size);
         }
     }
 

@@ -3,6 +3,7 @@
 //! `OPENVINO_ROOT` (a directory with `include/` and `lib/` or `libs/`), else
 //! from the `openvino` package of `python3` (the wheel ships both). Without
 //! either the crate builds a library with no extension in it and says so.
+//! The op also needs the TBB that OpenVINO ships (its threads).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,12 +24,24 @@ fn main() {
         println!("cargo:warning=no OpenVINO headers under {}: libtome_ov_ops has no extension", root.display());
         return;
     };
+    // The op runs a batch's images on OpenVINO's TBB threads: the wheel
+    // ships TBB beside OpenVINO, an archive install under runtime/3rdparty.
+    let tbb_include = [include.clone(), root.join("runtime/3rdparty/tbb/include")].into_iter().find(|d| d.join("tbb/parallel_for.h").exists());
+    let tbb_lib = [lib.clone(), root.join("runtime/3rdparty/tbb/lib")].into_iter().find_map(|d| find_lib(&d, "tbb"));
+    let (Some(tbb_include), Some(tbb_lib)) = (tbb_include, tbb_lib) else {
+        println!("cargo:warning=no TBB headers or libtbb beside OpenVINO under {}: libtome_ov_ops has no extension", root.display());
+        return;
+    };
     // OpenVINO's headers as system headers: their warnings are not ours.
-    cc::Build::new().cpp(true).std("c++17").flag("-isystem").flag(include.as_os_str()).file("cpp/extension.cpp").compile("tome_ov_extension");
-    for name in ["openvino", "openvino_onnx_frontend"] {
-        if let Some(file) = find_lib(&lib, name) {
-            println!("cargo:rustc-link-arg-cdylib={}", file.display());
-        }
+    let mut build = cc::Build::new();
+    build.cpp(true).std("c++17").flag("-isystem").flag(include.as_os_str());
+    if tbb_include != include {
+        build.flag("-isystem").flag(tbb_include.as_os_str());
+    }
+    build.file("cpp/extension.cpp").compile("tome_ov_extension");
+    let libs = ["openvino", "openvino_onnx_frontend"].iter().filter_map(|name| find_lib(&lib, name));
+    for file in libs.chain([tbb_lib]) {
+        println!("cargo:rustc-link-arg-cdylib={}", file.display());
     }
     println!("cargo:rustc-cfg=openvino");
     println!("cargo:rustc-check-cfg=cfg(openvino)");

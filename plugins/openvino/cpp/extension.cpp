@@ -7,9 +7,15 @@
 #include <openvino/core/op_extension.hpp>
 #include <openvino/frontend/onnx/extension/conversion.hpp>
 #include <openvino/op/op.hpp>
+#include <tbb/parallel_for.h>
 
-extern "C" int tome_bipartite_merge(const float* x, const float* keys, const float* size, const size_t* dims, float* out_x,
-                                    float* out_size, char* error, size_t error_len);
+#include <atomic>
+#include <mutex>
+#include <string>
+
+extern "C" int tome_bipartite_merge(const float* x, const float* keys, const float* size, const size_t* dims,
+                                    size_t first, size_t count, float* out_x, float* out_size, char* error,
+                                    size_t error_len);
 
 namespace {
 
@@ -92,9 +98,27 @@ public:
         const float* size = inputs.size() > 2 ? inputs[2].data<const float>() : nullptr;
         OPENVINO_ASSERT(!size || inputs[2].get_size() == shape[0] * shape[1], "BipartiteMerge: size must be [B,N,1], is ",
                         inputs[2].get_shape());
+        const float* x = inputs[0].data<const float>();
+        const float* metric = inputs[1].data<const float>();
+        float* out = outputs[0].data<float>();
+        float* out_sizes = outputs[1].data<float>();
         char error[256] = {0};
-        const int failed = tome_bipartite_merge(inputs[0].data<const float>(), inputs[1].data<const float>(), size, dims,
-                                                outputs[0].data<float>(), outputs[1].data<float>(), error, sizeof error);
+        // The shapes first (no images), then one call per image on
+        // OpenVINO's own threads: this op runs inside its TBB arena, whose
+        // workers wait for work (threads of our own would contend with them).
+        OPENVINO_ASSERT(!tome_bipartite_merge(x, metric, size, dims, 0, 0, out, out_sizes, error, sizeof error),
+                        "BipartiteMerge: ", error);
+        std::atomic<bool> failed{false};
+        std::mutex first_error;
+        tbb::parallel_for(size_t{0}, shape[0], [&](size_t b) {
+            char image_error[256] = {0};
+            if (tome_bipartite_merge(x, metric, size, dims, b, 1, out, out_sizes, image_error, sizeof image_error) &&
+                !failed.exchange(true)) {
+                std::lock_guard<std::mutex> lock(first_error);
+                std::copy(image_error, image_error + sizeof image_error, error);
+            }
+        });
+        std::lock_guard<std::mutex> lock(first_error);
         OPENVINO_ASSERT(!failed, "BipartiteMerge: ", error);
         return true;
     }

@@ -34,22 +34,28 @@ pub unsafe extern "C" fn create_extensions(extensions: *mut c_void) {
     tome_create_extensions(extensions)
 }
 
-/// The merge of a batch for the C++ op: `dims` is [batch, n, c, r, prefix,
-/// heads, d, keys_transposed] (keys [batch, heads, n, d], or [batch,
-/// heads, d, n] when keys_transposed is 1; heads 0 for scores [batch,
-/// ⌈n/2⌉, ⌊n/2⌋] in their place),
-/// `size` may be null (every token one patch). 0 on success, else 1 with a
-/// NUL-ended message in `error` (cut to `error_len` bytes).
+/// The merge of images `first..first + count` of a batch for the C++ op
+/// (which spreads a batch's images over OpenVINO's threads, one call
+/// each): `dims` is [batch, n, c, r, prefix, heads, d, keys_transposed]
+/// (keys [batch, heads, n, d], or [batch, heads, d, n] when
+/// keys_transposed is 1; heads 0 for scores [batch, ⌈n/2⌉, ⌊n/2⌋] in their
+/// place), `size` may be null (every token one patch). Count 0 only checks
+/// the shapes. 0 on success, else 1 with a NUL-ended message in `error`
+/// (cut to `error_len` bytes).
 ///
 /// # Safety
 /// x, keys and size hold the values their shapes say; `out_x` [batch,
-/// n-r, c] and `out_size` [batch, n-r] are writable.
+/// n-r, c] and `out_size` [batch, n-r] are writable, images
+/// `first..first + count` by this call only.
 #[no_mangle]
+#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn tome_bipartite_merge(
     x: *const f32,
     keys: *const f32,
     size: *const f32,
     dims: *const usize,
+    first: usize,
+    count: usize,
     out_x: *mut f32,
     out_size: *mut f32,
     error: *mut c_char,
@@ -70,16 +76,18 @@ pub unsafe extern "C" fn tome_bipartite_merge(
         r,
         prefix,
     };
-    let result = merge.check_lengths().and_then(|()| {
-        let out_n = n - r;
-        let out_x = if out_n * c * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_x, batch * out_n * c) };
-        let out_size = if out_n * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_size, batch * out_n) };
-        // OpenVINO lends no thread pool to an extension: images go to
-        // threads of the kernel's own, as many as the CPUs this process
-        // may use (read once: it reads cgroup files, tens of µs).
-        static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let threads = if batch > 1 { *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get())) } else { 1 };
-        catch_unwind(AssertUnwindSafe(|| merge.run_threaded(threads, out_x, out_size))).map_err(|_| "the kernel panicked".to_string())
+    let result = merge.check_lengths().and_then(|()| match first.checked_add(count) {
+        Some(end) if end <= batch => catch_unwind(AssertUnwindSafe(|| {
+            let out_n = n - r;
+            for b in first..end {
+                // Each image's rows only: calls for other images write the rest at the same time.
+                let out_x = if out_n * c == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_x.add(b * out_n * c), out_n * c) };
+                let out_size = if out_n == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_size.add(b * out_n), out_n) };
+                merge.run_image(b, out_x, out_size);
+            }
+        }))
+        .map_err(|_| "the kernel panicked".to_string()),
+        _ => Err(format!("images {first}..{first}+{count} are not in a batch of {batch}")),
     });
     let Err(message) = result else { return 0 };
     if !error.is_null() && error_len > 0 {
