@@ -14,6 +14,7 @@
 //! function's index is fixed, and this library reads the few it calls by
 //! index. It asks for API version 17 (onnxruntime 1.17 and later).
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{null, null_mut};
@@ -284,38 +285,39 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     let out_n = n - kernel.r;
     let out_x = api.output(context, 0, &[batch, out_n, c])?;
     let out_size = api.output(context, 1, &[batch, out_n, 1])?;
-    if batch <= 1 {
-        merge.run(out_x, out_size);
-        return Ok(());
-    }
-    // Images over onnxruntime's own thread pool, one call per image.
-    let mut job = Images { merge: &merge, out_x: out_x.as_mut_ptr(), out_size: out_size.as_mut_ptr(), panicked: AtomicBool::new(false) };
+    // The work goes to onnxruntime's own pool (threads of our own would
+    // contend with its spinning workers), an image per task.
     let parallel_for: unsafe extern "system" fn(*const c_void, unsafe extern "system" fn(*mut c_void, usize), usize, usize, *mut c_void) -> Status =
         api.get(KERNEL_CONTEXT_PARALLEL_FOR);
-    api.check(parallel_for(context, merge_image, batch, 0, &mut job as *mut Images as *mut c_void), "KernelContext_ParallelFor")?;
-    match job.panicked.load(Ordering::Relaxed) {
+    let failed: Cell<Option<Status>> = Cell::new(None);
+    let panicked = AtomicBool::new(false);
+    let pool = |count: usize, task: &(dyn Fn(usize) + Sync)| {
+        let job = Task { task, panicked: &panicked };
+        let status = parallel_for(context, run_task, count, 0, &job as *const Task as *mut c_void);
+        if let Err(status) = api.check(status, "KernelContext_ParallelFor") {
+            failed.set(failed.take().or(Some(status)));
+        }
+    };
+    merge.run_on(&pool, out_x, out_size);
+    if let Some(status) = failed.take() {
+        return Err(status);
+    }
+    match panicked.load(Ordering::Relaxed) {
         true => Err(api.status(ORT_FAIL, &format!("{}: the kernel panicked", op_name()))),
         false => Ok(()),
     }
 }
 
-/// A batch's merge handed to onnxruntime's pool: the outputs as pointers,
-/// each call writing its own image's rows only.
-struct Images<'a> {
-    merge: &'a Merge<'a>,
-    out_x: *mut f32,
-    out_size: *mut f32,
-    panicked: AtomicBool,
+/// One `KernelContext_ParallelFor` call's work: the kernel's task, and
+/// whether any call of it panicked.
+struct Task<'a> {
+    task: &'a (dyn Fn(usize) + Sync),
+    panicked: &'a AtomicBool,
 }
 
-unsafe extern "system" fn merge_image(job: *mut c_void, b: usize) {
-    let job = &*(job as *const Images);
-    let merge = job.merge;
-    let out_n = merge.n - merge.r;
-    // Image b's rows: disjoint from every other call's.
-    let out_x = std::slice::from_raw_parts_mut(job.out_x.add(b * out_n * merge.c), out_n * merge.c);
-    let out_size = std::slice::from_raw_parts_mut(job.out_size.add(b * out_n), out_n);
-    if catch_unwind(AssertUnwindSafe(|| merge.run_image(b, out_x, out_size))).is_err() {
+unsafe extern "system" fn run_task(job: *mut c_void, i: usize) {
+    let job = &*(job as *const Task);
+    if catch_unwind(AssertUnwindSafe(|| (job.task)(i))).is_err() {
         job.panicked.store(true, Ordering::Relaxed);
     }
 }

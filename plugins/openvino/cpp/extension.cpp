@@ -9,15 +9,18 @@
 #include <openvino/op/op.hpp>
 #include <tbb/parallel_for.h>
 
-#include <atomic>
-#include <mutex>
-#include <string>
+using ParallelFor = void (*)(size_t count, void (*task)(const void*, size_t), const void* data);
 
 extern "C" int tome_bipartite_merge(const float* x, const float* keys, const float* size, const size_t* dims,
-                                    size_t first, size_t count, float* out_x, float* out_size, char* error,
-                                    size_t error_len);
+                                    ParallelFor parallel, float* out_x, float* out_size, char* error, size_t error_len);
 
 namespace {
+
+// The kernel's parallel for: TBB's, which runs in the arena of the caller,
+// OpenVINO's inference threads.
+void parallel_for(size_t count, void (*task)(const void*, size_t), const void* data) {
+    tbb::parallel_for(size_t{0}, count, [&](size_t i) { task(data, i); });
+}
 
 // Inputs x [B,N,C], keys [B,H,N,D] ([B,H,D,N] with keys_transposed = 1) or
 // scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1]; outputs x [B,N-r,C] and size [B,N-r,1]; all float32.
@@ -98,27 +101,13 @@ public:
         const float* size = inputs.size() > 2 ? inputs[2].data<const float>() : nullptr;
         OPENVINO_ASSERT(!size || inputs[2].get_size() == shape[0] * shape[1], "BipartiteMerge: size must be [B,N,1], is ",
                         inputs[2].get_shape());
-        const float* x = inputs[0].data<const float>();
-        const float* metric = inputs[1].data<const float>();
-        float* out = outputs[0].data<float>();
-        float* out_sizes = outputs[1].data<float>();
         char error[256] = {0};
-        // The shapes first (no images), then one call per image on
-        // OpenVINO's own threads: this op runs inside its TBB arena, whose
-        // workers wait for work (threads of our own would contend with them).
-        OPENVINO_ASSERT(!tome_bipartite_merge(x, metric, size, dims, 0, 0, out, out_sizes, error, sizeof error),
-                        "BipartiteMerge: ", error);
-        std::atomic<bool> failed{false};
-        std::mutex first_error;
-        tbb::parallel_for(size_t{0}, shape[0], [&](size_t b) {
-            char image_error[256] = {0};
-            if (tome_bipartite_merge(x, metric, size, dims, b, 1, out, out_sizes, image_error, sizeof image_error) &&
-                !failed.exchange(true)) {
-                std::lock_guard<std::mutex> lock(first_error);
-                std::copy(image_error, image_error + sizeof image_error, error);
-            }
-        });
-        std::lock_guard<std::mutex> lock(first_error);
+        // A batch's images run on OpenVINO's own threads: this op runs
+        // inside its TBB arena, whose workers wait for work (threads of our
+        // own would contend with them).
+        const int failed =
+            tome_bipartite_merge(inputs[0].data<const float>(), inputs[1].data<const float>(), size, dims, parallel_for,
+                                 outputs[0].data<float>(), outputs[1].data<float>(), error, sizeof error);
         OPENVINO_ASSERT(!failed, "BipartiteMerge: ", error);
         return true;
     }

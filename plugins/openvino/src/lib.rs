@@ -15,6 +15,7 @@
 
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tome_kernels::merge::{Merge, Metric};
 
@@ -34,19 +35,21 @@ pub unsafe extern "C" fn create_extensions(extensions: *mut c_void) {
     tome_create_extensions(extensions)
 }
 
-/// The merge of images `first..first + count` of a batch for the C++ op
-/// (which spreads a batch's images over OpenVINO's threads, one call
-/// each): `dims` is [batch, n, c, r, prefix, heads, d, keys_transposed]
-/// (keys [batch, heads, n, d], or [batch, heads, d, n] when
-/// keys_transposed is 1; heads 0 for scores [batch, ⌈n/2⌉, ⌊n/2⌋] in their
-/// place), `size` may be null (every token one patch). Count 0 only checks
-/// the shapes. 0 on success, else 1 with a NUL-ended message in `error`
-/// (cut to `error_len` bytes).
+/// A runtime's parallel for, as the C++ op hands it over: runs
+/// `task(data, i)` for each i in 0..count and returns when all have run.
+pub type ParallelFor = unsafe extern "C" fn(count: usize, task: unsafe extern "C" fn(*const c_void, usize), data: *const c_void);
+
+/// The merge of a batch for the C++ op: `dims` is [batch, n, c, r, prefix,
+/// heads, d, keys_transposed] (keys [batch, heads, n, d], or [batch, heads,
+/// d, n] when keys_transposed is 1; heads 0 for scores [batch, ⌈n/2⌉,
+/// ⌊n/2⌋] in their place), `size` may be null (every token one patch).
+/// The images run on `parallel` (OpenVINO's TBB threads). 0 on success, else 1 with a NUL-ended message in `error` (cut to
+/// `error_len` bytes).
 ///
 /// # Safety
 /// x, keys and size hold the values their shapes say; `out_x` [batch,
-/// n-r, c] and `out_size` [batch, n-r] are writable, images
-/// `first..first + count` by this call only.
+/// n-r, c] and `out_size` [batch, n-r] are writable; `parallel` runs each
+/// task once and returns when all have run.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn tome_bipartite_merge(
@@ -54,8 +57,7 @@ pub unsafe extern "C" fn tome_bipartite_merge(
     keys: *const f32,
     size: *const f32,
     dims: *const usize,
-    first: usize,
-    count: usize,
+    parallel: ParallelFor,
     out_x: *mut f32,
     out_size: *mut f32,
     error: *mut c_char,
@@ -76,18 +78,20 @@ pub unsafe extern "C" fn tome_bipartite_merge(
         r,
         prefix,
     };
-    let result = merge.check_lengths().and_then(|()| match first.checked_add(count) {
-        Some(end) if end <= batch => catch_unwind(AssertUnwindSafe(|| {
-            let out_n = n - r;
-            for b in first..end {
-                // Each image's rows only: calls for other images write the rest at the same time.
-                let out_x = if out_n * c == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_x.add(b * out_n * c), out_n * c) };
-                let out_size = if out_n == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_size.add(b * out_n), out_n) };
-                merge.run_image(b, out_x, out_size);
-            }
-        }))
-        .map_err(|_| "the kernel panicked".to_string()),
-        _ => Err(format!("images {first}..{first}+{count} are not in a batch of {batch}")),
+    let result = merge.check_lengths().and_then(|()| {
+        let out_n = n - r;
+        let out_x = if out_n * c * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_x, batch * out_n * c) };
+        let out_size = if out_n * batch == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out_size, batch * out_n) };
+        let panicked = AtomicBool::new(false);
+        let pool = |count: usize, task: &(dyn Fn(usize) + Sync)| {
+            let job = Task { task, panicked: &panicked };
+            parallel(count, run_task, &job as *const Task as *const c_void);
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| merge.run_on(&pool, out_x, out_size)));
+        match outcome.is_err() || panicked.load(Ordering::Relaxed) {
+            true => Err("the kernel panicked".to_string()),
+            false => Ok(()),
+        }
     });
     let Err(message) = result else { return 0 };
     if !error.is_null() && error_len > 0 {
@@ -96,4 +100,18 @@ pub unsafe extern "C" fn tome_bipartite_merge(
         *error.add(len) = 0;
     }
     1
+}
+
+/// One parallel for's work: the kernel's task, and whether any call of it
+/// panicked (a panic must not unwind into OpenVINO's C++).
+struct Task<'a> {
+    task: &'a (dyn Fn(usize) + Sync),
+    panicked: &'a AtomicBool,
+}
+
+unsafe extern "C" fn run_task(job: *const c_void, i: usize) {
+    let job = &*(job as *const Task);
+    if catch_unwind(AssertUnwindSafe(|| (job.task)(i))).is_err() {
+        job.panicked.store(true, Ordering::Relaxed);
+    }
 }
