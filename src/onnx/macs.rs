@@ -1,4 +1,4 @@
-//! Multiply-accumulate count of a graph: MatMul, Gemm and Conv from the
+//! Multiply-accumulate count of a graph: MatMul, Gemm, Conv and the fused ops, from the
 //! inferred shapes, for one image (symbolic axes, the batch, count as 1).
 //! The rest (softmax, norms, element-wise ops) is small next to these in a
 //! ViT and is left out, as in the ToMe paper's FLOP counts.
@@ -31,8 +31,8 @@ fn dims(t: &TensorType) -> Vec<u64> {
         .collect()
 }
 
-/// MACs of one node, when it is a MatMul, Gemm, Conv or tract's
-/// `FusedAttention` with known shapes.
+/// MACs of one node, when it is a MatMul, Gemm, Conv, tract's
+/// `FusedAttention` or a `BipartiteMerge` given keys, with known shapes.
 pub fn node_macs(node: &pb::NodeProto, types: &HashMap<String, TensorType>) -> Option<u64> {
     let ty = |slot: usize| node.input.get(slot).and_then(|t| types.get(t)).map(dims);
     let out = node.output.first().and_then(|t| types.get(t)).map(dims)?;
@@ -58,11 +58,23 @@ pub fn node_macs(node: &pb::NodeProto, types: &HashMap<String, TensorType>) -> O
             let n = *q.get(2)?;
             Some(q.iter().product::<u64>() * n + volume * v.get(2)?)
         }
+        // The similarity of A (even) and B (odd) tokens over the keys' d;
+        // given scores, their MatMul counts instead.
+        tome_passes::vit::tome::FUSED_MERGE_OP => {
+            let (x, keys) = (ty(0)?, ty(1)?);
+            let transposed = node.attribute.iter().any(|a| a.name == "keys_transposed" && a.i != 0);
+            let n = *x.get(1)?;
+            let d = match keys.len() {
+                4 => keys[if transposed { 2 } else { 3 }],
+                _ => 0,
+            };
+            Some(n.div_ceil(2) * (n / 2) * d)
+        }
         _ => None,
     }
 }
 
-/// MACs of every MatMul, Gemm and Conv of `model`, per image.
+/// MACs of every node `node_macs` counts in `model`, per image.
 pub fn count(model: &pb::ModelProto, types: &HashMap<String, TensorType>) -> Macs {
     let mut macs = Macs::default();
     for node in model.graph.iter().flat_map(|g| &g.node) {

@@ -7,6 +7,8 @@
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
+use std::borrow::Cow;
+
 use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::merge::{self, Merge, Metric};
@@ -40,7 +42,8 @@ fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infere
     if !(2..=3).contains(&node.input.len()) || node.output.len() != 2 {
         bail!("{}: {FUSED_MERGE_OP} takes inputs (x, keys or scores[, size]) and gives outputs (x, size)", node.name);
     }
-    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_transposed: keys_transposed == 1 }), vec![]))
+    let keys_layout = if keys_transposed == 1 { [0, 1, 3, 2] } else { [0, 1, 2, 3] };
+    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout }), vec![]))
 }
 
 /// Bipartite soft matching on the block's keys or given scores, then the
@@ -50,8 +53,10 @@ pub struct BipartiteMerge {
     pub r: usize,
     /// Protected prefix tokens (cls, dist, registers).
     pub prefix: usize,
-    /// Keys [B,H,D,N] instead of [B,H,N,D].
-    pub keys_transposed: bool,
+    /// The axis of rank-4 keys that holds each of (B, H, N, D): [0, 1, 3,
+    /// 2] for the ONNX node's `keys_transposed`, and whatever order tract's
+    /// axis changes move them into after (it would copy them otherwise).
+    pub keys_layout: [usize; 4],
 }
 
 impl Expansion for BipartiteMerge {
@@ -98,7 +103,7 @@ impl Op for BipartiteMerge {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("r={} prefix={} keys_transposed={}", self.r, self.prefix, self.keys_transposed)])
+        Ok(vec![format!("r={} prefix={} axes of keys (B, H, N, D): {:?}", self.r, self.prefix, self.keys_layout)])
     }
 
     op_as_typed_op!();
@@ -114,7 +119,7 @@ impl TypedOp for BipartiteMerge {
         if let Ok(n) = x.shape[1].to_usize() {
             self.check_tokens(n)?;
             let expected = [n.div_ceil(2), n / 2];
-            let tokens_axis = if self.keys_transposed { 3 } else { 2 };
+            let tokens_axis = self.keys_layout[2];
             if ranks[1] == 4 && inputs[1].shape[tokens_axis].to_usize().is_ok_and(|k| k != n) {
                 bail!("{FUSED_MERGE_OP}: keys must have {n} tokens on axis {tokens_axis}, are {:?}", inputs[1].shape);
             }
@@ -129,6 +134,22 @@ impl TypedOp for BipartiteMerge {
         Ok(tvec!(f32::fact([batch.clone(), n.clone(), c]), f32::fact([batch, n, 1.to_dim()])))
     }
 
+    /// Takes a moved axis of the keys into `keys_layout`.
+    fn change_axes(&self, model: &TypedModel, node: &TypedNode, io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
+        let (InOut::In(1), &AxisOp::Move(from, to)) = (io, change) else { return Ok(None) };
+        if model.outlet_fact(node.inputs[1])?.rank() != 4 {
+            return Ok(None);
+        }
+        let moved = |axis: usize| match axis {
+            a if a == from => to,
+            a if from < a && a <= to => a - 1,
+            a if to <= a && a < from => a + 1,
+            a => a,
+        };
+        let op = BipartiteMerge { keys_layout: self.keys_layout.map(moved), ..self.clone() };
+        Ok(Some(AxisChangeConsequence { substitute_op: Some(Box::new(op)), wire_changes: tvec!((io, change.clone())) }))
+    }
+
     as_op!();
 }
 
@@ -138,7 +159,8 @@ impl EvalOp for BipartiteMerge {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let shape = inputs[0].shape().to_vec();
         let &[batch, n, c] = shape.as_slice() else { bail!("{FUSED_MERGE_OP}: x must be [B,N,C], is {shape:?}") };
-        let metric = Metric::of(floats(&inputs[1])?, inputs[1].shape(), self.keys_transposed)
+        let (values, shape, transposed) = self.metric_input(&inputs[1])?;
+        let metric = Metric::of(&values, &shape, transposed)
             .ok_or_else(|| format_err!("{FUSED_MERGE_OP}: input 1 must be keys [B,H,N,D] or scores, is {:?}", inputs[1].shape()))?;
         let merge = Merge {
             x: floats(&inputs[0])?,
@@ -157,12 +179,53 @@ impl EvalOp for BipartiteMerge {
         let mut out_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
         let mut x_view = out_x.try_as_plain_ram_mut()?;
         let mut size_view = out_size.try_as_plain_ram_mut()?;
-        merge.run(x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
+        // Images spread over tract's threads, when there is enough work.
+        let work = batch * n * (c + values.len() / batch.max(1) / n.max(1));
+        let pool = |count: usize, task: &(dyn Fn(usize) + Sync)| {
+            let mut images: Vec<usize> = (0..count).collect();
+            // The closure cannot fail.
+            let _ = tract_linalg::multithread::par_chunks_mut(&mut images, 1, work, |_, images| {
+                images.iter().for_each(|&b| task(b));
+                Ok(())
+            });
+        };
+        merge.run_on(&pool, x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
         Ok(tvec!(out_x.into_tvalue(), out_size.into_tvalue()))
     }
 }
 
 impl BipartiteMerge {
+    /// Input 1 as the kernel reads it: keys [B,H,N,D] or [B,H,D,N] in
+    /// memory order as they lie where `keys_layout` allows, else copied
+    /// into [B,H,N,D] (tract's key sum is a head's worth, small); scores as
+    /// they are. The values, their shape and whether keys are transposed.
+    fn metric_input<'t>(&self, t: &'t Tensor) -> TractResult<(Cow<'t, [f32]>, Vec<usize>, bool)> {
+        let values = floats(t)?;
+        if t.rank() != 4 {
+            return Ok((Cow::Borrowed(values), t.shape().to_vec(), false));
+        }
+        let [b, h, n, d] = self.keys_layout.map(|a| t.shape()[a]);
+        // Tensors are dense, so strides are non-negative.
+        let strides = self.keys_layout.map(|a| t.strides()[a] as usize);
+        // Whether axes of these sizes and strides lie as a dense tensor of
+        // that shape (an axis of one has any stride).
+        let dense = |dims: [usize; 4], strides: [usize; 4]| {
+            (0..4).all(|i| dims[i] == 1 || strides[i] == dims[i + 1..].iter().product::<usize>())
+        };
+        let [sb, sh, sn, sd] = strides;
+        if dense([b, h, n, d], strides) {
+            return Ok((Cow::Borrowed(values), vec![b, h, n, d], false));
+        }
+        if dense([b, h, d, n], [sb, sh, sd, sn]) {
+            return Ok((Cow::Borrowed(values), vec![b, h, d, n], true));
+        }
+        let mut keys = Vec::with_capacity(b * h * n * d);
+        for (ib, ih, it) in (0..b).flat_map(|ib| (0..h).flat_map(move |ih| (0..n).map(move |it| (ib, ih, it)))) {
+            keys.extend((0..d).map(|k| values[ib * sb + ih * sh + it * sn + k * sd]));
+        }
+        Ok((Cow::Owned(keys), vec![b, h, n, d], false))
+    }
+
     fn check_tokens(&self, n: usize) -> TractResult<()> {
         merge::check(self.r, self.prefix, n).map_err(|e| format_err!("{FUSED_MERGE_OP}: {e}"))
     }
