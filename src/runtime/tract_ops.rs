@@ -318,3 +318,42 @@ impl EvalOp for ProportionalBias {
         Ok(tvec!(logits.into_tvalue()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys moved into every axis order come back as the same keys: read in
+    /// place where they lie as [B,H,N,D] or [B,H,D,N], copied otherwise.
+    #[test]
+    fn keys_in_any_axis_order_read_as_the_same_keys() {
+        let dims = [2usize, 3, 5, 4];
+        let logical = Tensor::from_shape(&dims, &(0..120).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let at = |[b, h, n, d]: [usize; 4]| ((b * 3 + h) * 5 + n) * 4 + d;
+        let mut copied = 0;
+        for perm in [[0, 1, 2, 3], [0, 1, 3, 2], [1, 0, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0], [0, 2, 1, 3]] {
+            // Physical axis i holds logical axis perm[i]; keys_layout maps back.
+            let physical = logical.clone().permute_axes(&perm).unwrap();
+            let mut keys_layout = [0; 4];
+            perm.iter().enumerate().for_each(|(i, &a)| keys_layout[a] = i);
+            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout };
+            let (values, shape, transposed) = op.metric_input(&physical).unwrap();
+            copied += matches!(values, Cow::Owned(_)) as usize;
+            let [b, h, k2, k3] = shape[..] else { panic!("rank 4: {shape:?}") };
+            assert_eq!((b, h), (2, 3), "{perm:?}");
+            for (i, &v) in values.iter().enumerate() {
+                let (ib, ih, i2, i3) = (i / (h * k2 * k3), i / (k2 * k3) % h, i / k3 % k2, i % k3);
+                let (n, d) = if transposed { (i3, i2) } else { (i2, i3) };
+                assert_eq!(v, at([ib, ih, n, d]) as f32, "{perm:?} at {i}");
+            }
+        }
+        assert_eq!(copied, 4, "only [B,H,N,D] and [B,H,D,N] are read in place");
+        // A one-head sum (what --target tract passes) moved behind its
+        // tokens lies as [B,N,D] all the same: read in place.
+        let sum = Tensor::from_shape(&[2, 1, 5, 4], &(0..40).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 2, 1, 3] };
+        let moved = sum.permute_axes(&[0, 2, 1, 3]).unwrap();
+        let (values, shape, transposed) = op.metric_input(&moved).unwrap();
+        assert!(matches!(values, Cow::Borrowed(_)) && shape == [2, 1, 5, 4] && !transposed, "{shape:?}");
+    }
+}
