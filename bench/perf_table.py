@@ -87,7 +87,10 @@ def tract(src, batch, iters):
     also = {a["variant"]: a["speedup"] for a in r["also"]}
     # Share of the compiled model's profiled time in the matching and merge nodes.
     merge = r["profile"]["merge_ms"] / r["profile"]["total_ms"]
-    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"], also, merge
+    # bench runs every model's i-th timed run in the same turn: pairs.
+    bound = next(a["timing"]["runs_ms"] for a in r["also"] if a["variant"] == "bound")
+    vs_bound = paired(np.array(r["compiled"]["runs_ms"]), np.array(bound))
+    return r["original"]["median_ms"], r["compiled"]["median_ms"], r["ideal_speedup"], also, merge, vs_bound
 
 
 RUNS_PER_TURN = 4  # as tome-compile bench
@@ -186,10 +189,13 @@ for name, batch in cases:
     bound = compile_model(src, "bound", ["--bound", "--verify", "off"])
     iters = max(3, args.iters // (4 if "large" in name else 1) // (2 if batch > 1 else 1))
     row = {"model": name, "batch": batch}
+    # Paired ratios want more runs than medians: each is cheap here.
+    runs = iters * 3
     if "tract" in RUNTIMES:
-        t_orig, t_comp, ideal, also, merge_share = tract(src, batch, iters)
+        t_orig, t_comp, ideal, also, merge_share, vs_bound = tract(src, batch, runs)
         row.update({"ideal": ideal, "tract_orig_ms": t_orig, "tract_comp_ms": t_comp, "tract_speedup": t_orig / t_comp,
                     "tract_portable_speedup": also["portable"], "tract_merge_share": merge_share,
+                    "tract_r16_vs_bound_paired": vs_bound,
                     "tract_bound_speedup": also["bound"], "tract_r0_speedup": also["r0"]})
     models = [src, default, trt, bound]
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
@@ -197,8 +203,6 @@ for name, batch in cases:
     models.append(paper)
     if HAS_OPS:
         models.append(compile_model(src, "ops", ["--target", "onnxruntime-ops"]))
-    # Paired ratios want more runs than medians: each is cheap here.
-    runs = iters * 3
     if "ort" in RUNTIMES:
         times = ort_times(models, batch, runs)
         o = [float(m) for m in np.median(times, axis=0)]
@@ -277,7 +281,8 @@ columns = [
     ("model", "model", str), ("batch", "batch", str), ("ideal (MACs)", "ideal", x),
     ("tract orig ms", "tract_orig_ms", ms), ("tract r16 ms", "tract_comp_ms", ms), ("tract r16", "tract_speedup", x),
     ("tract portable", "tract_portable_speedup", x), ("tract bound", "tract_bound_speedup", x),
-    ("tract r0", "tract_r0_speedup", x), ("merge, tract", "tract_merge_share", lambda v: f"{100 * v:.1f}%"),
+    ("tract r0", "tract_r0_speedup", x), ("r16 / bound, tract", "tract_r16_vs_bound_paired", ci),
+    ("merge, tract", "tract_merge_share", lambda v: f"{100 * v:.1f}%"),
     ("ort orig ms", "ort_orig_ms", ms), ("ort r16 ms", "ort_comp_ms", ms), ("ort r16", "ort_speedup", x),
     ("ort bound", "ort_bound_speedup", x), ("r16 / bound, ort", "r16_vs_bound_ort_paired", ci),
     ("paper export, ort", "paper_ort_speedup", x),
