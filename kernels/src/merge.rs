@@ -3,6 +3,8 @@
 //! every runtime that takes the op: tract (`--target tract`) and
 //! onnxruntime and OpenVINO through their plugins (`plugins/`).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::{outer_add, pack_panels, Matrix};
@@ -12,6 +14,22 @@ use crate::{outer_add, pack_panels, Matrix};
 /// it likes, and returns when every call has returned (onnxruntime's
 /// `KernelContext_ParallelFor`, OpenVINO's TBB `parallel_for`).
 pub type Pool<'a> = &'a dyn Fn(usize, &(dyn Fn(usize) + Sync));
+
+/// A pool's task as a plugin hands it through a runtime's C parallel for:
+/// `run` catches a panic (it must not unwind into the runtime) and marks
+/// `panicked`.
+pub struct Task<'a> {
+    pub task: &'a (dyn Fn(usize) + Sync),
+    pub panicked: &'a AtomicBool,
+}
+
+impl Task<'_> {
+    pub fn run(&self, i: usize) {
+        if catch_unwind(AssertUnwindSafe(|| (self.task)(i))).is_err() {
+            self.panicked.store(true, Ordering::Relaxed);
+        }
+    }
+}
 
 /// The merge's inputs for a batch: x [batch, n, c], what the matching
 /// scores come from, size [batch, n] or every token one patch; r A tokens

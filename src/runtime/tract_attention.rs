@@ -17,7 +17,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::{attend, Head, Matrix, Scratch};
 
-use crate::runtime::tract_ops::floats;
+use crate::runtime::tract_ops::{floats, moved_axis};
 use tome_passes::vit::lower::FUSED_ATTENTION_OP;
 
 pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -200,12 +200,7 @@ impl TypedOp for FusedAttention {
         }, change) else {
             return Ok(None);
         };
-        let moved = |axis: usize| match axis {
-            a if a == from => to,
-            a if from < a && a <= to => a - 1,
-            a if to <= a && a < from => a + 1,
-            a => a,
-        };
+        let moved = |axis: usize| moved_axis(axis, from, to);
         let mut op = self.clone();
         op.layout[tensor] = op.layout[tensor].map(moved);
         if let Some((axis, _)) = op.picks.get_mut(tensor).and_then(|p| p.as_mut()) {

@@ -27,6 +27,17 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx
 }
 
+/// Where axis `axis` lands when tract's `AxisOp::Move(from, to)` moves
+/// `from` to `to` (the ops' layouts follow tract's axis changes with it).
+pub(crate) fn moved_axis(axis: usize, from: usize, to: usize) -> usize {
+    match axis {
+        a if a == from => to,
+        a if from < a && a <= to => a - 1,
+        a if to <= a && a < from => a + 1,
+        a => a,
+    }
+}
+
 /// A float32 tensor's values, in memory order.
 pub(crate) fn floats(t: &Tensor) -> TractResult<&[f32]> {
     t.try_as_plain_ram()?.as_slice::<f32>()
@@ -140,13 +151,7 @@ impl TypedOp for BipartiteMerge {
         if model.outlet_fact(node.inputs[1])?.rank() != 4 {
             return Ok(None);
         }
-        let moved = |axis: usize| match axis {
-            a if a == from => to,
-            a if from < a && a <= to => a - 1,
-            a if to <= a && a < from => a + 1,
-            a => a,
-        };
-        let op = BipartiteMerge { keys_layout: self.keys_layout.map(moved), ..self.clone() };
+        let op = BipartiteMerge { keys_layout: self.keys_layout.map(|a| moved_axis(a, from, to)), ..self.clone() };
         Ok(Some(AxisChangeConsequence { substitute_op: Some(Box::new(op)), wire_changes: tvec!((io, change.clone())) }))
     }
 
@@ -220,8 +225,10 @@ impl BipartiteMerge {
             return Ok((Cow::Borrowed(values), vec![b, h, d, n], true));
         }
         let mut keys = Vec::with_capacity(b * h * n * d);
-        for (ib, ih, it) in (0..b).flat_map(|ib| (0..h).flat_map(move |ih| (0..n).map(move |it| (ib, ih, it)))) {
-            keys.extend((0..d).map(|k| values[ib * sb + ih * sh + it * sn + k * sd]));
+        for row in (0..b).flat_map(|ib| (0..h).map(move |ih| ib * sb + ih * sh)) {
+            for token in (0..n).map(|it| row + it * sn) {
+                keys.extend((0..d).map(|k| values[token + k * sd]));
+            }
         }
         Ok((Cow::Owned(keys), vec![b, h, n, d], false))
     }

@@ -20,7 +20,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tome_kernels::merge::{Merge, Metric};
+use tome_kernels::merge::{Merge, Metric, Task};
 
 /// The op's name and domain, as `tome_passes::vit::tome` writes them.
 const OP_NAME: &CStr = c"BipartiteMerge";
@@ -308,18 +308,9 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     }
 }
 
-/// One `KernelContext_ParallelFor` call's work: the kernel's task, and
-/// whether any call of it panicked.
-struct Task<'a> {
-    task: &'a (dyn Fn(usize) + Sync),
-    panicked: &'a AtomicBool,
-}
-
+/// The kernel's task `job` (a `Task`), run for item `i`.
 unsafe extern "system" fn run_task(job: *mut c_void, i: usize) {
-    let job = &*(job as *const Task);
-    if catch_unwind(AssertUnwindSafe(|| (job.task)(i))).is_err() {
-        job.panicked.store(true, Ordering::Relaxed);
-    }
+    (*(job as *const Task)).run(i)
 }
 
 /// The library's entry point (`SessionOptions.register_custom_ops_library`):

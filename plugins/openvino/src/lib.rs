@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tome_kernels::merge::{Merge, Metric};
+use tome_kernels::merge::{Merge, Metric, Task};
 
 #[cfg(openvino)]
 extern "C" {
@@ -102,16 +102,7 @@ pub unsafe extern "C" fn tome_bipartite_merge(
     1
 }
 
-/// One parallel for's work: the kernel's task, and whether any call of it
-/// panicked (a panic must not unwind into OpenVINO's C++).
-struct Task<'a> {
-    task: &'a (dyn Fn(usize) + Sync),
-    panicked: &'a AtomicBool,
-}
-
+/// The kernel's task `job` (a `Task`), run for item `i`.
 unsafe extern "C" fn run_task(job: *const c_void, i: usize) {
-    let job = &*(job as *const Task);
-    if catch_unwind(AssertUnwindSafe(|| (job.task)(i))).is_err() {
-        job.panicked.store(true, Ordering::Relaxed);
-    }
+    (*(job as *const Task)).run(i)
 }
