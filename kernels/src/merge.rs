@@ -47,23 +47,44 @@ pub struct Merge<'a> {
 
 /// What the matching scores come from.
 pub enum Metric<'a> {
-    /// The block's keys, [batch, heads, n, d] or, `transposed`, [batch,
-    /// heads, d, n]: the kernel takes ToMe's similarity of their mean.
-    Keys { keys: &'a [f32], heads: usize, d: usize, transposed: bool },
+    /// The block's keys: element (image, head, token, k) of `keys` at
+    /// `strides` · that index (any axis order, as a runtime lays them out or
+    /// picks them from a larger tensor). The kernel takes ToMe's similarity
+    /// of their mean over heads.
+    Keys { keys: &'a [f32], heads: usize, d: usize, strides: [usize; 4] },
     /// The similarity scores already taken, [batch, ⌈n/2⌉, ⌊n/2⌋] (A =
     /// even tokens by B = odd tokens).
     Scores(&'a [f32]),
 }
 
 impl<'a> Metric<'a> {
-    /// The op's second input as its shape says: keys for rank 4 (d on axis
-    /// 2 when `keys_transposed`, else 3), scores for rank 3, else `None`.
+    /// The op's second input as its shape says: dense keys for rank 4
+    /// ([B,H,N,D], or [B,H,D,N] when `keys_transposed`), scores for rank 3,
+    /// else `None`.
     pub fn of(values: &'a [f32], shape: &[usize], keys_transposed: bool) -> Option<Metric<'a>> {
-        match *shape {
-            [_, heads, k2, k3] => Some(Metric::Keys { keys: values, heads, d: if keys_transposed { k2 } else { k3 }, transposed: keys_transposed }),
-            [_, _, _] => Some(Metric::Scores(values)),
+        match (shape, keys_transposed) {
+            (&[_, heads, d, n], true) | (&[_, heads, n, d], false) => Some(Metric::dense_keys(values, heads, n, d, keys_transposed)),
+            ([_, _, _], _) => Some(Metric::Scores(values)),
             _ => None,
         }
+    }
+
+    /// Dense keys [B,H,N,D], or [B,H,D,N] when `transposed`.
+    pub fn dense_keys(keys: &'a [f32], heads: usize, n: usize, d: usize, transposed: bool) -> Metric<'a> {
+        let strides = match transposed {
+            false => [heads * n * d, n * d, d, 1],
+            true => [heads * n * d, n * d, 1, n],
+        };
+        Metric::Keys { keys, heads, d, strides }
+    }
+}
+
+/// How many elements a tensor of shape `dims` and `strides` reaches, from
+/// its first to its last: its length when it is dense.
+pub fn span(dims: [usize; 4], strides: [usize; 4]) -> usize {
+    match dims.contains(&0) {
+        true => 0,
+        false => 1 + dims.iter().zip(strides).map(|(dim, s)| (dim - 1) * s).sum::<usize>(),
     }
 }
 
@@ -85,12 +106,22 @@ impl Merge<'_> {
         if c == 0 {
             return Err("x has no channels".into());
         }
-        let metric = match self.metric {
-            Metric::Keys { keys, heads, d, transposed: true } => ("keys", keys.len(), vec![b, heads, d, n]),
-            Metric::Keys { keys, heads, d, transposed: false } => ("keys", keys.len(), vec![b, heads, n, d]),
-            Metric::Scores(scores) => ("scores", scores.len(), vec![b, n.div_ceil(2), n / 2]),
-        };
-        let mut inputs = vec![("x", self.x.len(), vec![b, n, c]), metric];
+        let mut inputs = vec![("x", self.x.len(), vec![b, n, c])];
+        match self.metric {
+            // Keys span exactly the elements their strides reach: all of a
+            // dense [B,H,N,D] or [B,H,D,N] tensor.
+            Metric::Keys { keys, heads, d, strides } => {
+                let dims = [b, heads, n, d];
+                if heads == 0 || d == 0 {
+                    return Err(format!("keys [B,H,N,D] = {dims:?} have no heads or no channels"));
+                }
+                let span = span(dims, strides);
+                if keys.len() != span {
+                    return Err(format!("keys [B,H,N,D] = {dims:?} with strides {strides:?} span {span} values, have {}", keys.len()));
+                }
+            }
+            Metric::Scores(scores) => inputs.push(("scores", scores.len(), vec![b, n.div_ceil(2), n / 2])),
+        }
         inputs.extend(self.size.map(|s| ("size", s.len(), vec![b, n, 1])));
         match inputs.into_iter().find(|(_, len, shape)| *len != shape.iter().product::<usize>()) {
             Some((what, len, shape)) => Err(format!("{what} has {len} values, must be {shape:?}")),
@@ -132,7 +163,7 @@ impl Merge<'_> {
         };
         let mut scratch = Similarity::default();
         let scores = match self.metric {
-            Metric::Keys { keys, heads, d, transposed } => scratch.scores(&keys[b * heads * d * n..][..heads * d * n], heads, d, n, transposed),
+            Metric::Keys { keys, heads, d, strides } => scratch.scores(Keys { keys: &keys[b * strides[0]..], heads, d, n, strides }),
             Metric::Scores(scores) => &scores[b * na * nb..][..na * nb],
         };
         let rows = self.rows(scores);
@@ -192,8 +223,7 @@ struct Similarity {
 impl Similarity {
     /// The scores [⌈n/2⌉, ⌊n/2⌋] from one image's keys, compiled for the
     /// best instruction set this CPU has.
-    fn scores(&mut self, keys: &[f32], heads: usize, d: usize, n: usize, transposed: bool) -> &[f32] {
-        let image = Keys { keys, heads, d, n, transposed };
+    fn scores(&mut self, image: Keys) -> &[f32] {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
@@ -225,19 +255,22 @@ impl Similarity {
 
     #[inline(always)]
     fn fill<const FMA: bool, const R: usize, const C: usize>(&mut self, image: Keys) {
-        let Keys { keys, heads, d, n, transposed } = image;
-        // The sum over heads, in the keys' layout, a block at a time so
-        // that the block stays in L1 while every head is added to it.
+        let Keys { keys, heads, d, n, strides: [_, sh, sn, sd] } = image;
+        // The sum over heads, a row at a time, along whichever of tokens and
+        // channels lies in order in memory (channels when neither does):
+        // [n, d], or [d, n] (`transposed`) for keys whose tokens do.
+        let transposed = sd != 1 && sn == 1;
+        let (len, row_stride, step) = if transposed { (n, sd, sn) } else { (d, sn, sd) };
         self.sum.clear();
         self.sum.resize(n * d, 0.0);
-        const BLOCK: usize = 512;
-        for (i, block) in self.sum.chunks_mut(BLOCK).enumerate() {
-            for head in keys.chunks_exact(n * d).take(heads) {
-                block.iter_mut().zip(&head[i * BLOCK..]).for_each(|(m, k)| *m += k);
+        for (i, row) in self.sum.chunks_exact_mut(len).enumerate() {
+            for head in (0..heads).map(|h| &keys[h * sh + i * row_stride..]) {
+                match step {
+                    1 => row.iter_mut().zip(head).for_each(|(m, k)| *m += k),
+                    _ => row.iter_mut().zip(head.iter().step_by(step)).for_each(|(m, k)| *m += k),
+                }
             }
         }
-        // Each token's row normalised; (k, t) of the metric is then
-        // sum[t·d + k], or sum[k·n + t] for transposed keys.
         let metric = match transposed {
             false => {
                 for row in self.sum.chunks_exact_mut(d) {
@@ -266,14 +299,15 @@ impl Similarity {
     }
 }
 
-/// One image's keys and their shape.
+/// One image's keys (from its first element on), their shape and the
+/// strides of (image, head, token, channel).
 #[derive(Clone, Copy)]
 struct Keys<'a> {
     keys: &'a [f32],
     heads: usize,
     d: usize,
     n: usize,
-    transposed: bool,
+    strides: [usize; 4],
 }
 
 /// `out` [na, nb] = A·Bᵀ for A the even tokens of `metric` (element (k, t)
@@ -391,5 +425,49 @@ impl Image<'_> {
                 *o /= *total;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::values;
+
+    /// Keys laid out in any axis order, or picked from a larger tensor,
+    /// merge as the same keys dense: the head sum runs along whichever axis
+    /// lies in order.
+    #[test]
+    fn keys_in_any_layout_merge_as_dense_keys() {
+        let (b, h, n, d, c) = (2, 3, 13, 6, 5);
+        let dense = values(b * h * n * d, 11);
+        let (x, size) = (values(b * n * c, 12), values(b * n, 13).iter().map(|s| s + 3.0).collect::<Vec<_>>());
+        let merged = |metric: Metric| {
+            let merge = Merge { x: &x, metric, size: Some(&size), batch: b, n, c, r: 4, prefix: 1 };
+            merge.check_lengths().unwrap();
+            let (mut out_x, mut out_size) = (vec![f32::NAN; b * (n - 4) * c], vec![f32::NAN; b * (n - 4)]);
+            merge.run(&mut out_x, &mut out_size);
+            (out_x, out_size)
+        };
+        let reference = merged(Metric::dense_keys(&dense, h, n, d, false));
+        // Physical axis i of each layout holds logical axis order[i] (of
+        // b, h, n, d, and a fifth axis of three that the keys are index 1 of).
+        for order in [&[0, 1, 3, 2][..], &[0, 2, 1, 3], &[2, 0, 3, 1], &[3, 2, 0, 1], &[1, 3, 2, 0], &[0, 2, 4, 1, 3], &[4, 0, 1, 3, 2]] {
+            let dims: Vec<usize> = order.iter().map(|&a| [b, h, n, d, 3][a]).collect();
+            let mut strides = [0; 5];
+            for (i, &a) in order.iter().enumerate() {
+                strides[a] = dims[i + 1..].iter().product();
+            }
+            let mut laid_out = values(dims.iter().product(), 14);
+            let first = if order.len() == 5 { strides[4] } else { 0 };
+            for (i, &v) in dense.iter().enumerate() {
+                let at = [i / (h * n * d), i / (n * d) % h, i / d % n, i % d];
+                laid_out[first + at.iter().zip(&strides).map(|(a, s)| a * s).sum::<usize>()] = v;
+            }
+            let strides = [strides[0], strides[1], strides[2], strides[3]];
+            let keys = &laid_out[first..first + span([b, h, n, d], strides)];
+            assert!(merged(Metric::Keys { keys, heads: h, d, strides }) == reference, "keys laid out as {order:?}");
+        }
+        let short = Merge { x: &x, metric: Metric::dense_keys(&dense[1..], h, n, d, false), size: None, batch: b, n, c, r: 4, prefix: 1 };
+        assert!(short.check_lengths().unwrap_err().contains("span 468 values, have 467"));
     }
 }

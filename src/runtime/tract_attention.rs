@@ -10,14 +10,13 @@
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
-use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::math::Mul;
 use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::{attend, Head, Matrix, Scratch};
 
-use crate::runtime::tract_ops::{floats, moved_axis};
+use crate::runtime::tract_ops::{floats, moved_axis, picked_slice};
 use tome_passes::vit::lower::FUSED_ATTENTION_OP;
 
 pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -86,27 +85,14 @@ impl FusedAttention {
         Ok(None)
     }
 
-    /// `Rm(a)` of a one-wide `Slice` on axis `a` at `i`: the op reading
-    /// index `i` of the slice's input, and that input. Not while that input
-    /// is a moved axis: tract's axis changes push such moves down through
-    /// the slices into this op's layout, and they cannot pass it once q, k
-    /// and v read one tensor (a move reaches a node through one input at a
-    /// time).
+    /// q, kᵀ or v read at index `i` of axis `a` of a tensor they are a
+    /// slice of (`picked_slice`): the op, and that tensor.
     fn fold_pick(&self, model: &TypedModel, rm: &TypedNode, slot: usize) -> Option<(Self, OutletId)> {
-        let &AxisOp::Rm(axis) = rm.op_as::<AxisOp>()? else { return None };
-        let slice_node = model.node(rm.inputs[0].node);
-        let slice = slice_node.op_as::<Slice>()?;
-        let start = slice.start.as_i64()?;
-        if slice.axis != axis || slice.end.as_i64()? != start + 1 || start < 0 {
-            return None;
-        }
-        if model.node(slice_node.inputs[0].node).op_as::<AxisOp>().is_some_and(|op| matches!(op, AxisOp::Move(..))) {
-            return None;
-        }
+        let (pick, input) = picked_slice(model, rm)?;
         let mut op = self.clone();
-        op.layout[slot] = op.layout[slot].map(|a| if a >= axis { a + 1 } else { a });
-        op.picks[slot] = Some((axis, start as usize));
-        Some((op, slice_node.inputs[0]))
+        op.layout[slot] = op.layout[slot].map(|a| pick.input_axis(a));
+        op.picks[slot] = Some((pick.axis, pick.index));
+        Some((op, input))
     }
 }
 

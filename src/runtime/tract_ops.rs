@@ -7,8 +7,7 @@
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
-use std::borrow::Cow;
-
+use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_hir::internal::*;
 
 use tome_kernels::merge::{self, Merge, Metric};
@@ -38,6 +37,51 @@ pub(crate) fn moved_axis(axis: usize, from: usize, to: usize) -> usize {
     }
 }
 
+/// A one-wide `Slice` on axis `axis` at `index`, then `Rm(removed)`:
+/// the slice's axis, or (tract's reshapes do this at batch 1) another axis
+/// of one. An op can read index `index` of `axis` of the slice's input in
+/// place of the copy.
+pub(crate) struct Pick {
+    pub axis: usize,
+    pub index: usize,
+    removed: usize,
+}
+
+impl Pick {
+    /// The axis of the slice's input that holds axis `a` of the `Rm`'s
+    /// output: the axis of one left in the slice's place holds the one
+    /// removed.
+    pub fn input_axis(&self, a: usize) -> usize {
+        match a + (a >= self.removed) as usize {
+            a if a == self.axis => self.removed,
+            a => a,
+        }
+    }
+}
+
+/// The pick that `rm` ends, and the slice's input. Not while that input is
+/// a moved axis: tract's axis changes push such moves down through the
+/// slices into the ops' layouts, and cannot pass a tensor once several ops
+/// read it (a move reaches a node through one input at a time): q, k and v
+/// in `FusedAttention`, k in `BipartiteMerge` too.
+pub(crate) fn picked_slice(model: &TypedModel, rm: &TypedNode) -> Option<(Pick, OutletId)> {
+    let &AxisOp::Rm(removed) = rm.op_as::<AxisOp>()? else { return None };
+    let slice_node = model.node(rm.inputs[0].node);
+    let slice = slice_node.op_as::<Slice>()?;
+    let start = slice.start.as_i64()?;
+    if slice.end.as_i64()? != start + 1 || start < 0 {
+        return None;
+    }
+    let input = slice_node.inputs[0];
+    if removed != slice.axis && !model.outlet_fact(input).ok()?.shape.get(removed)?.is_one() {
+        return None;
+    }
+    if model.node(input.node).op_as::<AxisOp>().is_some_and(|op| matches!(op, AxisOp::Move(..))) {
+        return None;
+    }
+    Some((Pick { axis: slice.axis, index: start as usize, removed }, input))
+}
+
 /// A float32 tensor's values, in memory order.
 pub(crate) fn floats(t: &Tensor) -> TractResult<&[f32]> {
     t.try_as_plain_ram()?.as_slice::<f32>()
@@ -54,7 +98,7 @@ fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infere
         bail!("{}: {FUSED_MERGE_OP} takes inputs (x, keys or scores[, size]) and gives outputs (x, size)", node.name);
     }
     let keys_layout = if keys_transposed == 1 { [0, 1, 3, 2] } else { [0, 1, 2, 3] };
-    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout }), vec![]))
+    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout, pick: None }), vec![]))
 }
 
 /// Bipartite soft matching on the block's keys or given scores, then the
@@ -64,10 +108,14 @@ pub struct BipartiteMerge {
     pub r: usize,
     /// Protected prefix tokens (cls, dist, registers).
     pub prefix: usize,
-    /// The axis of rank-4 keys that holds each of (B, H, N, D): [0, 1, 3,
-    /// 2] for the ONNX node's `keys_transposed`, and whatever order tract's
+    /// The axis of the keys that holds each of (B, H, N, D): [0, 1, 3, 2]
+    /// for the ONNX node's `keys_transposed`, and whatever order tract's
     /// axis changes move them into after (it would copy them otherwise).
     pub keys_layout: [usize; 4],
+    /// `Some((axis, i))` when the keys are index `i` of their input's
+    /// `axis`, one axis more than the four (k picked from the qkv
+    /// projection where `FusedAttention` reads it too).
+    pub pick: Option<(usize, usize)>,
 }
 
 impl Expansion for BipartiteMerge {
@@ -114,7 +162,7 @@ impl Op for BipartiteMerge {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("r={} prefix={} axes of keys (B, H, N, D): {:?}", self.r, self.prefix, self.keys_layout)])
+        Ok(vec![format!("r={} prefix={} axes of keys (B, H, N, D): {:?}, (axis, index) picked: {:?}", self.r, self.prefix, self.keys_layout, self.pick)])
     }
 
     op_as_typed_op!();
@@ -124,14 +172,19 @@ impl TypedOp for BipartiteMerge {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = inputs[0];
         let ranks: Vec<usize> = inputs.iter().map(|f| f.rank()).collect();
-        if inputs.iter().any(|f| f.datum_type != f32::datum_type()) || ranks[0] != 3 || !(3..=4).contains(&ranks[1]) || ranks.get(2).is_some_and(|&r| r != 3) {
+        let keys_rank = 4 + self.pick.is_some() as usize;
+        let metric_rank = if self.pick.is_some() { ranks[1] == keys_rank } else { (3..=4).contains(&ranks[1]) };
+        if inputs.iter().any(|f| f.datum_type != f32::datum_type()) || ranks[0] != 3 || !metric_rank || ranks.get(2).is_some_and(|&r| r != 3) {
             bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], keys [B,H,N,D] or scores [B,⌈N/2⌉,⌊N/2⌋], and size [B,N,1]; got {inputs:?}");
+        }
+        if let Some((axis, i)) = self.pick.filter(|&(axis, i)| inputs[1].shape[axis].to_usize().is_ok_and(|len| i >= len)) {
+            bail!("{FUSED_MERGE_OP}: keys are index {i} of axis {axis} of {:?}, which has fewer", inputs[1].shape);
         }
         if let Ok(n) = x.shape[1].to_usize() {
             self.check_tokens(n)?;
             let expected = [n.div_ceil(2), n / 2];
             let tokens_axis = self.keys_layout[2];
-            if ranks[1] == 4 && inputs[1].shape[tokens_axis].to_usize().is_ok_and(|k| k != n) {
+            if ranks[1] == keys_rank && inputs[1].shape[tokens_axis].to_usize().is_ok_and(|k| k != n) {
                 bail!("{FUSED_MERGE_OP}: keys must have {n} tokens on axis {tokens_axis}, are {:?}", inputs[1].shape);
             }
             if ranks[1] == 3 && inputs[1].shape.iter().skip(1).map(|d| d.to_usize().ok()).ne(expected.map(Some)) {
@@ -145,13 +198,27 @@ impl TypedOp for BipartiteMerge {
         Ok(tvec!(f32::fact([batch.clone(), n.clone(), c]), f32::fact([batch, n, 1.to_dim()])))
     }
 
-    /// Takes a moved axis of the keys into `keys_layout`.
-    fn change_axes(&self, model: &TypedModel, node: &TypedNode, io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
-        let (InOut::In(1), &AxisOp::Move(from, to)) = (io, change) else { return Ok(None) };
-        if model.outlet_fact(node.inputs[1])?.rank() != 4 {
+    /// Folds in a one-wide slice (with its axis removed) of the keys, k
+    /// picked from the qkv projection: tract would copy it.
+    fn declutter(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+        if self.pick.is_some() || model.outlet_fact(node.inputs[1])?.rank() != 4 {
             return Ok(None);
         }
-        let op = BipartiteMerge { keys_layout: self.keys_layout.map(|a| moved_axis(a, from, to)), ..self.clone() };
+        let Some((pick, keys)) = picked_slice(model, model.node(node.inputs[1].node)) else { return Ok(None) };
+        let op = BipartiteMerge { keys_layout: self.keys_layout.map(|a| pick.input_axis(a)), pick: Some((pick.axis, pick.index)), ..self.clone() };
+        let mut inputs = node.inputs.clone();
+        inputs[1] = keys;
+        Ok(Some(TypedModelPatch::replace_single_op(model, node, &inputs, op)?))
+    }
+
+    /// Takes a moved axis of the keys into `keys_layout` (and the pick).
+    fn change_axes(&self, model: &TypedModel, node: &TypedNode, io: InOut, change: &AxisOp) -> TractResult<Option<AxisChangeConsequence>> {
+        let (InOut::In(1), &AxisOp::Move(from, to)) = (io, change) else { return Ok(None) };
+        if model.outlet_fact(node.inputs[1])?.rank() != 4 + self.pick.is_some() as usize {
+            return Ok(None);
+        }
+        let moved = |axis: usize| moved_axis(axis, from, to);
+        let op = BipartiteMerge { keys_layout: self.keys_layout.map(moved), pick: self.pick.map(|(axis, i)| (moved(axis), i)), ..self.clone() };
         Ok(Some(AxisChangeConsequence { substitute_op: Some(Box::new(op)), wire_changes: tvec!((io, change.clone())) }))
     }
 
@@ -164,9 +231,7 @@ impl EvalOp for BipartiteMerge {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let shape = inputs[0].shape().to_vec();
         let &[batch, n, c] = shape.as_slice() else { bail!("{FUSED_MERGE_OP}: x must be [B,N,C], is {shape:?}") };
-        let (values, shape, transposed) = self.metric_input(&inputs[1])?;
-        let metric = Metric::of(&values, &shape, transposed)
-            .ok_or_else(|| format_err!("{FUSED_MERGE_OP}: input 1 must be keys [B,H,N,D] or scores, is {:?}", inputs[1].shape()))?;
+        let metric = self.metric(&inputs[1])?;
         let merge = Merge {
             x: floats(&inputs[0])?,
             metric,
@@ -185,7 +250,7 @@ impl EvalOp for BipartiteMerge {
         let mut x_view = out_x.try_as_plain_ram_mut()?;
         let mut size_view = out_size.try_as_plain_ram_mut()?;
         // Images spread over tract's threads, when there is enough work.
-        let work = batch * n * (c + values.len() / batch.max(1) / n.max(1));
+        let work = batch * n * (c + inputs[1].len() / batch.max(1) / n.max(1));
         let pool = |count: usize, task: &(dyn Fn(usize) + Sync)| {
             let mut images: Vec<usize> = (0..count).collect();
             // The closure cannot fail.
@@ -200,37 +265,22 @@ impl EvalOp for BipartiteMerge {
 }
 
 impl BipartiteMerge {
-    /// Input 1 as the kernel reads it: keys [B,H,N,D] or [B,H,D,N] in
-    /// memory order as they lie where `keys_layout` allows, else copied
-    /// into [B,H,N,D] (tract's key sum is a head's worth, small); scores as
-    /// they are. The values, their shape and whether keys are transposed.
-    fn metric_input<'t>(&self, t: &'t Tensor) -> TractResult<(Cow<'t, [f32]>, Vec<usize>, bool)> {
+    /// Input 1 as the kernel reads it, in place: scores as they are, keys
+    /// in whatever axis order `keys_layout` and `pick` say they lie.
+    fn metric<'t>(&self, t: &'t Tensor) -> TractResult<Metric<'t>> {
         let values = floats(t)?;
-        if t.rank() != 4 {
-            return Ok((Cow::Borrowed(values), t.shape().to_vec(), false));
+        if t.rank() == 3 && self.pick.is_none() {
+            return Ok(Metric::Scores(values));
         }
-        let [b, h, n, d] = self.keys_layout.map(|a| t.shape()[a]);
+        if t.rank() != 4 + self.pick.is_some() as usize {
+            bail!("{FUSED_MERGE_OP}: input 1 must be keys [B,H,N,D] or scores, is {:?}", t.shape());
+        }
+        let [b, heads, n, d] = self.keys_layout.map(|a| t.shape()[a]);
         // Tensors are dense, so strides are non-negative.
         let strides = self.keys_layout.map(|a| t.strides()[a] as usize);
-        // Whether axes of these sizes and strides lie as a dense tensor of
-        // that shape (an axis of one has any stride).
-        let dense = |dims: [usize; 4], strides: [usize; 4]| {
-            (0..4).all(|i| dims[i] == 1 || strides[i] == dims[i + 1..].iter().product::<usize>())
-        };
-        let [sb, sh, sn, sd] = strides;
-        if dense([b, h, n, d], strides) {
-            return Ok((Cow::Borrowed(values), vec![b, h, n, d], false));
-        }
-        if dense([b, h, d, n], [sb, sh, sd, sn]) {
-            return Ok((Cow::Borrowed(values), vec![b, h, d, n], true));
-        }
-        let mut keys = Vec::with_capacity(b * h * n * d);
-        for row in (0..b).flat_map(|ib| (0..h).map(move |ih| ib * sb + ih * sh)) {
-            for token in (0..n).map(|it| row + it * sn) {
-                keys.extend((0..d).map(|k| values[token + k * sd]));
-            }
-        }
-        Ok((Cow::Owned(keys), vec![b, h, n, d], false))
+        let first = self.pick.map_or(0, |(axis, i)| i * t.strides()[axis] as usize);
+        let keys = values.get(first..first + merge::span([b, heads, n, d], strides)).context("keys beyond their tensor")?;
+        Ok(Metric::Keys { keys, heads, d, strides })
     }
 
     fn check_tokens(&self, n: usize) -> TractResult<()> {
@@ -330,37 +380,32 @@ impl EvalOp for ProportionalBias {
 mod tests {
     use super::*;
 
-    /// Keys moved into every axis order come back as the same keys: read in
-    /// place where they lie as [B,H,N,D] or [B,H,D,N], copied otherwise.
+    /// Keys moved into every axis order, or picked from a larger tensor,
+    /// read back in place as the same keys.
     #[test]
     fn keys_in_any_axis_order_read_as_the_same_keys() {
         let dims = [2usize, 3, 5, 4];
-        let logical = Tensor::from_shape(&dims, &(0..120).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let at = |[b, h, n, d]: [usize; 4]| ((b * 3 + h) * 5 + n) * 4 + d;
-        let mut copied = 0;
-        for perm in [[0, 1, 2, 3], [0, 1, 3, 2], [1, 0, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0], [0, 2, 1, 3]] {
-            // Physical axis i holds logical axis perm[i]; keys_layout maps back.
-            let physical = logical.clone().permute_axes(&perm).unwrap();
-            let mut keys_layout = [0; 4];
-            perm.iter().enumerate().for_each(|(i, &a)| keys_layout[a] = i);
-            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout };
-            let (values, shape, transposed) = op.metric_input(&physical).unwrap();
-            copied += matches!(values, Cow::Owned(_)) as usize;
-            let [b, h, k2, k3] = shape[..] else { panic!("rank 4: {shape:?}") };
-            assert_eq!((b, h), (2, 3), "{perm:?}");
-            for (i, &v) in values.iter().enumerate() {
-                let (ib, ih, i2, i3) = (i / (h * k2 * k3), i / (k2 * k3) % h, i / k3 % k2, i % k3);
-                let (n, d) = if transposed { (i3, i2) } else { (i2, i3) };
-                assert_eq!(v, at([ib, ih, n, d]) as f32, "{perm:?} at {i}");
+        // Logical keys (b, h, n, d) with one more axis of 2 in front, which
+        // the keys are index 1 of.
+        let both = Tensor::from_shape(&[2, 2, 3, 5, 4], &(0..240).map(|v| v as f32 - 120.0).collect::<Vec<_>>()).unwrap();
+        for perm in [[0, 1, 2, 3, 4], [0, 1, 2, 4, 3], [1, 2, 0, 3, 4], [3, 1, 0, 4, 2], [4, 3, 2, 1, 0], [1, 3, 0, 2, 4]] {
+            // Physical axis i holds logical axis perm[i]; the layout maps back.
+            let physical = both.clone().permute_axes(&perm).unwrap();
+            let mut axes = [0; 5];
+            perm.iter().enumerate().for_each(|(i, &a)| axes[a] = i);
+            let pick = Some((axes[0], 1));
+            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [axes[1], axes[2], axes[3], axes[4]], pick };
+            let Ok(Metric::Keys { keys, heads, d, strides }) = op.metric(&physical) else { panic!("{perm:?}: keys") };
+            assert_eq!((heads, d), (3, 4), "{perm:?}");
+            for index in (0..120).map(|i| [i / 60, i / 20 % 3, i / 4 % 5, i % 4]) {
+                let offset: usize = index.iter().zip(strides).map(|(i, s)| i * s).sum();
+                assert_eq!(keys[offset], at(index) as f32, "{perm:?} at {index:?}");
             }
         }
-        assert_eq!(copied, 4, "only [B,H,N,D] and [B,H,D,N] are read in place");
-        // A one-head sum (what --target tract passes) moved behind its
-        // tokens lies as [B,N,D] all the same: read in place.
-        let sum = Tensor::from_shape(&[2, 1, 5, 4], &(0..40).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
-        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 2, 1, 3] };
-        let moved = sum.permute_axes(&[0, 2, 1, 3]).unwrap();
-        let (values, shape, transposed) = op.metric_input(&moved).unwrap();
-        assert!(matches!(values, Cow::Borrowed(_)) && shape == [2, 1, 5, 4] && !transposed, "{shape:?}");
+        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 1, 2, 3], pick: None };
+        let keys = Tensor::from_shape(&dims, &(0..120).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let Ok(Metric::Keys { keys, strides, .. }) = op.metric(&keys) else { panic!("dense keys") };
+        assert_eq!((keys.len(), strides), (120, [60, 20, 4, 1]));
     }
 }

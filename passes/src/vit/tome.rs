@@ -12,8 +12,7 @@ use crate::{Ops, PassError};
 
 /// The op and domain of a block's matching and merge as one node
 /// (`Ops::Merge`, `Ops::Tract`): inputs x [B,N,C], then the block's keys
-/// [B,H,N,D] (attribute `keys_transposed` for [B,H,D,N]; `Ops::Tract`
-/// passes their sum over heads, one head's worth) or the similarity scores
+/// [B,H,N,D] (attribute `keys_transposed` for [B,H,D,N]) or the similarity scores
 /// [B,⌈N/2⌉,⌊N/2⌋], float32, then
 /// size [B,N,1] after the first merge; attributes `r` and `prefix`;
 /// outputs x and size [B,N-r,·]. tract with
@@ -153,15 +152,8 @@ pub fn merge(
     };
     let x = x.as_str();
     let (x_out, size_out, images, source) = if ops != Ops::Standard && !track {
-        // tract reads the keys in the projection's layout for its attention
-        // and would copy them for the op: it gets their sum over heads
-        // (keys of one head), which its own ReduceSum takes in that layout.
-        let metric = match ops {
-            Ops::Tract => e.reduce("ReduceSum", "key_sum", &keys, &[1], true),
-            _ => keys.clone(),
-        };
         let mut attrs = vec![int_attr("keys_transposed", block.keys_transposed as i64)];
-        let mut inputs = vec![x, metric.as_str()];
+        let mut inputs = vec![x, keys.as_str()];
         inputs.extend(size);
         attrs.extend([int_attr("r", r as i64), int_attr("prefix", prefix as i64)]);
         let outs = e.op_multi(FUSED_MERGE_OP, "bipartite", &inputs, &["x", "size"], attrs);

@@ -69,7 +69,7 @@ pub unsafe extern "C" fn tome_bipartite_merge(
         x: slice(x, batch * n * c),
         metric: match heads {
             0 => Metric::Scores(slice(keys, batch * n.div_ceil(2) * (n / 2))),
-            _ => Metric::Keys { keys: slice(keys, batch * heads * n * d), heads, d, transposed: keys_transposed == 1 },
+            _ => Metric::dense_keys(slice(keys, batch * heads * n * d), heads, n, d, keys_transposed == 1),
         },
         size: (!size.is_null()).then(|| slice(size, batch * n)),
         batch,
