@@ -355,6 +355,19 @@ fn bound_drops_tokens_to_the_compiled_counts_without_merging() {
     let (b, t) = (macs(&json), macs(&tome_json));
     assert!(b < t && b > 0.97 * t, "bound {b} vs ToMe {t} MACs");
 
+    // tract's bound keeps the kept tokens with a Gather: a Slice there
+    // would move up into the attention's output projection and split it.
+    let tract_bound = dir.path().join("tract_bound.onnx");
+    let o = tome(&[model.to_str().unwrap(), "--r", "16", "--bound", "--target", "tract", "-o", tract_bound.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let gathers = nodes(&tract_bound).iter().filter(|n| n.name.contains(".tome.bound") && n.op_type == "Gather").count();
+    assert_eq!(gathers, 6, "a Gather per merging block");
+    let file = onnx::io::read(&tract_bound).unwrap();
+    let tract = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::runtime::tract_ops::onnx() };
+    let plan = tract.parse(&file.proto, file.dir.to_str()).unwrap().model.into_optimized().unwrap();
+    let split: Vec<_> = plan.nodes().iter().filter(|n| n.name.contains("split-over")).map(|n| n.name.clone()).collect();
+    assert!(split.is_empty(), "tract split nodes around the bound: {split:?}");
+
     let grid = fixture("timm_vit_grid/model.onnx");
     let o = tome(&[grid.to_str().unwrap(), "--r", "8", "--unmerge", "--bound", "-o", dir.path().join("g.onnx").to_str().unwrap()]);
     let (_, err) = text(&o);

@@ -282,7 +282,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         if step.r > 0 {
             let track = unmerge_at.is_some() || expose_sources;
             let (p, m) = match opts.bound {
-                true => tome::truncate(g, block, step.tokens_in, step.r)?,
+                true => tome::truncate(g, block, step.tokens_in, step.r, opts.ops)?,
                 false => {
                     let at = tome::MergeAt { tokens: step.tokens_in, r: step.r, prefix: vit.prefix };
                     tome::merge(g, block, at, merged.last(), track, opts.ops)?

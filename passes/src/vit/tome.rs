@@ -437,11 +437,22 @@ fn track_sources(e: &mut Emitter, previous: Option<&str>, m: &Matched, at: Merge
 
 /// The timing bound in place of `merge` (`Options::bound`): keeps the first
 /// `tokens - r` tokens of the stream after attention. Same token counts as
-/// the merge, none of its cost, wrong numbers.
-pub fn truncate(g: &Graph, block: &VitBlock, tokens: usize, r: usize) -> Result<(Patch, Merged), PassError> {
+/// the merge, none of its cost, wrong numbers. A `Slice`, which OpenVINO
+/// runs as a view; tract's (`Ops::Tract`) would move up through the
+/// residual Add into the attention's output projection, slicing that
+/// projection's input, so it gets a `Gather` of the kept tokens, which
+/// stays where the merge is: 0.7-0.9% faster than the slice on ViT-S/16.
+pub fn truncate(g: &Graph, block: &VitBlock, tokens: usize, r: usize, ops: Ops) -> Result<(Patch, Merged), PassError> {
     let mut stream = StreamRewrite::new(g, block, format!("{}: drop r={r} (timing bound)", block.name))?;
     let out = tokens - r;
-    let x = Emitter::new(&mut stream.patch, format!("{}.tome.bound", block.name), g.opset).slice("x", &block.residual, 1, 0, out as i64, 1);
+    let mut e = Emitter::new(&mut stream.patch, format!("{}.tome.bound", block.name), g.opset);
+    let x = match ops {
+        Ops::Tract => {
+            let kept = e.const_i64("kept", &[out as i64], &(0..out as i64).collect::<Vec<_>>());
+            e.op("Gather", "x", &[&block.residual, &kept], vec![int_attr("axis", 1)])
+        }
+        _ => e.slice("x", &block.residual, 1, 0, out as i64, 1),
+    };
     Ok(stream.finish(block, Merged { x, size: String::new(), tokens: out, source: None, images: None }))
 }
 
