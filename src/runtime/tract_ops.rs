@@ -403,6 +403,12 @@ mod tests {
                 assert_eq!(keys[offset], at(index) as f32, "{perm:?} at {index:?}");
             }
         }
+        // tract's reshape at batch 1 slices axis 2 of [1,N,3,H,D] and then
+        // removes axis 0: [N,1,H,D], its axis 1 the slice's place.
+        let pick = Pick { axis: 2, index: 1, removed: 0 };
+        assert_eq!([0, 1, 2, 3].map(|a| pick.input_axis(a)), [1, 0, 3, 4]);
+        let pick = Pick { axis: 2, index: 1, removed: 2 };
+        assert_eq!([0, 1, 2, 3].map(|a| pick.input_axis(a)), [0, 1, 3, 4]);
         let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 1, 2, 3], pick: None };
         let keys = Tensor::from_shape(&dims, &(0..120).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let Ok(Metric::Keys { keys, strides, .. }) = op.metric(&keys) else { panic!("dense keys") };
