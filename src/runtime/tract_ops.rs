@@ -249,8 +249,14 @@ impl EvalOp for BipartiteMerge {
         let mut out_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
         let mut x_view = out_x.try_as_plain_ram_mut()?;
         let mut size_view = out_size.try_as_plain_ram_mut()?;
-        // Images spread over tract's threads, when there is enough work.
-        let work = batch * n * (c + inputs[1].len() / batch.max(1) / n.max(1));
+        // Images spread over tract's threads, when there is enough work: a
+        // token's values in x and in the metric (keys picked from qkv are a
+        // third of their input).
+        let metric_per_token = match merge.metric {
+            Metric::Keys { heads, d, .. } => heads * d,
+            Metric::Scores(scores) => scores.len() / batch.max(1) / n.max(1),
+        };
+        let work = batch * n * (c + metric_per_token);
         let pool = |count: usize, task: &(dyn Fn(usize) + Sync)| {
             let mut images: Vec<usize> = (0..count).collect();
             // The closure cannot fail.
