@@ -334,7 +334,7 @@ fn a_corrupt_tract_target_node_exits_2_naming_it() {
     let cases = [
         ("r.onnx", "BipartiteMerge", "blocks.0.tome.merge.bipartite", "r=1000 is more than half of the 197 tokens"),
         ("scores.onnx", "BipartiteMerge", "blocks.0.tome.merge.bipartite", "scores must be [B,99,98] for 197 tokens"),
-        ("bias.onnx", "FusedAttention", "blocks.1.tome.attention.fused", "inputs[3].rank == 4"),
+        ("bias.onnx", "FusedAttention", "blocks.1.tome.attention.fused", "bias [B,1,1,N] or [B,N,1]"),
     ];
     for (name, op, node_name, expected) in cases {
         let mut proto = onnx::io::read(&compiled).unwrap().proto;
@@ -342,7 +342,7 @@ fn a_corrupt_tract_target_node_exits_2_naming_it() {
         match name {
             "r.onnx" => node.attribute.iter_mut().filter(|a| a.name == "r").for_each(|a| a.i = 1000),
             "scores.onnx" => node.input[1] = node.input[0].clone(),
-            _ => node.input[3] = "blocks.0.tome.merge.bipartite.size".into(), // [B,N,1], not [B,1,1,N]
+            _ => node.input[3] = "blocks.0.tome.merge.bipartite.x".into(), // [B,N,C], neither [B,1,1,N] nor [B,N,1]
         }
         let bad = dir.path().join(name);
         std::fs::write(&bad, proto.encode_to_vec()).unwrap();

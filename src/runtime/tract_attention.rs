@@ -28,7 +28,7 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn In
 }
 
 /// q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an optional bias [B,1,1,N]
-/// added to every row of logits; output [B,H,N,Dv], float32. `layout[t][a]`
+/// or [B,N,1] (the same values in memory) added to every row of logits; output [B,H,N,Dv], float32. `layout[t][a]`
 /// is the axis of tensor t (q, kᵀ, v, output) that holds its a-th axis in
 /// that order. What tract's declutter folds in on top of the ONNX op:
 /// `factors`, scalars q and kᵀ are multiplied by first (a graph's `q·s`,
@@ -105,6 +105,9 @@ impl Expansion for FusedAttention {
         check_output_arity(outputs, 1)?;
         for t in inputs.iter().chain(outputs) {
             s.equals(&t.datum_type, f32::datum_type())?;
+        }
+        // The bias is [B,1,1,N] or [B,N,1]: `output_facts` checks it.
+        for t in inputs.iter().take(3).chain(outputs) {
             s.equals(&t.rank, 4)?;
         }
         for axis in 0..3 {
@@ -136,11 +139,14 @@ impl Op for FusedAttention {
 
 impl TypedOp for FusedAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let rank = |t: usize| if t < 3 && self.picks[t].is_some() { 5 } else { 4 };
+        let rank = |t: usize, f: &TypedFact| match t {
+            0..3 => f.rank() == if self.picks[t].is_some() { 5 } else { 4 },
+            _ => matches!(f.rank(), 3 | 4),
+        };
         let picked = |t: usize| self.picks[t].is_none_or(|(axis, i)| inputs[t].shape[axis].as_i64().is_some_and(|len| (i as i64) < len));
-        let fits = inputs.len() >= 3 && inputs.iter().enumerate().all(|(t, f)| f.rank() == rank(t) && f.datum_type == f32::datum_type()) && (0..3).all(picked);
+        let fits = inputs.len() >= 3 && inputs.iter().enumerate().all(|(t, f)| rank(t, f) && f.datum_type == f32::datum_type()) && (0..3).all(picked);
         if !fits {
-            bail!("{FUSED_ATTENTION_OP} takes float32 q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N]; got {inputs:?}");
+            bail!("{FUSED_ATTENTION_OP} takes float32 q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N] or [B,N,1]; got {inputs:?}");
         }
         let [b, h, n, d] = self.ordered(0, &inputs[0].shape);
         let [kb, kh, kd, kn] = self.ordered(1, &inputs[1].shape);
@@ -150,9 +156,11 @@ impl TypedOp for FusedAttention {
             && [kn, vn] == [n.clone(), n.clone()]
             && kd == d
             && d.as_i64() != Some(0)
-            && inputs.get(3).is_none_or(|bias| *bias.shape == [b.clone(), 1.into(), 1.into(), n.clone()]);
+            && inputs.get(3).is_none_or(|bias| {
+                *bias.shape == [b.clone(), 1.into(), 1.into(), n.clone()] || *bias.shape == [b.clone(), n.clone(), 1.into()]
+            });
         if !fits {
-            bail!("{FUSED_ATTENTION_OP} (axes {:?}) takes q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N], D > 0; got {inputs:?}", self.layout);
+            bail!("{FUSED_ATTENTION_OP} (axes {:?}) takes q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and bias [B,1,1,N] or [B,N,1], D > 0; got {inputs:?}", self.layout);
         }
         let mut shape = [b.clone(), h.clone(), n.clone(), dv.clone()];
         for (dim, &axis) in [b, h, n, dv].into_iter().zip(&self.layout[OUTPUT]) {

@@ -10,8 +10,9 @@ use crate::vit::tome::{PROP_BIAS_OP, OPS_DOMAIN};
 
 /// A block's attention as one node, for tract with tome-compile's ops
 /// registered: inputs q [B,H,N,D], kᵀ [B,H,D,N], v [B,H,N,Dv] and an
-/// optional bias [B,1,1,N] (float32); attribute `scale` (float); output
-/// `softmax(scale·q·kᵀ + bias)·v`, [B,H,N,Dv].
+/// optional bias [B,1,1,N] or [B,N,1] (the same values in memory: the
+/// proportional bias as `log(size)` leaves the merge) (float32); attribute
+/// `scale` (float); output `softmax(scale·q·kᵀ + bias)·v`, [B,H,N,Dv].
 pub const FUSED_ATTENTION_OP: &str = "FusedAttention";
 
 /// A LayerNormalization over the last axis as one node, for tract with
@@ -82,7 +83,14 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     let mut id = sole_input(softmax.input(0)?)?;
     let mut bias = None;
     if g.node(id).op() == PROP_BIAS_OP {
-        bias = Some(g.node(id).input(1)?.to_string());
+        let key_bias = g.node(id).input(1)?;
+        bias = Some(match bias_row(g, key_bias) {
+            Some((log_size, nodes)) => {
+                chain.extend(nodes);
+                log_size.to_string()
+            }
+            None => key_bias.to_string(),
+        });
         chain.push(id);
         id = sole_input(g.node(id).input(0)?)?;
     }
@@ -121,6 +129,22 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     e.in_domain(OPS_DOMAIN);
     patch.nodes.last_mut()?.output = vec![av.output().to_string()];
     Some(patch)
+}
+
+/// tract's proportional bias as `tome::key_bias` writes it, `log(size)`
+/// [B,N,1] made [B,1,1,N] by a MatMul with [1.0] and an Unsqueeze of axes
+/// 1 and 2, read by nothing else: `log(size)`, which holds the same values
+/// in memory, and those two nodes.
+fn bias_row<'g>(g: &'g Graph, bias: &str) -> Option<(&'g str, [NodeIndex; 2])> {
+    let sole = |tensor: &str| (g.consumers(tensor).len() == 1 && !g.is_output(tensor)).then(|| g.producer(tensor)).flatten();
+    let unsqueeze_id = sole(bias)?;
+    let unsqueeze = g.node(unsqueeze_id);
+    let axes = unsqueeze.input(1).and_then(|a| g.constant_i64(a)).or_else(|| unsqueeze.attr_ints("axes").map(<[i64]>::to_vec));
+    let row_id = sole(unsqueeze.input(0)?)?;
+    let row = g.node(row_id);
+    let one = row.input(1).and_then(|t| g.constant_f32(t));
+    let fits = unsqueeze.op() == "Unsqueeze" && axes.as_deref() == Some(&[1, 2]) && row.op() == "MatMul" && one.as_deref() == Some(&[1.0]);
+    fits.then_some((row.input(0)?, [unsqueeze_id, row_id]))
 }
 
 /// `(logits, factor)` if `id` multiplies or divides the logits by a scalar

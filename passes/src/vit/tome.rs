@@ -104,6 +104,8 @@ pub fn proportional_attention(g: &Graph, block: &VitBlock, size: &str, fused: bo
 /// [B, H, N, N, 1] with the Softmax axis no longer last, and tract then
 /// runs the Softmax on its single-threaded slow path. A Transpose is worse
 /// there: tract swaps the Q·Kᵀ output layout and the Softmax runs strided.
+/// Where the attention becomes a `FusedAttention` node, that op reads
+/// `log(size)` itself (`lower::fuse_attention`).
 fn key_bias(e: &mut Emitter, size: &str, tract: bool) -> String {
     let log_size = e.op("Log", "log_size", &[size], vec![]);
     if !tract {
