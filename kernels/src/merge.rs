@@ -266,16 +266,14 @@ impl Similarity {
         let transposed = sd != 1 && sn == 1;
         let (len, row_stride, step) = if transposed { (n, sd, sn) } else { (d, sn, sd) };
         let (len, row_stride) = if step == 1 && row_stride == len { (n * d, 0) } else { (len, row_stride) };
-        // The first head is copied over what the last call left (heads >= 1).
+        self.sum.clear();
         self.sum.resize(n * d, 0.0);
         const BLOCK: usize = 512;
         for (i, row) in self.sum.chunks_exact_mut(len).enumerate() {
             for (j, block) in row.chunks_mut(BLOCK).enumerate() {
-                for (h, head) in (0..heads).map(|h| (h, &keys[h * sh + i * row_stride + j * BLOCK * step..])) {
-                    match (h, step) {
-                        (0, 1) => block.iter_mut().zip(head).for_each(|(m, k)| *m = *k),
-                        (0, _) => block.iter_mut().zip(head.iter().step_by(step)).for_each(|(m, k)| *m = *k),
-                        (_, 1) => block.iter_mut().zip(head).for_each(|(m, k)| *m += k),
+                for head in (0..heads).map(|h| &keys[h * sh + i * row_stride + j * BLOCK * step..]) {
+                    match step {
+                        1 => block.iter_mut().zip(head).for_each(|(m, k)| *m += k),
                         _ => block.iter_mut().zip(head.iter().step_by(step)).for_each(|(m, k)| *m += k),
                     }
                 }
