@@ -76,11 +76,7 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     }
     let mut chain = vec![block.attention];
     // Each node of the chain must feed only the next one.
-    let sole_input = |tensor: &str| -> Option<NodeIndex> {
-        let id = g.producer(tensor)?;
-        (g.consumers(tensor).len() == 1 && !g.is_output(tensor)).then_some(id)
-    };
-    let mut id = sole_input(softmax.input(0)?)?;
+    let mut id = sole_producer(g, softmax.input(0)?)?;
     let mut bias = None;
     if g.node(id).op() == PROP_BIAS_OP {
         let key_bias = g.node(id).input(1)?;
@@ -92,13 +88,13 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
             None => key_bias.to_string(),
         });
         chain.push(id);
-        id = sole_input(g.node(id).input(0)?)?;
+        id = sole_producer(g, g.node(id).input(0)?)?;
     }
     let mut scale = 1.0;
     if let Some((logits, factor)) = scalar_scale(g, id) {
         scale = factor;
         chain.push(id);
-        id = sole_input(logits)?;
+        id = sole_producer(g, logits)?;
     }
     let qk = g.node(id);
     chain.push(id);
@@ -136,15 +132,21 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
 /// 1 and 2, read by nothing else: `log(size)`, which holds the same values
 /// in memory, and those two nodes.
 fn bias_row<'g>(g: &'g Graph, bias: &str) -> Option<(&'g str, [NodeIndex; 2])> {
-    let sole = |tensor: &str| (g.consumers(tensor).len() == 1 && !g.is_output(tensor)).then(|| g.producer(tensor)).flatten();
-    let unsqueeze_id = sole(bias)?;
+    let unsqueeze_id = sole_producer(g, bias)?;
     let unsqueeze = g.node(unsqueeze_id);
     let axes = unsqueeze.input(1).and_then(|a| g.constant_i64(a)).or_else(|| unsqueeze.attr_ints("axes").map(<[i64]>::to_vec));
-    let row_id = sole(unsqueeze.input(0)?)?;
+    let row_id = sole_producer(g, unsqueeze.input(0)?)?;
     let row = g.node(row_id);
     let one = row.input(1).and_then(|t| g.constant_f32(t));
     let fits = unsqueeze.op() == "Unsqueeze" && axes.as_deref() == Some(&[1, 2]) && row.op() == "MatMul" && one.as_deref() == Some(&[1.0]);
     fits.then_some((row.input(0)?, [unsqueeze_id, row_id]))
+}
+
+/// The node writing `tensor` when nothing else reads it and it is no graph
+/// output.
+fn sole_producer(g: &Graph, tensor: &str) -> Option<NodeIndex> {
+    let id = g.producer(tensor)?;
+    (g.consumers(tensor).len() == 1 && !g.is_output(tensor)).then_some(id)
 }
 
 /// `(logits, factor)` if `id` multiplies or divides the logits by a scalar
