@@ -66,15 +66,22 @@ fn fused_twin(source: &Path, default: &Path, opts: &tome_compile::Options, targe
 }
 
 /// Compiles `source` for onnxruntime and OpenVINO with tome-compile's
-/// plugins next to `default`: the merge fused (`fused_twin`), nothing else
-/// changed, and both targets write the same bytes; returns its path.
+/// plugins next to `default`: the merge fused (`fused_twin`), its sizes'
+/// `Log` (the proportional bias) its third output, nothing else changed,
+/// and both targets write the same bytes; returns its path.
 fn plugin_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
     let (report, out, [fused, portable]) = fused_twin(source, default, opts, Target::OnnxRuntimeOps, "ops");
     let ov = default.with_extension("openvino.onnx");
     tome_compile::compile_file_with(source, &ov, opts, Target::OpenVinoOps, Format::Onnx).expect("compile --target openvino-ops");
     assert_eq!(std::fs::read(&ov).unwrap(), std::fs::read(&out).unwrap(), "{}: the two plugin targets differ", ov.display());
-    let ops = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).into_iter().filter(|n| !n.name.contains(".tome.merge")).map(|n| n.op_type).collect::<Vec<_>>();
+    let log_size = |n: &tome_passes::pb::NodeProto| n.op_type == "Log" && n.name.ends_with(".log_size");
+    let ops = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).into_iter().filter(|n| !n.name.contains(".tome.merge") && !log_size(n)).map(|n| n.op_type).collect::<Vec<_>>();
     assert_eq!(ops(&fused), ops(&portable), "{}: only the merges change", out.display());
+    let merges = nodes(&fused).into_iter().filter(|n| n.op_type == "BipartiteMerge").collect::<Vec<_>>();
+    let logs_left = nodes(&fused).iter().filter(|n| log_size(n)).count();
+    let logs_taken = merges.iter().filter(|n| n.output.len() == 3).count();
+    assert_eq!(logs_left + logs_taken, nodes(&portable).iter().filter(|n| log_size(n)).count(), "{}: every log(size) once", out.display());
+    assert!(merges.is_empty() || logs_left == 0, "{}: a Log of the merges' sizes left", out.display());
     assert_eq!(report.fused_attentions, 0, "{}", out.display());
     out
 }

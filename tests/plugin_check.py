@@ -16,16 +16,17 @@ from onnx import TensorProto, helper
 ort_lib, ov_lib = sys.argv[1], sys.argv[2]
 
 
-def merge_model(r, n, c, metric_shape, **attributes):
+def merge_model(r, n, c, metric_shape, log_size=False, **attributes):
     """x [1,n,c], keys (rank 4) or scores (rank 3) of `metric_shape` ->
-    BipartiteMerge(r, **attributes)."""
-    node = helper.make_node("BipartiteMerge", ["x", "metric"], ["y", "size"], domain="ai.tome", r=r, **attributes)
+    BipartiteMerge(r, **attributes), with its optional third output
+    log(size) when `log_size`."""
+    outputs = ["y", "size"] + ["log_size"] * log_size
+    node = helper.make_node("BipartiteMerge", ["x", "metric"], outputs, domain="ai.tome", r=r, **attributes)
     graph = helper.make_graph(
         [node], "merge",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n, c]),
          helper.make_tensor_value_info("metric", TensorProto.FLOAT, metric_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("size", TensorProto.FLOAT, None)])
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tome", 1)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -87,4 +88,11 @@ for runtime, run in [("ort", run_ort), ("ov", run_ov)]:
         ok = ok and np.allclose(y[0], outs[-1][0], rtol=0, atol=1e-6) and np.array_equal(y[1], outs[-1][1])
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} a valid merge from {what}: shapes {y[0].shape}, {y[1].shape}")
+    # The third output, where the node has it: the sizes' natural logs,
+    # the other two as without it.
+    y = run(merge_model(2, 6, 3, [1, 2, 6, 4], log_size=True), {"x": x, "metric": keys})
+    ok = len(y) == 3 and y[2].shape == (1, 4, 1) and np.allclose(y[2], np.log(y[1]), rtol=1e-6, atol=0)
+    ok = ok and float(y[2].max()) > 0.69 and all(np.array_equal(a, b) for a, b in zip(y[:2], outs[0]))
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} log(size) as the third output: {[v.ravel().tolist() for v in y[1:]]}")
 sys.exit(1 if failed else 0)

@@ -88,6 +88,12 @@ pub fn span(dims: [usize; 4], strides: [usize; 4]) -> usize {
     }
 }
 
+/// The op's optional third output: each merged size's natural log, the
+/// next block's proportional bias.
+pub fn log_of(size: &[f32], out: &mut [f32]) {
+    out.iter_mut().zip(size).for_each(|(o, s)| *o = s.ln());
+}
+
 /// Why a merge cannot run on its inputs, in words naming the input.
 pub fn check(r: usize, prefix: usize, n: usize) -> Result<(), String> {
     // At most half of the unprotected tokens can merge away (`r_eff`).

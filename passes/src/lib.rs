@@ -16,7 +16,9 @@
 //! 6. `tome::size_weighted_pool` for average-pool heads (needs the final sizes).
 //! 7. `tome::retarget_token_constants` and `retarget_computed_shapes`, once
 //!    every merge tells how many tokens reach each node.
-//! 8. For tract (`Ops::Tract`), `lower::fuse_attention` per block,
+//! 8. For the plugin and tract targets, `lower::merge_log_size` on every
+//!    `BipartiteMerge` whose sizes a `Log` reads. For tract (`Ops::Tract`),
+//!    then `lower::fuse_attention` per block,
 //!    last: it swallows the proportional bias the passes above add; then
 //!    `lower::fuse_layer_norm` on every float32 LayerNormalization.
 //! 9. `Graph::write_into`: topologically sorted nodes back into the model.
@@ -345,6 +347,15 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         .flat_map(|(id, _)| g.node(*id).proto.output.clone())
         .collect();
     // After `changed`: a fused node writes a tensor whose token count changed.
+    if opts.ops != Ops::Standard {
+        let merges: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).collect();
+        for id in merges {
+            if let Some(p) = lower::merge_log_size(g, id) {
+                labels.push(p.label.clone());
+                patch::apply(g, p)?;
+            }
+        }
+    }
     if opts.ops == Ops::Tract {
         for block in &vit.blocks {
             if let Some(p) = lower::fuse_attention(g, block) {

@@ -94,11 +94,12 @@ fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infere
     if r < 1 || prefix < 0 || !(0..=1).contains(&keys_transposed) {
         bail!("{}: {FUSED_MERGE_OP} needs r >= 1, prefix >= 0 and keys_transposed 0 or 1, has r={r}, prefix={prefix}, keys_transposed={keys_transposed}", node.name);
     }
-    if !(2..=3).contains(&node.input.len()) || node.output.len() != 2 {
-        bail!("{}: {FUSED_MERGE_OP} takes inputs (x, keys or scores[, size]) and gives outputs (x, size)", node.name);
+    if !(2..=3).contains(&node.input.len()) || !(2..=3).contains(&node.output.len()) {
+        bail!("{}: {FUSED_MERGE_OP} takes inputs (x, keys or scores[, size]) and gives outputs (x, size[, log_size])", node.name);
     }
     let keys_layout = if keys_transposed == 1 { [0, 1, 3, 2] } else { [0, 1, 2, 3] };
-    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout, pick: None }), vec![]))
+    let log_size = node.output.len() == 3;
+    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout, pick: None, log_size }), vec![]))
 }
 
 /// Bipartite soft matching on the block's keys or given scores, then the
@@ -116,6 +117,8 @@ pub struct BipartiteMerge {
     /// `axis`, one axis more than the four (k picked from the qkv
     /// projection where `FusedAttention` reads it too).
     pub pick: Option<(usize, usize)>,
+    /// Whether a third output gives `log(size)`.
+    pub log_size: bool,
 }
 
 impl Expansion for BipartiteMerge {
@@ -124,11 +127,11 @@ impl Expansion for BipartiteMerge {
     }
 
     fn nboutputs(&self) -> TractResult<usize> {
-        Ok(2)
+        Ok(2 + self.log_size as usize)
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
-        check_output_arity(outputs, 2)?;
+        check_output_arity(outputs, 2 + self.log_size as usize)?;
         // Input 1 is keys (rank 4) or scores (rank 3).
         for (i, t) in inputs.iter().chain(outputs).enumerate() {
             s.equals(&t.datum_type, f32::datum_type())?;
@@ -140,14 +143,18 @@ impl Expansion for BipartiteMerge {
             s.equals(&out.shape[0], &inputs[0].shape[0])?;
         }
         s.equals(&outputs[0].shape[2], &inputs[0].shape[2])?;
-        s.equals(&outputs[1].shape[2], 1.to_dim())?;
+        for size in &outputs[1..] {
+            s.equals(&size.shape[2], 1.to_dim())?;
+        }
         let r = self.r;
         s.given(&inputs[0].shape[1], move |s, n| {
             if let Ok(n) = n.to_usize() {
                 self.check_tokens(n)?;
             }
-            s.equals(&outputs[0].shape[1], n.clone() - r)?;
-            s.equals(&outputs[1].shape[1], n - r)
+            for out in outputs {
+                s.equals(&out.shape[1], n.clone() - r)?;
+            }
+            Ok(())
         })
     }
 
@@ -195,7 +202,10 @@ impl TypedOp for BipartiteMerge {
             }
         }
         let (batch, n, c) = (x.shape[0].clone(), x.shape[1].clone() - self.r, x.shape[2].clone());
-        Ok(tvec!(f32::fact([batch.clone(), n.clone(), c]), f32::fact([batch, n, 1.to_dim()])))
+        let size = f32::fact([batch.clone(), n.clone(), 1.to_dim()]);
+        let mut facts = tvec!(f32::fact([batch, n, c]), size.clone());
+        facts.extend(self.log_size.then_some(size));
+        Ok(facts)
     }
 
     /// Folds in a one-wide slice (with its axis removed) of the keys, k
@@ -266,7 +276,14 @@ impl EvalOp for BipartiteMerge {
             });
         };
         merge.run_on(&pool, x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
-        Ok(tvec!(out_x.into_tvalue(), out_size.into_tvalue()))
+        let mut outputs = tvec!(out_x.into_tvalue());
+        if self.log_size {
+            let mut log_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
+            merge::log_of(size_view.as_slice::<f32>()?, log_size.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+            outputs.push(log_size.into_tvalue());
+        }
+        outputs.insert(1, out_size.into_tvalue());
+        Ok(outputs)
     }
 }
 
@@ -401,7 +418,7 @@ mod tests {
             let mut axes = [0; 5];
             perm.iter().enumerate().for_each(|(i, &a)| axes[a] = i);
             let pick = Some((axes[0], 1));
-            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [axes[1], axes[2], axes[3], axes[4]], pick };
+            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [axes[1], axes[2], axes[3], axes[4]], pick, log_size: false };
             let Ok(Metric::Keys { keys, heads, d, strides }) = op.metric(&physical) else { panic!("{perm:?}: keys") };
             assert_eq!((heads, d), (3, 4), "{perm:?}");
             for index in (0..120).map(|i| [i / 60, i / 20 % 3, i / 4 % 5, i % 4]) {
@@ -415,7 +432,7 @@ mod tests {
         assert_eq!([0, 1, 2, 3].map(|a| pick.input_axis(a)), [1, 0, 3, 4]);
         let pick = Pick { axis: 2, index: 1, removed: 2 };
         assert_eq!([0, 1, 2, 3].map(|a| pick.input_axis(a)), [0, 1, 3, 4]);
-        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 1, 2, 3], pick: None };
+        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 1, 2, 3], pick: None, log_size: false };
         let keys = Tensor::from_shape(&dims, &(0..120).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let Ok(Metric::Keys { keys, strides, .. }) = op.metric(&keys) else { panic!("dense keys") };
         assert_eq!((keys.len(), strides), (120, [60, 20, 4, 1]));

@@ -15,8 +15,9 @@ use crate::{Ops, PassError};
 /// [B,H,N,D] (attribute `keys_transposed` for [B,H,D,N]) or the similarity scores
 /// [B,⌈N/2⌉,⌊N/2⌋], float32, then
 /// size [B,N,1] after the first merge; attributes `r` and `prefix`;
-/// outputs x and size [B,N-r,·]. tract with
-/// tome-compile's ops and onnxruntime with its custom-op library run it.
+/// outputs x and size [B,N-r,·], and optionally `log(size)` [B,N-r,1] for
+/// the next block's proportional bias (`lower::merge_log_size`). tract with
+/// tome-compile's ops, and onnxruntime and OpenVINO with its plugins, run it.
 pub const FUSED_MERGE_OP: &str = "BipartiteMerge";
 /// The tract target's proportional-attention Add: logits [B,H,N,N] float32
 /// plus bias [B,1,1,N], in the same domain.

@@ -56,6 +56,7 @@ const GET_DIMENSIONS: usize = 62;
 const GET_TENSOR_TYPE_AND_SHAPE: usize = 65;
 const KERNEL_INFO_GET_ATTRIBUTE_INT64: usize = 86;
 const KERNEL_CONTEXT_GET_INPUT_COUNT: usize = 88;
+const KERNEL_CONTEXT_GET_OUTPUT_COUNT: usize = 89;
 const KERNEL_CONTEXT_GET_INPUT: usize = 90;
 const KERNEL_CONTEXT_GET_OUTPUT: usize = 91;
 const KERNEL_CONTEXT_PARALLEL_FOR: usize = 274;
@@ -179,7 +180,7 @@ struct CustomOp {
     get_end_version: unsafe extern "system" fn(*const CustomOp) -> i32,
 }
 
-/// Inputs (x, keys or scores[, size]), outputs (x, size), all float32.
+/// Inputs (x, keys or scores[, size]), outputs (x, size[, log_size]), all float32.
 static MERGE_OP: CustomOp = CustomOp {
     version: API_VERSION,
     create_kernel: None,
@@ -188,12 +189,12 @@ static MERGE_OP: CustomOp = CustomOp {
     get_input_type: { unsafe extern "system" fn f(_: *const CustomOp, _: usize) -> i32 { TENSOR_FLOAT } f },
     get_input_type_count: { unsafe extern "system" fn f(_: *const CustomOp) -> usize { 3 } f },
     get_output_type: { unsafe extern "system" fn f(_: *const CustomOp, _: usize) -> i32 { TENSOR_FLOAT } f },
-    get_output_type_count: { unsafe extern "system" fn f(_: *const CustomOp) -> usize { 2 } f },
+    get_output_type_count: { unsafe extern "system" fn f(_: *const CustomOp) -> usize { 3 } f },
     kernel_compute: None,
     kernel_destroy,
     // Required, except the size input (absent before the first merge).
     get_input_characteristic: { unsafe extern "system" fn f(_: *const CustomOp, i: usize) -> i32 { (i == 2) as i32 } f },
-    get_output_characteristic: { unsafe extern "system" fn f(_: *const CustomOp, _: usize) -> i32 { 0 } f },
+    get_output_characteristic: { unsafe extern "system" fn f(_: *const CustomOp, i: usize) -> i32 { (i == 2) as i32 } f },
     get_input_memory_type: { unsafe extern "system" fn f(_: *const CustomOp, _: usize) -> i32 { 0 } f },
     get_variadic_input_min_arity: { unsafe extern "system" fn f(_: *const CustomOp) -> i32 { 1 } f },
     get_variadic_input_homogeneity: { unsafe extern "system" fn f(_: *const CustomOp) -> i32 { 1 } f },
@@ -285,6 +286,10 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     let out_n = n - kernel.r;
     let out_x = api.output(context, 0, &[batch, out_n, c])?;
     let out_size = api.output(context, 1, &[batch, out_n, 1])?;
+    let mut outputs = 0usize;
+    let get_output_count: unsafe extern "system" fn(*const c_void, *mut usize) -> Status = api.get(KERNEL_CONTEXT_GET_OUTPUT_COUNT);
+    api.check(get_output_count(context, &mut outputs), "KernelContext_GetOutputCount")?;
+    let out_log_size = if outputs > 2 { Some(api.output(context, 2, &[batch, out_n, 1])?) } else { None };
     // The work goes to onnxruntime's own pool (threads of our own would
     // contend with its spinning workers), an image per task.
     let parallel_for: unsafe extern "system" fn(*const c_void, unsafe extern "system" fn(*mut c_void, usize), usize, usize, *mut c_void) -> Status =
@@ -301,6 +306,9 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     merge.run_on(&pool, out_x, out_size);
     if let Some(status) = failed.take() {
         return Err(status);
+    }
+    if let Some(out) = out_log_size {
+        tome_kernels::merge::log_of(out_size, out);
     }
     match panicked.load(Ordering::Relaxed) {
         true => Err(api.status(ORT_FAIL, &format!("{}: the kernel panicked", op_name()))),

@@ -12,7 +12,8 @@
 using ParallelFor = void (*)(size_t count, void (*task)(const void*, size_t), const void* data);
 
 extern "C" int tome_bipartite_merge(const float* x, const float* keys, const float* size, const size_t* dims,
-                                    ParallelFor parallel, float* out_x, float* out_size, char* error, size_t error_len);
+                                    ParallelFor parallel, float* out_x, float* out_size, float* out_log_size,
+                                    char* error, size_t error_len);
 
 namespace {
 
@@ -23,7 +24,8 @@ void parallel_for(size_t count, void (*task)(const void*, size_t), const void* d
 }
 
 // Inputs x [B,N,C], keys [B,H,N,D] ([B,H,D,N] with keys_transposed = 1) or
-// scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1]; outputs x [B,N-r,C] and size [B,N-r,1]; all float32.
+// scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1]; outputs x [B,N-r,C], size [B,N-r,1] and log(size)
+// [B,N-r,1] (a node of two outputs leaves the third unread); all float32.
 class BipartiteMerge : public ov::op::Op {
 public:
     OPENVINO_OP("BipartiteMerge", "ai.tome");
@@ -64,6 +66,7 @@ public:
         out_size[2] = 1;
         set_output_type(0, ov::element::f32, out_x);
         set_output_type(1, ov::element::f32, out_size);
+        set_output_type(2, ov::element::f32, out_size);
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
@@ -88,6 +91,7 @@ public:
         const size_t out_n = shape[1] - static_cast<size_t>(m_r);
         outputs[0].set_shape({shape[0], out_n, shape[2]});
         outputs[1].set_shape({shape[0], out_n, 1});
+        outputs[2].set_shape({shape[0], out_n, 1});
         const ov::Shape keys = inputs[1].get_shape();
         const size_t tokens_axis = m_keys_transposed ? 3 : 2;
         const bool scores = keys.size() == 3;
@@ -107,7 +111,8 @@ public:
         // own would contend with them).
         const int failed =
             tome_bipartite_merge(inputs[0].data<const float>(), inputs[1].data<const float>(), size, dims, parallel_for,
-                                 outputs[0].data<float>(), outputs[1].data<float>(), error, sizeof error);
+                                 outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(), error,
+                                 sizeof error);
         OPENVINO_ASSERT(!failed, "BipartiteMerge: ", error);
         return true;
     }

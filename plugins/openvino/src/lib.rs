@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tome_kernels::merge::{Merge, Metric, Task};
+use tome_kernels::merge::{log_of, Merge, Metric, Task};
 
 #[cfg(openvino)]
 extern "C" {
@@ -48,7 +48,8 @@ pub type ParallelFor = unsafe extern "C" fn(count: usize, task: unsafe extern "C
 ///
 /// # Safety
 /// x, keys and size hold the values their shapes say; `out_x` [batch,
-/// n-r, c] and `out_size` [batch, n-r] are writable; `parallel` runs each
+/// n-r, c], `out_size` [batch, n-r] and `out_log_size` (the sizes' logs;
+/// may be null) [batch, n-r] are writable; `parallel` runs each
 /// task once and returns when all have run.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
@@ -60,6 +61,7 @@ pub unsafe extern "C" fn tome_bipartite_merge(
     parallel: ParallelFor,
     out_x: *mut f32,
     out_size: *mut f32,
+    out_log_size: *mut f32,
     error: *mut c_char,
     error_len: usize,
 ) -> i32 {
@@ -88,10 +90,13 @@ pub unsafe extern "C" fn tome_bipartite_merge(
             parallel(count, run_task, &job as *const Task as *const c_void);
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| merge.run_on(&pool, out_x, out_size)));
-        match outcome.is_err() || panicked.load(Ordering::Relaxed) {
-            true => Err("the kernel panicked".to_string()),
-            false => Ok(()),
+        if outcome.is_err() || panicked.load(Ordering::Relaxed) {
+            return Err("the kernel panicked".to_string());
         }
+        if !out_log_size.is_null() && out_n * batch > 0 {
+            log_of(out_size, std::slice::from_raw_parts_mut(out_log_size, batch * out_n));
+        }
+        Ok(())
     });
     let Err(message) = result else { return 0 };
     if !error.is_null() && error_len > 0 {
