@@ -276,13 +276,16 @@ impl EvalOp for BipartiteMerge {
             });
         };
         merge.run_on(&pool, x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
-        let mut outputs = tvec!(out_x.into_tvalue());
-        if self.log_size {
-            let mut log_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
-            merge::log_of(size_view.as_slice::<f32>()?, log_size.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
-            outputs.push(log_size.into_tvalue());
-        }
-        outputs.insert(1, out_size.into_tvalue());
+        let log_size = match self.log_size {
+            true => {
+                let mut log_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
+                merge::log_of(size_view.as_slice::<f32>()?, log_size.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+                Some(log_size.into_tvalue())
+            }
+            false => None,
+        };
+        let mut outputs = tvec!(out_x.into_tvalue(), out_size.into_tvalue());
+        outputs.extend(log_size);
         Ok(outputs)
     }
 }
