@@ -258,9 +258,10 @@ pub fn prepare_sized(proto: &mut pb::ModelProto, dir: &Path, size: Option<[i64; 
 /// and inferred sizes after (`validate`).
 pub fn infer_types(proto: &pb::ModelProto, dir: &Path) -> Result<HashMap<String, TensorType>, Error> {
     onnx::validate::check_declared(proto)?;
+    let readable = onnx::tract_readable(proto)?;
     let types = runtime::guard::catch_panics("analysing the model with tract", || {
         let dir = dir.to_str();
-        let parsed = crate::runtime::tract_ops::onnx().parse(proto, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
+        let parsed = crate::runtime::tract_ops::onnx().parse(&readable, dir).map_err(|e| Error::Shapes(format!("{e:#}")))?;
         let mut model = parsed.model;
         model.analyse(false).map_err(|e| Error::Shapes(format!("{e:#}")))?;
         let mut types = HashMap::new();

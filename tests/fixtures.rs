@@ -4,8 +4,9 @@
 //! original model. `--target tensorrt` must give the same model, pass the
 //! TensorRT parser check, and so match the references too: tract runs the
 //! default target's file, onnxruntime the tensorrt target's.
-//! `--target onnxruntime-ops` (= `openvino-ops`) must match them in tract,
-//! onnxruntime and OpenVINO, with tome-compile's plugins loaded.
+//! `--target openvino-ops`, `onnxruntime` and `onnxruntime-ops` must match
+//! them in tract, onnxruntime and OpenVINO, with tome-compile's plugins
+//! loaded.
 
 mod common;
 
@@ -70,10 +71,7 @@ fn fused_twin(source: &Path, default: &Path, opts: &tome_compile::Options, targe
 /// `Log` (the proportional bias) its third output, nothing else changed,
 /// and both targets write the same bytes; returns its path.
 fn plugin_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
-    let (report, out, [fused, portable]) = fused_twin(source, default, opts, Target::OnnxRuntimeOps, "ops");
-    let ov = default.with_extension("openvino.onnx");
-    tome_compile::compile_file_with(source, &ov, opts, Target::OpenVinoOps, Format::Onnx).expect("compile --target openvino-ops");
-    assert_eq!(std::fs::read(&ov).unwrap(), std::fs::read(&out).unwrap(), "{}: the two plugin targets differ", ov.display());
+    let (report, out, [fused, portable]) = fused_twin(source, default, opts, Target::OpenVinoOps, "ops");
     let log_size = |n: &tome_passes::pb::NodeProto| n.op_type == "Log" && n.name.ends_with(".log_size");
     let ops = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).into_iter().filter(|n| !n.name.contains(".tome.merge") && !log_size(n)).map(|n| n.op_type).collect::<Vec<_>>();
     assert_eq!(ops(&fused), ops(&portable), "{}: only the merges change", out.display());
@@ -85,6 +83,38 @@ fn plugin_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> P
     assert_eq!(report.fused_attentions, 0, "{}", out.display());
     out
 }
+
+/// Compiles `source` for onnxruntime next to `default` and `plugged` (its
+/// `--target openvino-ops` twin): `--target onnxruntime` (`ort.onnx`) and
+/// `onnxruntime-ops` (`ortops.onnx`), each with the report's count of
+/// onnxruntime `Attention` nodes (every block's, for the exports in
+/// `ATTENTION_FORMS`), and otherwise the graphs they come from: the
+/// standard-op and plugin merges. Returns both paths.
+fn onnxruntime_twins(source: &Path, default: &Path, plugged: &Path, opts: &tome_compile::Options, every_block: bool) -> [PathBuf; 2] {
+    let is_attention = |n: &tome_passes::pb::NodeProto| n.op_type == "Attention" && n.domain == "com.microsoft";
+    let mut outs = vec![];
+    for (target, ext, base_path) in [(Target::OnnxRuntime, "ort", default), (Target::OnnxRuntimeOps, "ortops", plugged)] {
+        let out = default.with_extension(format!("{ext}.onnx"));
+        let report = tome_compile::compile_file_with(source, &out, opts, target, Format::Onnx).expect("compile for onnxruntime");
+        let (file, base) = (tome_compile::onnx::io::read(&out).unwrap(), tome_compile::onnx::io::read(base_path).unwrap());
+        let attentions = nodes(&file).iter().filter(|n| is_attention(n)).count();
+        assert_eq!(attentions, report.fused_attentions, "{}: the report's attentions", out.display());
+        if every_block {
+            assert_eq!(attentions, report.blocks.len(), "{}: every block's attention", out.display());
+        }
+        let count = |m: &tome_compile::onnx::io::OnnxFile, op: &str| nodes(m).iter().filter(|n| n.op_type == op).count();
+        for op in ["BipartiteMerge", "TopK", "LayerNormalization"] {
+            assert_eq!(count(&file, op), count(&base, op), "{}: {op} as in {}", out.display(), base_path.display());
+        }
+        assert_eq!(count(&file, "Softmax") + attentions, count(&base, "Softmax"), "{}: a Softmax per attention left", out.display());
+        outs.push(out);
+    }
+    [outs.remove(0), outs.remove(0)]
+}
+
+/// Exports whose every attention becomes onnxruntime's `Attention`
+/// (`lower::ort_attention`): timm's and the Hugging Face eager ones.
+const ATTENTION_FORMS: &[&str] = &["timm_vit/model.onnx", "timm_deit_distilled/model.onnx", "timm_vit_gap/model.onnx", "hf_vit_eager/model.onnx", "clip_vision/model.onnx"];
 
 /// Compiles `source` for tract next to `default`: the merge fused
 /// (`fused_twin`), each attention one `FusedAttention` and each float32
@@ -185,7 +215,14 @@ fn check_case(case: &str, model: &str) {
             let reference = &refs[&format!("logits_{name}")];
             let plugged = plugin_twin(&source, &out, &opts);
             let err = max_relative_error(&run_tract(&plugged, &refs), reference);
-            assert!(err <= 1e-4, "{case}/{model} {name}: --target onnxruntime-ops in tract, relative error {err:e} > 1e-4");
+            assert!(err <= 1e-4, "{case}/{model} {name}: --target openvino-ops in tract, relative error {err:e} > 1e-4");
+            let every_block = ATTENTION_FORMS.contains(&format!("{case}/{model}").as_str());
+            for twin in onnxruntime_twins(&source, &out, &plugged, &opts, every_block) {
+                // tract runs onnxruntime's Attention spelled out (contrib::unfuse).
+                let err = max_relative_error(&run_tract(&twin, &refs), reference);
+                assert!(err <= 1e-4, "{case}/{model} {name}: {} in tract, relative error {err:e} > 1e-4", twin.display());
+                ort_cases.push((twin, case.to_string(), format!("logits_{name}")));
+            }
             ort_cases.push((plugged, case.to_string(), format!("logits_{name}")));
             let err = max_relative_error(&run_tract(&fused, &refs), reference);
             println!("tract --target tract {case}/{model} {name}: max relative error {err:.3e}");

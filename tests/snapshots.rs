@@ -95,13 +95,24 @@ fn tract_target_block_rewrite() {
     insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));
 }
 
-/// `--target onnxruntime-ops` / `openvino-ops`: one `BipartiteMerge` node
+/// `--target openvino-ops`: one `BipartiteMerge` node
 /// reading the block's keys as the attention reads them, the attention and
 /// its proportional bias in standard ops.
 #[test]
 fn plugin_target_block_rewrite() {
     let mut file = onnx::io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();
     let opts = tome_compile::Options { ops: tome_compile::Ops::Merge, ..options("8", true) };
+    tome_compile::compile(&mut file.proto, &file.dir, &opts).unwrap();
+    insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));
+}
+
+/// `--target onnxruntime-ops`: the merge as above, and each attention with
+/// its qkv projection as one onnxruntime `Attention` node taking the
+/// proportional bias over rows; the merge reads k from its `present`.
+#[test]
+fn onnxruntime_target_block_rewrite() {
+    let mut file = onnx::io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();
+    let opts = tome_compile::Options { ops: tome_compile::Ops::OnnxRuntimeMerge, ..options("8", true) };
     tome_compile::compile(&mut file.proto, &file.dir, &opts).unwrap();
     insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));
 }

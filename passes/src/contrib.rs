@@ -10,13 +10,18 @@
 //!      ⇒  sum = (x + bias) + skip;  y = LayerNormalization(sum, γ, β)
 //!  BiasGelu(x, bias)  ⇒  Gelu(x + bias);   Gelu(x)  ⇒  x·½·(1 + erf(x/√2))
 //!  FastGelu(x, bias)  ⇒  the tanh approximation of Gelu(x + bias)
+//!  Attention(x, W, b, attention_bias) → y, present
+//!      ⇒  qkv = x·W + b ─ Reshape [B,N,3,H,D] ─ Transpose [3,B,H,N,D] ─ q, k, v;
+//!         y = softmax(scale·q·kᵀ + attention_bias)·v as [B,N,C]; present = (k, v)
 //! ```
-//! Other contrib ops (the fused `Attention`, `MultiHeadAttention`) hide the
-//! keys and tokens the merge needs, and `com.microsoft.nchwc` ops are laid
-//! out for one CPU: refused, naming the node.
+//! `--target onnxruntime` writes that `Attention` (`vit::lower::ort_attention`),
+//! so compiled models read back too. Other contrib ops (`MultiHeadAttention`,
+//! an `Attention` with a mask, a past or rotary embeddings) hide the keys and
+//! tokens the merge needs, and `com.microsoft.nchwc` ops are laid out for one
+//! CPU: refused, naming the node.
 
 use crate::graph::float_tensor;
-use crate::patch::int_attr;
+use crate::patch::{int_attr, ints_attr};
 use crate::pb;
 use crate::PassError;
 
@@ -50,6 +55,10 @@ pub fn unfuse(model: &mut pb::ModelProto) -> Result<Vec<String>, PassError> {
         let mut e = Unfused { name: node.name.clone(), nodes: vec![], constants: vec![], opset };
         match node.op_type.as_str() {
             "SkipLayerNormalization" => e.skip_layer_norm(&node)?,
+            "Attention" => {
+                let width = node.input.get(1).and_then(|w| graph.initializer.iter().find(|t| &t.name == w)).map(|w| w.dims.clone());
+                e.attention(&node, width)?
+            }
             "BiasGelu" | "Gelu" => {
                 let x = e.biased(&node, "biased");
                 e.gelu_erf(&x, &node.output[0]);
@@ -146,6 +155,73 @@ impl Unfused {
         let eps = pb::AttributeProto { name: "epsilon".into(), r#type: 1, f: epsilon, ..Default::default() };
         self.op("LayerNormalization", "layer_norm", &ins, Some(&node.output[0]), vec![int_attr("axis", -1), eps]);
         Ok(())
+    }
+
+    /// onnxruntime's `Attention` without mask, past or rotary embeddings;
+    /// `weights` are the dims of its weights when they are an initializer
+    /// (for the head size, where no `scale` is given).
+    fn attention(&mut self, node: &pb::NodeProto, weights: Option<Vec<i64>>) -> Result<(), PassError> {
+        let input = |k: usize| node.input.get(k).filter(|s| !s.is_empty()).cloned();
+        let attr = |name: &str| node.attribute.iter().find(|a| a.name == name);
+        let refuse = |why: &str| {
+            Err(PassError::Unsupported(format!(
+                "{} (Attention, {CONTRIB}) {why}; compile the model as exported, then run onnxruntime's optimizer on the compiled model",
+                node.name
+            )))
+        };
+        let heads = attr("num_heads").map(|a| a.i).unwrap_or(0);
+        let sizes = attr("qkv_hidden_sizes").map(|a| a.ints.clone()).unwrap_or_default();
+        if [3, 4, 6].into_iter().any(|k| input(k).is_some()) {
+            return refuse("has a mask or past state");
+        }
+        if attr("unidirectional").is_some_and(|a| a.i != 0) || attr("do_rotary").is_some_and(|a| a.i != 0) {
+            return refuse("is causal or rotates its keys");
+        }
+        if heads <= 0 || sizes.iter().any(|&s| s != sizes[0]) || node.output.len() > 2 || self.opset < 13 {
+            return refuse("has unequal q, k and v widths, no num_heads, or an opset before 13");
+        }
+        let scale = match (attr("scale").map(|a| a.f).filter(|&s| s != 0.0), weights.as_deref()) {
+            (Some(s), _) => s,
+            (None, Some(&[_, width])) if width > 0 && width % (3 * heads) == 0 => 1.0 / ((width / (3 * heads)) as f32).sqrt(),
+            _ => return refuse("has no scale and weights of no known width"),
+        };
+        let (Some(x), Some(w)) = (input(0), input(1)) else { return refuse("lacks an input") };
+        let projected = self.op("MatMul", "qkv", &[&x, &w], None, vec![]);
+        let qkv = match input(2) {
+            Some(b) => self.op("Add", "qkv_bias", &[&projected, &b], None, vec![]),
+            None => projected,
+        };
+        let split = self.int64("split_shape", &[5], &[0, 0, 3, heads, -1]);
+        let split = self.op("Reshape", "split", &[&qkv, &split], None, vec![]);
+        let heads_first = self.op("Transpose", "heads", &[&split], None, vec![ints_attr("perm", &[2, 0, 3, 1, 4])]);
+        let pick = |e: &mut Self, what: &str, k: i64| {
+            let index = e.int64(&format!("{what}_index"), &[], &[k]);
+            e.op("Gather", what, &[&heads_first, &index], None, vec![int_attr("axis", 0)])
+        };
+        let (q, k, v) = (pick(self, "q", 0), pick(self, "k", 1), pick(self, "v", 2));
+        let kt = self.op("Transpose", "kt", &[&k], None, vec![ints_attr("perm", &[0, 1, 3, 2])]);
+        let logits = self.op("MatMul", "logits", &[&q, &kt], None, vec![]);
+        let scale = self.scalar("scale", scale);
+        let mut logits = self.op("Mul", "scaled", &[&logits, &scale], None, vec![]);
+        if let Some(bias) = input(5) {
+            logits = self.op("Add", "biased", &[&logits, &bias], None, vec![]);
+        }
+        let probs = self.op("Softmax", "probs", &[&logits], None, vec![int_attr("axis", -1)]);
+        let mixed = self.op("MatMul", "mixed", &[&probs, &v], None, vec![]);
+        let tokens_first = self.op("Transpose", "tokens", &[&mixed], None, vec![ints_attr("perm", &[0, 2, 1, 3])]);
+        let merged = self.int64("merged_shape", &[3], &[0, 0, -1]);
+        self.op("Reshape", "merged", &[&tokens_first, &merged], Some(&node.output[0]), vec![]);
+        if let Some(present) = node.output.get(1).filter(|p| !p.is_empty()) {
+            let (starts, ends, axes) = (self.int64("starts", &[1], &[1]), self.int64("ends", &[1], &[3]), self.int64("axes", &[1], &[0]));
+            self.op("Slice", "present", &[&heads_first, &starts, &ends, &axes], Some(present), vec![]);
+        }
+        Ok(())
+    }
+
+    fn int64(&mut self, what: &str, dims: &[i64], values: &[i64]) -> String {
+        let name = format!("{}.{what}", self.name);
+        self.constants.push(crate::graph::int64_tensor(&name, dims, values));
+        name
     }
 
     /// `x·½·(1 + erf(x/√2))`, as torch exports `nn.GELU()`.

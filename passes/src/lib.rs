@@ -20,7 +20,9 @@
 //!    `BipartiteMerge` whose sizes a `Log` reads. For tract (`Ops::Tract`),
 //!    then `lower::fuse_attention` per block,
 //!    last: it swallows the proportional bias the passes above add; then
-//!    `lower::fuse_layer_norm` on every float32 LayerNormalization.
+//!    `lower::fuse_layer_norm` on every float32 LayerNormalization. For
+//!    onnxruntime (`Ops::OnnxRuntime*`), `lower::ort_attention` per block,
+//!    likewise last, then `canon::remove_dead`.
 //! 9. `Graph::write_into`: topologically sorted nodes back into the model.
 
 pub mod canon;
@@ -123,6 +125,26 @@ pub enum Ops {
     /// (`lower::FUSED_ATTENTION_OP`) that takes that bias; and each float32
     /// LayerNormalization over the last axis as one `FusedLayerNorm`.
     Tract,
+    /// For onnxruntime (`--target onnxruntime`): the standard-op merge, and
+    /// each attention with its qkv projection as onnxruntime's own
+    /// `com.microsoft` `Attention` node (`lower::ort_attention`), taking the
+    /// proportional bias as its `attention_bias`.
+    OnnxRuntime,
+    /// `Merge` and onnxruntime's `Attention`, for onnxruntime with
+    /// tome-compile's plugin (`--target onnxruntime-ops`).
+    OnnxRuntimeMerge,
+}
+
+impl Ops {
+    /// Whether a block's matching and merge are one `BipartiteMerge` node.
+    pub fn fuses_merge(self) -> bool {
+        matches!(self, Ops::Merge | Ops::OnnxRuntimeMerge | Ops::Tract)
+    }
+
+    /// Whether attentions become onnxruntime's `Attention` nodes.
+    pub fn onnxruntime_attention(self) -> bool {
+        matches!(self, Ops::OnnxRuntime | Ops::OnnxRuntimeMerge)
+    }
 }
 
 /// One block as compiled.
@@ -146,7 +168,8 @@ pub struct Report {
     pub patch_labels: Vec<String>,
     /// Merges written as one `BipartiteMerge` node (`Ops::Merge`, `Ops::Tract`).
     pub fused_merges: usize,
-    /// Attentions written as one `FusedAttention` node (`Ops::Tract`).
+    /// Attentions written as one node: `FusedAttention` (`Ops::Tract`) or
+    /// onnxruntime's `Attention` (`Ops::OnnxRuntime`, `OnnxRuntimeMerge`).
     pub fused_attentions: usize,
     /// What the canonical view saw through (`canon`), one line per kind.
     pub canonical: Vec<String>,
@@ -236,9 +259,11 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
         let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
         graph.value_info.retain(|v| !changed.contains(&v.name) && produced.contains(&v.name));
     }
-    let own_ops = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == tome::OPS_DOMAIN);
-    if own_ops && !model.opset_import.iter().any(|o| o.domain == tome::OPS_DOMAIN) {
-        model.opset_import.push(pb::OperatorSetIdProto { domain: tome::OPS_DOMAIN.into(), version: 1 });
+    for domain in [tome::OPS_DOMAIN, lower::ORT_DOMAIN] {
+        let used = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == domain);
+        if used && !model.opset_import.iter().any(|o| o.domain == domain) {
+            model.opset_import.push(pb::OperatorSetIdProto { domain: domain.into(), version: 1 });
+        }
     }
     Ok(report)
 }
@@ -347,7 +372,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         .flat_map(|(id, _)| g.node(*id).proto.output.clone())
         .collect();
     // After `changed`: a fused node writes a tensor whose token count changed.
-    if opts.ops != Ops::Standard {
+    if opts.ops.fuses_merge() {
         let merges: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).collect();
         for id in merges {
             if let Some(p) = lower::merge_log_size(g, id) {
@@ -371,6 +396,16 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
             }
         }
     }
+    if opts.ops.onnxruntime_attention() {
+        let values = values::evaluate(g);
+        for (block, step) in vit.blocks.iter().zip(&steps) {
+            if let Some(p) = lower::ort_attention(g, block, step.tokens_in, &values) {
+                labels.push(p.label.clone());
+                patch::apply(g, p)?;
+            }
+        }
+        canon::remove_dead(g)?;
+    }
     let blocks = vit
         .blocks
         .iter()
@@ -385,7 +420,13 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         tokens_out: steps.last().map(|s| s.tokens_out).unwrap_or(vit.tokens),
         patch_labels: labels,
         fused_merges: g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).count(),
-        fused_attentions: g.nodes().filter(|id| g.node(*id).op() == lower::FUSED_ATTENTION_OP).count(),
+        fused_attentions: g
+            .nodes()
+            .filter(|id| {
+                let node = g.node(*id);
+                node.op() == lower::FUSED_ATTENTION_OP || (node.op() == lower::ORT_ATTENTION_OP && node.proto.domain == lower::ORT_DOMAIN)
+            })
+            .count(),
         canonical,
         merged_outputs: size_output.into_iter().collect(),
         prepared: vec![],

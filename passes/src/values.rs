@@ -232,7 +232,7 @@ fn eval_node(g: &Graph, node: &graph::Node, probe: &HashMap<String, i64>, input:
                 "Or" => |a, b| Some((a != 0.0 || b != 0.0) as u8 as f64),
                 "Max" => |a, b| Some(a.max(b)),
                 "Min" => |a, b| Some(a.min(b)),
-                "Not" | "Neg" | "IsNaN" | "IsInf" | "Abs" => return unary(op, &input(0)?),
+                "Not" | "Neg" | "IsNaN" | "IsInf" | "Abs" | "Sqrt" => return unary(op, &input(0)?),
                 _ => return None,
             };
             if node.proto.input.len() != 2 {
@@ -306,6 +306,7 @@ fn unary(op: &str, x: &Value) -> Option<Value> {
         "Neg" => -v,
         "IsNaN" => v.is_nan() as u8 as f64,
         "IsInf" => v.is_infinite() as u8 as f64,
+        "Sqrt" => v.sqrt(),
         _ => v.abs(),
     };
     let elem = if matches!(op, "Not" | "IsNaN" | "IsInf") { 9 } else { x.elem };

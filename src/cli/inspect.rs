@@ -106,6 +106,8 @@ pub fn render(i: &Inspection) -> String {
             Ops::Tract => "merge as one BipartiteMerge op and attention as one FusedAttention op per block (tract with tome-compile's ops only)",
             Ops::Merge => "merge as one BipartiteMerge op per block (onnxruntime with libtome_ort_ops, OpenVINO with libtome_ov_ops)",
             Ops::Standard => "merge as standard ops (gathers, no reducing scatter)",
+            Ops::OnnxRuntime => "merge as standard ops, attention as onnxruntime's com.microsoft Attention op per block (onnxruntime only)",
+            Ops::OnnxRuntimeMerge => "merge as one BipartiteMerge op, attention as onnxruntime's com.microsoft Attention op per block (onnxruntime with libtome_ort_ops)",
         }
     );
     s += &format!("{:<10} {:>5} {:>4} {:>10} {:>10}\n", "block", "asked", "r", "tokens in", "tokens out");

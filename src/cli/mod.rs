@@ -354,7 +354,11 @@ fn compile(args: CompileArgs) -> Result<Output> {
         text += &format!("{n} merges as one {op} node each: {runs}\n");
     }
     if compiled.report.fused_attentions > 0 {
-        let (n, op) = (compiled.report.fused_attentions, tome_passes::vit::lower::FUSED_ATTENTION_OP);
+        let n = compiled.report.fused_attentions;
+        let op = match Target::from(args.deploy.target) {
+            Target::Tract => tome_passes::vit::lower::FUSED_ATTENTION_OP,
+            _ => "com.microsoft Attention (onnxruntime's)",
+        };
         text += &format!("{n} attentions as one {op} node each\n");
     }
     text += &format!("{}\nwrote {}\n", compiled.verification, output.display());

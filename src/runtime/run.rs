@@ -35,8 +35,9 @@ impl Runner {
     /// first (`validate`), and a panic in tract comes back as an error.
     pub fn from_proto(proto: &pb::ModelProto, dir: &Path) -> Result<Runner, Error> {
         crate::onnx::validate::check_declared(proto)?;
+        let readable = crate::onnx::tract_readable(proto)?;
         crate::runtime::guard::catch_panics("loading the model with tract", || {
-            let parsed = crate::runtime::tract_ops::onnx().parse(proto, dir.to_str()).map_err(run_err)?;
+            let parsed = crate::runtime::tract_ops::onnx().parse(&readable, dir.to_str()).map_err(run_err)?;
             let model = parsed.model;
             let input_names =
                 model.input_outlets().map_err(run_err)?.iter().map(|o| model.node(o.node).name.clone()).collect();

@@ -1,7 +1,7 @@
 //! Where a compiled model goes: the deployment target it must satisfy, the
 //! file format it is written in, and the in-memory entry point for pipelines.
 //!
-//! One standard-op graph form serves TensorRT, onnxruntime and `portable`.
+//! One standard-op graph form serves TensorRT and `portable`.
 //! The ToMe rewrite already avoids what TensorRT's ONNX parser mishandles (no
 //! reducing scatter, constant TopK K, constant axes, static token dims; see
 //! `tensorrt_rules`), so for those `--target` selects what the result is
@@ -9,9 +9,10 @@
 //! format) fuses each block's matching and merge into one `ai.tome`
 //! `BipartiteMerge` node and adds the proportional-attention bias with a
 //! `ProportionalBias` node, which tract runs with tome-compile's ops
-//! (`tract_ops`) and no other runtime knows. `--target onnxruntime-ops`
-//! and `--target openvino-ops` fuse only the merge, for onnxruntime and
-//! OpenVINO with tome-compile's plugins (`plugins/`).
+//! (`tract_ops`) and no other runtime knows. `--target onnxruntime` writes
+//! each attention as onnxruntime's own `Attention` op. `--target
+//! openvino-ops` fuses the merge for OpenVINO with tome-compile's plugin
+//! (`plugins/`), and `--target onnxruntime-ops` both, for onnxruntime with it.
 
 use std::fmt;
 use std::path::Path;
@@ -33,10 +34,11 @@ pub enum Target {
     Portable,
     /// TensorRT 8.6 and 10.x: the result must pass `check --target tensorrt`.
     TensorRt,
-    /// onnxruntime: runs the portable form as is.
+    /// onnxruntime: each attention as its `com.microsoft` `Attention` op.
     OnnxRuntime,
     /// onnxruntime with tome-compile's custom-op library
-    /// (`libtome_ort_ops`): each block's matching and merge in one node.
+    /// (`libtome_ort_ops`): each block's matching and merge in one node,
+    /// and each attention as onnxruntime's `Attention` op.
     OnnxRuntimeOps,
     /// OpenVINO with tome-compile's extension (`libtome_ov_ops`): each
     /// block's matching and merge in one node.
@@ -52,7 +54,9 @@ impl Target {
     pub fn options(self, opts: &Options, format: Format) -> Options {
         let ops = match (self, format) {
             (Target::Tract, Format::Onnx) => Ops::Tract,
-            (Target::OnnxRuntimeOps | Target::OpenVinoOps, _) => Ops::Merge,
+            (Target::OnnxRuntime, _) => Ops::OnnxRuntime,
+            (Target::OnnxRuntimeOps, _) => Ops::OnnxRuntimeMerge,
+            (Target::OpenVinoOps, _) => Ops::Merge,
             _ => Ops::Standard,
         };
         Options { ops, ..opts.clone() }

@@ -1,9 +1,13 @@
 //! Lowerings for one runtime, run after the ToMe rewrites: they change how
 //! the graph computes, never what.
 
+use std::collections::HashMap;
+
 use petgraph::stable_graph::NodeIndex;
 
 use crate::graph::{Graph, FLOAT};
+use crate::patch::int_attr;
+use crate::values::Value;
 use crate::vit::matcher::VitBlock;
 use crate::patch::{Emitter, Patch, Rewire};
 use crate::vit::tome::{FUSED_MERGE_OP, OPS_DOMAIN, PROP_BIAS_OP};
@@ -199,4 +203,315 @@ fn scalar_scale(g: &Graph, id: NodeIndex) -> Option<(&str, f32)> {
         ("Div", a, b) => scalar(b).map(|c| (a, 1.0 / c)),
         _ => None,
     }
+}
+
+/// onnxruntime's fused attention (`com.microsoft` `Attention`), for
+/// `--target onnxruntime` and `onnxruntime-ops`: x [B,N,C], the qkv
+/// projection's weights [C,3C] and bias [3C], and `attention_bias`
+/// [B,1,N,N]; outputs the attention [B,N,C] and `present` [2,B,H,N,D]
+/// (k, then v), which the merge reads its keys from.
+pub const ORT_ATTENTION_OP: &str = "Attention";
+pub const ORT_DOMAIN: &str = "com.microsoft";
+
+/// Replaces a block's qkv projection, Q·Kᵀ, scale, bias, Softmax, P·V and
+/// the heads' concatenation by one `ORT_ATTENTION_OP` node; `None` (the
+/// graph unchanged) where the block has another shape. `tokens` enter the
+/// block. Readers of k outside the attention (the merge) read it from the
+/// op's `present`; a `BipartiteMerge` that read kᵀ reads k instead. What
+/// only the replaced nodes read is left for `canon::remove_dead`.
+///
+/// ```text
+///  x ─ MatMul(W) ─ Add(b) ─ Reshape [B,N,3,H,D] ─ Transpose [3,B,H,N,D] ─ q, k, v
+///  q[·s] ─┐
+///  kᵀ[·s] ─ MatMul ─ [·scale] ─ [+ bias] ─ Softmax ─ [Cast to float]* ─┐
+///                                                      v ─ MatMul ─ Transpose ─ Reshape ─ out
+///    ⇒  x, W, b[, Expand(bias)] ─ Attention(num_heads, scale) ─ out, present ─ Gather(0) ─ k
+/// ```
+/// Seen in timm's exports (classic, dynamo, the SDPA split scale); the
+/// other families keep their nodes.
+pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMap<String, Value>) -> Option<Patch> {
+    let softmax = g.node(block.attention);
+    if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
+        return None;
+    }
+    let scalar = |t: &str| match values.get(t).and_then(Value::known).as_deref() {
+        Some(&[c]) if c.is_finite() && c != 0.0 => Some(c as f32),
+        _ => None,
+    };
+    // (input, factor) of a Mul or Div by a known scalar.
+    let scaled = |id: NodeIndex| {
+        let node = g.node(id);
+        match (node.op(), node.input(0)?, node.input(1)?) {
+            ("Mul", a, b) => scalar(b).map(|c| (a, c)).or_else(|| scalar(a).map(|c| (b, c))),
+            ("Div", a, b) => scalar(b).map(|c| (a, 1.0 / c)),
+            _ => None,
+        }
+    };
+    let mut chain = vec![block.attention];
+    let mut id = sole_producer(g, softmax.input(0)?)?;
+    let mut bias = None;
+    if g.node(id).op() == "Add" {
+        let add = g.node(id);
+        // The logits come from Q·Kᵀ, scaled or not; the bias (any tensor
+        // the logits broadcast with) is the other side.
+        let from_qk = |t: &str| g.producer(t).is_some_and(|p| g.node(p).op() == "MatMul" || scaled(p).is_some());
+        let (logits, b) = [(add.input(0)?, add.input(1)?), (add.input(1)?, add.input(0)?)].into_iter().find(|(l, _)| from_qk(l))?;
+        bias = Some(b);
+        chain.push(id);
+        id = sole_producer(g, logits)?;
+    }
+    let mut scale = 1.0;
+    if let Some((logits, factor)) = scaled(id) {
+        scale *= factor;
+        chain.push(id);
+        id = sole_producer(g, logits)?;
+    }
+    let qk = g.node(id);
+    chain.push(id);
+    let (mut q, mut kt) = (qk.input(0)?, qk.input(1)?);
+    for side in [&mut q, &mut kt] {
+        if let Some((unscaled, factor)) = sole_producer(g, side).and_then(|p| Some((p, scaled(p)?))).map(|(p, s)| {
+            chain.push(p);
+            s
+        }) {
+            scale *= factor;
+            *side = unscaled;
+        }
+    }
+    let transpose_k = g.producer(kt)?;
+    let mut probs = softmax.output();
+    let [(mut av_id, 0)] = g.consumers(probs)[..] else { return None };
+    while g.node(av_id).op() == "Cast" && g.node(av_id).attr_int("to") == Some(FLOAT as i64) && !g.is_output(probs) {
+        chain.push(av_id);
+        probs = g.node(av_id).output();
+        let [(next, 0)] = g.consumers(probs)[..] else { return None };
+        av_id = next;
+    }
+    let av = g.node(av_id);
+    let heads_out = sole_consumer(g, av.output())?;
+    transposed(g, heads_out, &[0, 2, 1, 3])?;
+    let out_id = sole_consumer(g, g.node(heads_out).output())?;
+    // Shapes of the replaced tensors feed only the replaced Reshape's shape
+    // (Hugging Face's exports); `canon::remove_dead` takes them after.
+    let shapes: Vec<NodeIndex> = [av.output(), g.node(heads_out).output()].into_iter().flat_map(|t| g.consumers(t)).map(|(c, _)| c).filter(|&c| g.node(c).op() == "Shape").collect();
+    if !shapes.iter().all(|&s| feeds_only(g, s, out_id)) {
+        return None;
+    }
+    let out = g.node(out_id);
+    if qk.op() != "MatMul" || av.op() != "MatMul" || out.op() != "Reshape" || g.ty(out.output())?.rank() != 3 {
+        return None;
+    }
+    chain.extend([av_id, heads_out, out_id]);
+    // q, k and v are picks 0, 1 and 2 of one [3,B,H,N,D] tensor: the qkv
+    // projection split into heads.
+    let (heads, dim) = (block.heads as i64, block.head_dim as i64);
+    let qkv = qkv_projection(g, q, transpose_k, av.input(1)?, heads, dim)?;
+    let x_ty = g.ty(qkv.x)?;
+    if x_ty.elem != FLOAT || x_ty.rank() != 3 {
+        return None;
+    }
+    let mut patch = Patch::new(format!("{}: onnxruntime attention", block.name), out_id);
+    patch.removals = chain;
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
+    let (w, b) = match &qkv.weights {
+        Weights::Packed(w, b) => (w.to_string(), b.map(str::to_string)),
+        Weights::Split(w, b) => {
+            let w = e.const_f32("qkv_weight", &[heads * dim, 3 * heads * dim], w);
+            (w, Some(e.const_f32("qkv_bias", &[3 * heads * dim], b)))
+        }
+    };
+    let mut inputs = vec![qkv.x, &w, b.as_deref().unwrap_or(""), "", "", ""];
+    let expanded;
+    if let Some(bias) = bias {
+        let rows = e.const_i64("bias_rows", &[4], &[1, 1, tokens as i64, tokens as i64]);
+        expanded = e.op("Expand", "bias", &[bias, &rows], vec![]);
+        inputs[5] = &expanded;
+    }
+    while inputs.last() == Some(&"") {
+        inputs.pop();
+    }
+    let attrs = vec![int_attr("num_heads", heads), crate::pb::AttributeProto { name: "scale".into(), r#type: 1, f: scale, ..Default::default() }];
+    let present = e.name("present");
+    e.op_multi(ORT_ATTENTION_OP, "fused", &inputs, &[out.output(), &present], attrs);
+    e.in_domain(ORT_DOMAIN);
+    patch.nodes.last_mut()?.output = vec![out.output().to_string(), present.clone()];
+    // The merge's keys, from `present`.
+    let key_readers: Vec<_> = qkv.k.map(|k| g.consumers(k).into_iter().filter(|&(c, _)| c != transpose_k).collect()).unwrap_or_default();
+    let kt_readers: Vec<_> = g.consumers(kt).into_iter().filter(|(c, _)| !patch.removals.contains(c)).collect();
+    if key_readers.is_empty() && kt_readers.is_empty() {
+        return Some(patch);
+    }
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
+    let zero = e.const_i64("k_index", &[], &[0]);
+    let keys = e.op("Gather", "k", &[&present, &zero], vec![int_attr("axis", 0)]);
+    if let Some(ty) = g.ty(q) {
+        patch.types.insert(keys.clone(), ty.clone());
+    }
+    for (reader, slot) in key_readers {
+        patch.rewires.push(Rewire { node: reader, slot, tensor: keys.clone() });
+    }
+    for (reader, slot) in kt_readers {
+        let node = g.node(reader);
+        if node.op() == FUSED_MERGE_OP && node.proto.domain == OPS_DOMAIN && node.attr_int("keys_transposed") == Some(1) {
+            let mut merge = node.proto.clone();
+            merge.input[slot] = keys.clone();
+            merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed").for_each(|a| a.i = 0);
+            patch.removals.push(reader);
+            patch.nodes.push(merge);
+        } else {
+            let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
+            let keys_t = e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]);
+            patch.rewires.push(Rewire { node: reader, slot, tensor: keys_t });
+        }
+    }
+    Some(patch)
+}
+
+/// A block's qkv projection as onnxruntime's `Attention` takes it.
+struct QkvProjection<'g> {
+    x: &'g str,
+    weights: Weights<'g>,
+    /// k [B,H,N,D] as the graph had it, where it had one.
+    k: Option<&'g str>,
+}
+
+enum Weights<'g> {
+    /// One projection's weights [C,3C] and bias [3C] (timm).
+    Packed(&'g str, Option<&'g str>),
+    /// Three projections' weights and biases, concatenated (Hugging Face).
+    Split(Vec<f32>, Vec<f32>),
+}
+
+/// Where q [B,H,N,D], kᵀ [B,H,D,N] (written by `transpose_k`) and v
+/// [B,H,N,D] come from: one projection of x split into heads, as timm's
+/// `qkv` (picks 0, 1, 2 of [3,B,H,N,D]), or three of the same x, as
+/// Hugging Face's `query`, `key` and `value` (each [B,N,H,D] moved to
+/// [B,H,N,D]; kᵀ to [B,H,D,N]), whose weights are inline.
+fn qkv_projection<'g>(g: &'g Graph, q: &'g str, transpose_k: NodeIndex, v: &'g str, heads: i64, dim: i64) -> Option<QkvProjection<'g>> {
+    let width = heads * dim;
+    let float = |t: &str, dims: &[i64]| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == dims.len() && dims.iter().enumerate().all(|(a, &d)| t.dim(a) == Some(d)));
+    if let Some(k) = transposed(g, transpose_k, &[0, 1, 3, 2]) {
+        let picked = [(q, 0), (k, 1), (v, 2)].map(|(t, i)| pick(g, t).filter(|p| p.1 == i).map(|p| p.0));
+        let heads_first = picked[0]?;
+        if picked.iter().any(|t| *t != Some(heads_first)) {
+            return None;
+        }
+        let split = g.producer_node(heads_first).filter(|n| n.op() == "Transpose" && n.attr_ints("perm") == Some(&[2, 0, 3, 1, 4]))?;
+        let reshape = g.producer_node(split.input(0)?).filter(|n| n.op() == "Reshape")?;
+        let five = g.ty(reshape.output())?;
+        if five.rank() != 5 || five.dim(2) != Some(3) || five.dim(3) != Some(heads) || five.dim(4) != Some(dim) {
+            return None;
+        }
+        let (x, w, b) = projection(g, reshape.input(0)?)?;
+        let ok = float(w, &[width, 3 * width]) && b.is_none_or(|b| float(b, &[3 * width]));
+        return ok.then_some(QkvProjection { x, weights: Weights::Packed(w, b), k: Some(k) });
+    }
+    // [B,N,C] ─ Reshape [B,N,H,D] ─ Transpose(perm), the projection before.
+    let heads_of = |t: &'g str, perm: &[i64]| {
+        let moved = transposed(g, g.producer(t)?, perm)?;
+        let reshape = g.producer_node(moved).filter(|n| n.op() == "Reshape")?;
+        let four = g.ty(moved)?;
+        (four.rank() == 4 && four.dim(2) == Some(heads) && four.dim(3) == Some(dim)).then_some(())?;
+        projection(g, reshape.input(0)?)
+    };
+    let (k_out, v_out) = (g.node(transpose_k).output(), v);
+    let parts = [heads_of(q, &[0, 2, 1, 3])?, heads_of(k_out, &[0, 2, 3, 1])?, heads_of(v_out, &[0, 2, 1, 3])?];
+    let x = parts[0].0;
+    let (mut w, mut b) = (vec![0f32; (width * 3 * width) as usize], vec![0f32; 3 * width as usize]);
+    let width = width as usize;
+    for (i, (xi, wi, bi)) in parts.into_iter().enumerate() {
+        let wi = g.constant_f32(wi).filter(|w| w.len() == width * width && xi == x)?;
+        for row in 0..width {
+            w[row * 3 * width + i * width..][..width].copy_from_slice(&wi[row * width..][..width]);
+        }
+        if let Some(bi) = bi {
+            b[i * width..][..width].copy_from_slice(&g.constant_f32(bi).filter(|b| b.len() == width)?);
+        }
+    }
+    Some(QkvProjection { x, weights: Weights::Split(w, b), k: None })
+}
+
+/// The input of `id` when it is a Transpose with permutation `perm`.
+fn transposed<'g>(g: &'g Graph, id: NodeIndex, perm: &[i64]) -> Option<&'g str> {
+    let node = g.node(id);
+    (node.op() == "Transpose" && node.attr_ints("perm") == Some(perm)).then(|| node.input(0))?
+}
+
+/// The one node reading `tensor` (Shape nodes aside) when it is no graph
+/// output.
+fn sole_consumer(g: &Graph, tensor: &str) -> Option<NodeIndex> {
+    let readers: Vec<_> = g.consumers(tensor).into_iter().filter(|&(c, _)| g.node(c).op() != "Shape").collect();
+    match readers[..] {
+        [(id, 0)] if !g.is_output(tensor) => Some(id),
+        _ => None,
+    }
+}
+
+/// Whether everything `from` computes is read by `to` alone, within a few
+/// nodes (a shape vector built for one Reshape).
+fn feeds_only(g: &Graph, from: NodeIndex, to: NodeIndex) -> bool {
+    let mut todo = vec![(from, 0)];
+    while let Some((id, depth)) = todo.pop() {
+        for out in &g.node(id).proto.output {
+            if g.is_output(out) || depth > 8 {
+                return false;
+            }
+            let readers = g.consumers(out);
+            if readers.is_empty() {
+                return false;
+            }
+            todo.extend(readers.into_iter().filter(|&(c, _)| c != to).map(|(c, _)| (c, depth + 1)));
+        }
+    }
+    true
+}
+
+/// `(t, i)` when `tensor` is item `i` of `t` along axis 0: a Gather of a
+/// scalar index, or a Squeeze of axis 0 of a Split's output `i` (slices of
+/// one each along axis 0).
+fn pick<'g>(g: &'g Graph, tensor: &str) -> Option<(&'g str, i64)> {
+    let node = g.producer_node(tensor)?;
+    let axes = |n: &crate::graph::Node| n.input(1).and_then(|a| g.constant_i64(a)).or_else(|| n.attr_ints("axes").map(<[i64]>::to_vec));
+    match node.op() {
+        "Gather" if node.attr_int("axis").unwrap_or(0) == 0 => {
+            let index = g.constant(node.input(1)?).filter(|t| t.dims.is_empty()).and_then(crate::graph::tensor_i64)?;
+            Some((node.input(0)?, index[0]))
+        }
+        "Squeeze" if axes(node).as_deref() == Some(&[0]) => {
+            let split = g.producer_node(node.input(0)?).filter(|n| n.op() == "Split" && n.attr_int("axis").unwrap_or(0) == 0)?;
+            let sizes = split.input(1).filter(|s| !s.is_empty()).and_then(|s| g.constant_i64(s)).or_else(|| split.attr_ints("split").map(<[i64]>::to_vec));
+            if sizes.is_some_and(|s| s.iter().any(|&n| n != 1)) {
+                return None;
+            }
+            let i = split.proto.output.iter().position(|o| o == node.input(0).unwrap_or_default())?;
+            Some((split.input(0)?, i as i64))
+        }
+        _ => None,
+    }
+}
+
+/// `(x, W, b)` of a projection `x·W + b` (or `x·W`) writing `tensor`, W
+/// and b constants (seen through an Identity).
+fn projection<'g>(g: &'g Graph, tensor: &str) -> Option<(&'g str, &'g str, Option<&'g str>)> {
+    let constant = |t: &'g str| -> Option<&'g str> {
+        match g.producer_node(t) {
+            Some(n) if n.op() == "Identity" => n.input(0).filter(|i| g.is_constant(i)),
+            _ => g.is_constant(t).then_some(t),
+        }
+    };
+    let node = g.producer_node(tensor)?;
+    let (matmul, b) = match node.op() {
+        "Add" => {
+            let (a, c) = (node.input(0)?, node.input(1)?);
+            match (constant(a), constant(c)) {
+                (None, Some(b)) => (a, Some(b)),
+                (Some(b), None) => (c, Some(b)),
+                _ => return None,
+            }
+        }
+        "MatMul" => (tensor, None),
+        _ => return None,
+    };
+    let matmul = g.producer_node(matmul).filter(|n| n.op() == "MatMul")?;
+    Some((matmul.input(0)?, constant(matmul.input(1)?)?, b))
 }

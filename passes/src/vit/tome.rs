@@ -154,7 +154,7 @@ pub fn merge(
         _ => (e.cast("x_float", &block.residual, FLOAT), e.cast("keys_float", &block.keys, FLOAT)),
     };
     let x = x.as_str();
-    let (x_out, size_out, images, source) = if ops != Ops::Standard && !track {
+    let (x_out, size_out, images, source) = if ops.fuses_merge() && !track {
         let mut attrs = vec![int_attr("keys_transposed", block.keys_transposed as i64)];
         let mut inputs = vec![x, keys.as_str()];
         inputs.extend(size);
