@@ -231,3 +231,31 @@ fn onnxruntime_fused_attention_is_refused_naming_the_node() {
     let err = tome_compile::compile(&mut file.proto, &file.dir, &options("8", true)).expect_err("refused").to_string();
     assert!(err.contains(&name) && err.contains("MultiHeadAttention") && err.contains("compile the model as exported"), "{err}");
 }
+
+/// onnxruntime's `Attention` (the form `--target onnxruntime` writes, and
+/// its optimizer's fusion) is read back: a graph whose every attention is
+/// one such node compiles again and matches the reference ToMe; with a
+/// mask it is refused, naming the node.
+#[test]
+fn onnxruntime_attention_nodes_are_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fused = dir.path().join("fused.onnx");
+    let file_opts = tome_compile::targets::deploy::FileOptions { target: tome_compile::Target::OnnxRuntime, ..Default::default() };
+    let r0 = Options { unmerge: false, ..options("0", true) };
+    let compiled = tome_compile::compile_file_checked(&fixture("timm_vit/model.onnx"), &fused, &r0, &file_opts).expect("r = 0 for onnxruntime");
+    assert_eq!(compiled.report.fused_attentions, 6);
+    let refs = references("timm_vit");
+    let out = dir.path().join("r8.onnx");
+    let report = compile_to(&fused, &out, &Options { unmerge: false, ..options("8", true) });
+    assert!(report.prepared.iter().any(|l| l.contains("6 Attention")), "{:?}", report.prepared);
+    let err = max_relative_error(&run_tract(&out, &refs), &refs["logits_r8_prop1"]);
+    assert!(err <= 1e-4, "recompiled onnxruntime Attention graph: relative error {err:e} > 1e-4");
+    let mut file = tome_compile::onnx::io::read(&fused).expect("read");
+    let graph = file.proto.graph.as_mut().expect("graph");
+    let attention = graph.node.iter_mut().find(|n| n.op_type == "Attention").expect("an Attention");
+    attention.input.resize(4, String::new());
+    attention.input[3] = graph.input[0].name.clone();
+    let name = attention.name.clone();
+    let err = tome_compile::compile(&mut file.proto, &file.dir, &options("8", true)).expect_err("refused").to_string();
+    assert!(err.contains(&name) && err.contains("mask"), "{err}");
+}

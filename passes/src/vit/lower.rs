@@ -269,11 +269,10 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     let qk = g.node(id);
     chain.push(id);
     let (mut q, mut kt) = (qk.input(0)?, qk.input(1)?);
+    // SDPA's split scale: q and kᵀ each times √scale.
     for side in [&mut q, &mut kt] {
-        if let Some((unscaled, factor)) = sole_producer(g, side).and_then(|p| Some((p, scaled(p)?))).map(|(p, s)| {
+        if let Some((p, (unscaled, factor))) = sole_producer(g, side).and_then(|p| Some((p, scaled(p)?))) {
             chain.push(p);
-            s
-        }) {
             scale *= factor;
             *side = unscaled;
         }
@@ -302,8 +301,6 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
         return None;
     }
     chain.extend([av_id, heads_out, out_id]);
-    // q, k and v are picks 0, 1 and 2 of one [3,B,H,N,D] tensor: the qkv
-    // projection split into heads.
     let (heads, dim) = (block.heads as i64, block.head_dim as i64);
     let qkv = qkv_projection(g, q, transpose_k, av.input(1)?, heads, dim)?;
     let x_ty = g.ty(qkv.x)?;
@@ -350,19 +347,19 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     for (reader, slot) in key_readers {
         patch.rewires.push(Rewire { node: reader, slot, tensor: keys.clone() });
     }
-    for (reader, slot) in kt_readers {
-        let node = g.node(reader);
-        if node.op() == FUSED_MERGE_OP && node.proto.domain == OPS_DOMAIN && node.attr_int("keys_transposed") == Some(1) {
-            let mut merge = node.proto.clone();
-            merge.input[slot] = keys.clone();
-            merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed").for_each(|a| a.i = 0);
-            patch.removals.push(reader);
-            patch.nodes.push(merge);
-        } else {
-            let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
-            let keys_t = e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]);
-            patch.rewires.push(Rewire { node: reader, slot, tensor: keys_t });
-        }
+    let is_merge = |n: &crate::graph::Node| n.op() == FUSED_MERGE_OP && n.proto.domain == OPS_DOMAIN && n.attr_int("keys_transposed") == Some(1);
+    let (merges, others): (Vec<_>, Vec<_>) = kt_readers.into_iter().partition(|&(reader, _)| is_merge(g.node(reader)));
+    for (reader, slot) in merges {
+        let mut merge = g.node(reader).proto.clone();
+        merge.input[slot] = keys.clone();
+        merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed").for_each(|a| a.i = 0);
+        patch.removals.push(reader);
+        patch.nodes.push(merge);
+    }
+    if !others.is_empty() {
+        let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
+        let keys_t = e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]);
+        patch.rewires.extend(others.into_iter().map(|(node, slot)| Rewire { node, slot, tensor: keys_t.clone() }));
     }
     Some(patch)
 }
