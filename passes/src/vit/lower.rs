@@ -132,23 +132,18 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
         id = sole_producer(g, g.node(id).input(0)?)?;
     }
     let mut scale = 1.0;
-    if let Some((logits, factor)) = scalar_scale(g, id) {
+    let constant = |t: &str| match g.constant_f32(t).as_deref() {
+        Some(&[c]) if c.is_finite() && c != 0.0 => Some(c),
+        _ => None,
+    };
+    if let Some((logits, factor)) = scalar_scale(g, id, &constant) {
         scale = factor;
         chain.push(id);
         id = sole_producer(g, logits)?;
     }
     let qk = g.node(id);
     chain.push(id);
-    let mut probs = softmax.output();
-    let [(mut av_id, 0)] = g.consumers(probs)[..] else { return None };
-    // Hugging Face eager exports cast the probabilities to the query's type,
-    // twice: float to float, nothing to compute.
-    while g.node(av_id).op() == "Cast" && g.node(av_id).attr_int("to") == Some(FLOAT as i64) && !g.is_output(probs) {
-        chain.push(av_id);
-        probs = g.node(av_id).output();
-        let [(next, 0)] = g.consumers(probs)[..] else { return None };
-        av_id = next;
-    }
+    let (av_id, probs) = probabilities_reader(g, softmax.output(), &mut chain)?;
     let av = g.node(av_id);
     let (q, kt, v) = (qk.input(0)?, qk.input(1)?, av.input(1)?);
     let float4 = |t: &str| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == 4);
@@ -190,14 +185,10 @@ fn sole_producer(g: &Graph, tensor: &str) -> Option<NodeIndex> {
     (g.consumers(tensor).len() == 1 && !g.is_output(tensor)).then_some(id)
 }
 
-/// `(logits, factor)` if `id` multiplies or divides the logits by a scalar
-/// constant.
-fn scalar_scale(g: &Graph, id: NodeIndex) -> Option<(&str, f32)> {
+/// `(input, factor)` if `id` multiplies or divides its input by a scalar
+/// that `scalar` knows (finite, not zero).
+fn scalar_scale<'g>(g: &'g Graph, id: NodeIndex, scalar: &dyn Fn(&str) -> Option<f32>) -> Option<(&'g str, f32)> {
     let node = g.node(id);
-    let scalar = |t: &str| match g.constant_f32(t).as_deref() {
-        Some(&[c]) if c.is_finite() && c != 0.0 => Some(c),
-        _ => None,
-    };
     match (node.op(), node.input(0)?, node.input(1)?) {
         ("Mul", a, b) => scalar(b).map(|c| (a, c)).or_else(|| scalar(a).map(|c| (b, c))),
         ("Div", a, b) => scalar(b).map(|c| (a, 1.0 / c)),
@@ -234,19 +225,12 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
         return None;
     }
-    let scalar = |t: &str| match values.get(t).and_then(Value::known).as_deref() {
+    // Scales are constants or computed from shapes (SDPA's √scale).
+    let known = |t: &str| match values.get(t).and_then(Value::known).as_deref() {
         Some(&[c]) if c.is_finite() && c != 0.0 => Some(c as f32),
         _ => None,
     };
-    // (input, factor) of a Mul or Div by a known scalar.
-    let scaled = |id: NodeIndex| {
-        let node = g.node(id);
-        match (node.op(), node.input(0)?, node.input(1)?) {
-            ("Mul", a, b) => scalar(b).map(|c| (a, c)).or_else(|| scalar(a).map(|c| (b, c))),
-            ("Div", a, b) => scalar(b).map(|c| (a, 1.0 / c)),
-            _ => None,
-        }
-    };
+    let scaled = |id: NodeIndex| scalar_scale(g, id, &known);
     let mut chain = vec![block.attention];
     let mut id = sole_producer(g, softmax.input(0)?)?;
     let mut bias = None;
@@ -278,14 +262,7 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
         }
     }
     let transpose_k = g.producer(kt)?;
-    let mut probs = softmax.output();
-    let [(mut av_id, 0)] = g.consumers(probs)[..] else { return None };
-    while g.node(av_id).op() == "Cast" && g.node(av_id).attr_int("to") == Some(FLOAT as i64) && !g.is_output(probs) {
-        chain.push(av_id);
-        probs = g.node(av_id).output();
-        let [(next, 0)] = g.consumers(probs)[..] else { return None };
-        av_id = next;
-    }
+    let (av_id, _) = probabilities_reader(g, softmax.output(), &mut chain)?;
     let av = g.node(av_id);
     let heads_out = sole_consumer(g, av.output())?;
     transposed(g, heads_out, &[0, 2, 1, 3])?;
@@ -426,6 +403,21 @@ fn qkv_projection<'g>(g: &'g Graph, q: &'g str, transpose_k: NodeIndex, v: &'g s
         }
     }
     Some(QkvProjection { x, weights: Weights::Split(w, b), k: None })
+}
+
+/// The P·V node reading the attention probabilities `probs` (a Softmax's
+/// output) and the tensor it reads, through float-to-float Casts (Hugging
+/// Face's eager exports cast them to the query's type, twice), which join
+/// `chain`.
+fn probabilities_reader<'g>(g: &'g Graph, mut probs: &'g str, chain: &mut Vec<NodeIndex>) -> Option<(NodeIndex, &'g str)> {
+    let [(mut reader, 0)] = g.consumers(probs)[..] else { return None };
+    while g.node(reader).op() == "Cast" && g.node(reader).attr_int("to") == Some(FLOAT as i64) && !g.is_output(probs) {
+        chain.push(reader);
+        probs = g.node(reader).output();
+        let [(next, 0)] = g.consumers(probs)[..] else { return None };
+        reader = next;
+    }
+    Some((reader, probs))
 }
 
 /// The input of `id` when it is a Transpose with permutation `perm`.
