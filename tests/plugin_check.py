@@ -17,7 +17,7 @@ ort_lib, ov_lib = sys.argv[1], sys.argv[2]
 
 
 def merge_model(r, n, c, metric_shape, log_size=False, **attributes):
-    """x [1,n,c], keys (rank 4) or scores (rank 3) of `metric_shape` ->
+    """x [1,n,c], keys (rank 4, or 5 stacked) or scores (rank 3) of `metric_shape` ->
     BipartiteMerge(r, **attributes), with its optional third output
     log(size) when `log_size`."""
     outputs = ["y", "size"] + ["log_size"] * log_size
@@ -55,6 +55,9 @@ cases = [
     ("keys of other tokens than x", merge_model(1, 6, 3, [1, 2, 4, 5], keys_transposed=1),
      {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 2, 4, 5), np.float32)},
      ["keys"]),
+    ("stacked keys transposed", merge_model(1, 6, 3, [2, 1, 2, 4, 6], keys_transposed=1),
+     {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((2, 1, 2, 4, 6), np.float32)},
+     ["keys"]),
     ("scores of the wrong shape", merge_model(1, 6, 3, [1, 3, 2]),
      {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 3, 2), np.float32)},
      ["scores"]),
@@ -80,6 +83,8 @@ metric /= np.linalg.norm(metric, axis=-1, keepdims=True)
 scores = metric[:, ::2] @ metric[:, 1::2].transpose(0, 2, 1)
 forms = [("keys", merge_model(2, 6, 3, [1, 2, 6, 4]), keys),
          ("keys transposed", merge_model(2, 6, 3, [1, 2, 4, 6], keys_transposed=1), keys.transpose(0, 1, 3, 2).copy()),
+         ("keys stacked first (onnxruntime Attention's present)", merge_model(2, 6, 3, [2, 1, 2, 6, 4]),
+          np.stack([keys, rng.standard_normal(keys.shape, np.float32)])),
          ("scores", merge_model(2, 6, 3, [1, 3, 3]), scores.astype(np.float32))]
 for runtime, run in [("ort", run_ort), ("ov", run_ov)]:
     outs = [run(model, {"x": x, "metric": m}) for _, model, m in forms]

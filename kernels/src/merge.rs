@@ -59,11 +59,13 @@ pub enum Metric<'a> {
 
 impl<'a> Metric<'a> {
     /// The op's second input as its shape says: dense keys for rank 4
-    /// ([B,H,N,D], or [B,H,D,N] when `keys_transposed`), scores for rank 3,
-    /// else `None`.
+    /// ([B,H,N,D], or [B,H,D,N] when `keys_transposed`), keys stacked with
+    /// other tensors for rank 5 ([S,B,H,N,D], the keys first: onnxruntime
+    /// `Attention`'s `present`, S = 2), scores for rank 3, else `None`.
     pub fn of(values: &'a [f32], shape: &[usize], keys_transposed: bool) -> Option<Metric<'a>> {
         match (shape, keys_transposed) {
             (&[_, heads, d, n], true) | (&[_, heads, n, d], false) => Some(Metric::dense_keys(values, heads, n, d, keys_transposed)),
+            (&[stack, _, heads, n, d], false) if stack > 0 => Some(Metric::dense_keys(&values[..values.len() / stack], heads, n, d, false)),
             ([_, _, _], _) => Some(Metric::Scores(values)),
             _ => None,
         }
@@ -515,6 +517,11 @@ mod tests {
             let keys = &laid_out[first..first + span([b, h, n, d], strides)];
             assert!(merged(Metric::Keys { keys, heads: h, d, strides }) == reference, "keys laid out as {order:?}");
         }
+        // onnxruntime's `present` [2,B,H,N,D]: the keys, then the values.
+        let present = [dense.clone(), values(b * h * n * d, 15)].concat();
+        let in_present = Metric::of(&present, &[2, b, h, n, d], false).expect("keys in present");
+        assert!(merged(in_present) == reference, "keys read from present");
+        assert!(Metric::of(&present, &[2, b, h, d, n], true).is_none(), "present holds k untransposed");
         let short = Merge { x: &x, metric: Metric::dense_keys(&dense[1..], h, n, d, false), size: None, batch: b, n, c, r: 4, prefix: 1 };
         assert!(short.check_lengths().unwrap_err().contains("span 468 values, have 467"));
     }

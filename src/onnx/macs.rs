@@ -66,6 +66,7 @@ pub fn node_macs(node: &pb::NodeProto, types: &HashMap<String, TensorType>) -> O
             let n = *x.get(1)?;
             let d = match keys.len() {
                 4 => keys[if transposed { 2 } else { 3 }],
+                5 => keys[4],
                 _ => 0,
             };
             Some(n.div_ceil(2) * (n / 2) * d)

@@ -132,7 +132,7 @@ impl Expansion for BipartiteMerge {
 
     fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
         check_output_arity(outputs, 2 + self.log_size as usize)?;
-        // Input 1 is keys (rank 4) or scores (rank 3).
+        // Input 1 is keys (rank 4, or 5 stacked with others), or scores (rank 3).
         for (i, t) in inputs.iter().chain(outputs).enumerate() {
             s.equals(&t.datum_type, f32::datum_type())?;
             if i != 1 {
@@ -158,8 +158,17 @@ impl Expansion for BipartiteMerge {
         })
     }
 
+    /// Keys stacked with other tensors, [S,B,H,N,D] (onnxruntime
+    /// `Attention`'s `present`), are index 0 of their first axis.
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, self.clone(), inputs)
+        let mut op = self.clone();
+        if model.outlet_fact(inputs[1])?.rank() == 5 && self.pick.is_none() {
+            if self.keys_layout != [0, 1, 2, 3] {
+                bail!("{prefix}: {FUSED_MERGE_OP} reads keys stacked [S,B,H,N,D] untransposed only (keys_transposed=0)");
+            }
+            (op.keys_layout, op.pick) = ([1, 2, 3, 4], Some((0, 0)));
+        }
+        model.wire_node(prefix, op, inputs)
     }
 }
 
@@ -182,7 +191,7 @@ impl TypedOp for BipartiteMerge {
         let keys_rank = 4 + self.pick.is_some() as usize;
         let metric_rank = if self.pick.is_some() { ranks[1] == keys_rank } else { (3..=4).contains(&ranks[1]) };
         if inputs.iter().any(|f| f.datum_type != f32::datum_type()) || ranks[0] != 3 || !metric_rank || ranks.get(2).is_some_and(|&r| r != 3) {
-            bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], keys [B,H,N,D] or scores [B,⌈N/2⌉,⌊N/2⌋], and size [B,N,1]; got {inputs:?}");
+            bail!("{FUSED_MERGE_OP} takes float32 x [B,N,C], keys [B,H,N,D] (or stacked, [S,B,H,N,D]) or scores [B,⌈N/2⌉,⌊N/2⌋], and size [B,N,1]; got {inputs:?}");
         }
         if let Some((axis, i)) = self.pick.filter(|&(axis, i)| inputs[1].shape[axis].to_usize().is_ok_and(|len| i >= len)) {
             bail!("{FUSED_MERGE_OP}: keys are index {i} of axis {axis} of {:?}, which has fewer", inputs[1].shape);

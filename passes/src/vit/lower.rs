@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use petgraph::stable_graph::NodeIndex;
 
-use crate::graph::{Graph, FLOAT};
+use crate::graph::{Dim, Graph, TensorType, FLOAT};
 use crate::patch::int_attr;
 use crate::values::Value;
 use crate::vit::matcher::VitBlock;
@@ -207,16 +207,17 @@ pub const ORT_DOMAIN: &str = "com.microsoft";
 /// Replaces a block's qkv projection, Q·Kᵀ, scale, bias, Softmax, P·V and
 /// the heads' concatenation by one `ORT_ATTENTION_OP` node; `None` (the
 /// graph unchanged) where the block has another shape. `tokens` enter the
-/// block. Readers of k outside the attention (the merge) read it from the
-/// op's `present`; a `BipartiteMerge` that read kᵀ reads k instead. What
-/// only the replaced nodes read is left for `canon::remove_dead`.
+/// block. A `BipartiteMerge` reads its keys in the op's `present` (k
+/// first; `keys_transposed` 0); other readers of k or kᵀ read k gathered
+/// from it. What only the replaced nodes read is left for
+/// `canon::remove_dead`.
 ///
 /// ```text
 ///  x ─ MatMul(W) ─ Add(b) ─ Reshape [B,N,3,H,D] ─ Transpose [3,B,H,N,D] ─ q, k, v
 ///  q[·s] ─┐
 ///  kᵀ[·s] ─ MatMul ─ [·scale] ─ [+ bias] ─ Softmax ─ [Cast to float]* ─┐
 ///                                                      v ─ MatMul ─ Transpose ─ Reshape ─ out
-///    ⇒  x, W, b[, Expand(bias)] ─ Attention(num_heads, scale) ─ out, present ─ Gather(0) ─ k
+///    ⇒  x, W, b[, Expand(bias)] ─ Attention(num_heads, scale) ─ out, present ─ BipartiteMerge (its keys)
 /// ```
 /// Seen in timm's exports (classic, dynamo, the SDPA split scale); the
 /// other families keep their nodes.
@@ -309,34 +310,40 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     e.op_multi(ORT_ATTENTION_OP, "fused", &inputs, &[out.output(), &present], attrs);
     e.in_domain(ORT_DOMAIN);
     patch.nodes.last_mut()?.output = vec![out.output().to_string(), present.clone()];
-    // The merge's keys, from `present`.
-    let key_readers: Vec<_> = qkv.k.map(|k| g.consumers(k).into_iter().filter(|&(c, _)| c != transpose_k).collect()).unwrap_or_default();
+    // The merge reads its keys in `present` (k first, [2,B,H,N,D]); other
+    // readers of k or kᵀ read k picked out of it.
+    let is_merge = |(reader, slot): &(NodeIndex, usize)| {
+        let n = g.node(*reader);
+        *slot == 1 && n.op() == FUSED_MERGE_OP && n.proto.domain == OPS_DOMAIN
+    };
+    let key_readers = qkv.k.map(|k| g.consumers(k).into_iter().filter(|&(c, _)| c != transpose_k).collect::<Vec<_>>()).unwrap_or_default();
     let kt_readers: Vec<_> = g.consumers(kt).into_iter().filter(|(c, _)| !patch.removals.contains(c)).collect();
+    let (merges, key_readers): (Vec<_>, Vec<_>) = key_readers.into_iter().partition(is_merge);
+    let (kt_merges, kt_readers): (Vec<_>, Vec<_>) = kt_readers.into_iter().partition(is_merge);
+    if let Some(q) = g.ty(q) {
+        let shape = std::iter::once(Dim::Fixed(2)).chain(q.shape.iter().cloned()).collect();
+        patch.types.insert(present.clone(), TensorType { elem: FLOAT, shape });
+    }
+    for (reader, slot) in merges.into_iter().chain(kt_merges) {
+        let mut merge = g.node(reader).proto.clone();
+        merge.input[slot] = present.clone();
+        merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed").for_each(|a| a.i = 0);
+        patch.removals.push(reader);
+        patch.nodes.push(merge);
+    }
     if key_readers.is_empty() && kt_readers.is_empty() {
         return Some(patch);
     }
     let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
     let zero = e.const_i64("k_index", &[], &[0]);
     let keys = e.op("Gather", "k", &[&present, &zero], vec![int_attr("axis", 0)]);
+    let keys_t = (!kt_readers.is_empty()).then(|| e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]));
     if let Some(ty) = g.ty(q) {
         patch.types.insert(keys.clone(), ty.clone());
     }
-    for (reader, slot) in key_readers {
-        patch.rewires.push(Rewire { node: reader, slot, tensor: keys.clone() });
-    }
-    let is_merge = |n: &crate::graph::Node| n.op() == FUSED_MERGE_OP && n.proto.domain == OPS_DOMAIN && n.attr_int("keys_transposed") == Some(1);
-    let (merges, others): (Vec<_>, Vec<_>) = kt_readers.into_iter().partition(|&(reader, _)| is_merge(g.node(reader)));
-    for (reader, slot) in merges {
-        let mut merge = g.node(reader).proto.clone();
-        merge.input[slot] = keys.clone();
-        merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed").for_each(|a| a.i = 0);
-        patch.removals.push(reader);
-        patch.nodes.push(merge);
-    }
-    if !others.is_empty() {
-        let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
-        let keys_t = e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]);
-        patch.rewires.extend(others.into_iter().map(|(node, slot)| Rewire { node, slot, tensor: keys_t.clone() }));
+    patch.rewires.extend(key_readers.into_iter().map(|(node, slot)| Rewire { node, slot, tensor: keys.clone() }));
+    if let Some(keys_t) = keys_t {
+        patch.rewires.extend(kt_readers.into_iter().map(|(node, slot)| Rewire { node, slot, tensor: keys_t.clone() }));
     }
     Some(patch)
 }

@@ -180,7 +180,7 @@ struct CustomOp {
     get_end_version: unsafe extern "system" fn(*const CustomOp) -> i32,
 }
 
-/// Inputs (x, keys or scores[, size]), outputs (x, size[, log_size]), all float32.
+/// Inputs (x, keys (or stacked keys, first of [S,B,H,N,D]) or scores[, size]), outputs (x, size[, log_size]), all float32.
 static MERGE_OP: CustomOp = CustomOp {
     version: API_VERSION,
     create_kernel: None,
@@ -278,7 +278,7 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
         return Err(api.status(ORT_INVALID_ARGUMENT, &format!("{}: x must be [B,N,C], is {dims:?}", op_name())));
     };
     let Some(metric) = Metric::of(keys, &keys_dims, kernel.keys_transposed) else {
-        let message = format!("{}: input 1 must be keys [B,H,N,D] or scores [B,N/2,N/2], is {keys_dims:?}", op_name());
+        let message = format!("{}: input 1 must be keys [B,H,N,D] (or stacked first, [S,B,H,N,D]) or scores [B,N/2,N/2], is {keys_dims:?}", op_name());
         return Err(api.status(ORT_INVALID_ARGUMENT, &message));
     };
     let merge = Merge { x, metric, size, batch, n, c, r: kernel.r, prefix: kernel.prefix };

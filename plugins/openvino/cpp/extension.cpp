@@ -23,7 +23,8 @@ void parallel_for(size_t count, void (*task)(const void*, size_t), const void* d
     tbb::parallel_for(size_t{0}, count, [&](size_t i) { task(data, i); });
 }
 
-// Inputs x [B,N,C], keys [B,H,N,D] ([B,H,D,N] with keys_transposed = 1) or
+// Inputs x [B,N,C], keys [B,H,N,D] ([B,H,D,N] with keys_transposed = 1; or
+// stacked first of [S,B,H,N,D], as onnxruntime Attention's present) or
 // scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1]; outputs x [B,N-r,C], size [B,N-r,1] and log(size)
 // [B,N-r,1] (a node of two outputs leaves the third unread); all float32.
 class BipartiteMerge : public ov::op::Op {
@@ -46,8 +47,9 @@ public:
             NODE_VALIDATION_CHECK(this, get_input_element_type(i).compatible(ov::element::f32), "BipartiteMerge input ", i,
                                   " must be float32");
             const auto rank = get_input_partial_shape(i).rank();
-            NODE_VALIDATION_CHECK(this, rank.compatible(3) || (i == 1 && rank.compatible(4)), "BipartiteMerge input ", i,
-                                  " must have rank ", i == 1 ? "4 (keys) or 3 (scores)" : "3");
+            NODE_VALIDATION_CHECK(this, rank.compatible(3) || (i == 1 && (rank.compatible(4) || rank.compatible(5))),
+                                  "BipartiteMerge input ", i, " must have rank ",
+                                  i == 1 ? "4 (keys), 5 (keys stacked first) or 3 (scores)" : "3");
         }
         ov::PartialShape x = get_input_partial_shape(0);
         ov::PartialShape out_x{ov::Dimension::dynamic(), ov::Dimension::dynamic(), ov::Dimension::dynamic()};
@@ -92,11 +94,17 @@ public:
         outputs[0].set_shape({shape[0], out_n, shape[2]});
         outputs[1].set_shape({shape[0], out_n, 1});
         outputs[2].set_shape({shape[0], out_n, 1});
-        const ov::Shape keys = inputs[1].get_shape();
+        ov::Shape keys = inputs[1].get_shape();
+        // Keys stacked [S,B,H,N,D] are the first of the stack, where the
+        // input's data starts.
+        if (keys.size() == 5 && !m_keys_transposed && keys[0] > 0) {
+            keys.erase(keys.begin());
+        }
         const size_t tokens_axis = m_keys_transposed ? 3 : 2;
         const bool scores = keys.size() == 3;
         OPENVINO_ASSERT(scores || (keys.size() == 4 && keys[0] == shape[0] && keys[tokens_axis] == shape[1]),
-                        "BipartiteMerge: keys must be [B,H,N,D] ([B,H,D,N] transposed) for x ", shape, ", are ", keys);
+                        "BipartiteMerge: keys must be [B,H,N,D] ([B,H,D,N] transposed, or [S,B,H,N,D] stacked) for x ", shape,
+                        ", are ", inputs[1].get_shape());
         OPENVINO_ASSERT(!scores || inputs[1].get_size() == shape[0] * ((shape[1] + 1) / 2) * (shape[1] / 2),
                         "BipartiteMerge: scores must be [B,ceil(N/2),floor(N/2)], are ", keys);
         const size_t dims[8] = {shape[0], shape[1], shape[2], static_cast<size_t>(m_r), static_cast<size_t>(m_prefix),
