@@ -5,8 +5,9 @@
 //! schedule, proportional attention on and off, against references from a
 //! PyTorch ToMe forward on the Hugging Face or timm modules
 //! (`fixtures/gen/tome_hf.py`, `gen_timm_siglip.py`), in tract,
-//! onnxruntime and OpenVINO (with `--target onnxruntime-ops` too), with the
-//! reference's tokens per block. And the families ToMe
+//! onnxruntime and OpenVINO (with `--target onnxruntime` and
+//! `onnxruntime-ops` too: every attention one onnxruntime `Attention`),
+//! with the reference's tokens per block. And the families ToMe
 //! has no semantics for, refused naming the node.
 
 mod common;
@@ -18,11 +19,13 @@ use common::*;
 use tract_onnx::prelude::*;
 
 /// `model` in tract at the references' batch, planned for that batch (the
-/// SigLIP export's probe path does not plan with a symbolic batch in tract 0.23).
+/// SigLIP export's probe path does not plan with a symbolic batch in tract
+/// 0.23); onnxruntime's `Attention` spelled out.
 fn run_at_batch(model: &Path, refs: &BTreeMap<String, Tensor>) -> Tensor {
     let file = tome_compile::onnx::io::read(model).expect("read");
+    let proto = tome_compile::onnx::tract_readable(&file.proto).expect("spelled out");
     let onnx = tract_onnx::Onnx { ignore_value_info: true, ..tome_compile::runtime::tract_ops::onnx() };
-    let mut m = onnx.parse(&file.proto, file.dir.to_str()).expect("parse").model;
+    let mut m = onnx.parse(&proto, file.dir.to_str()).expect("parse").model;
     let x = refs["pixel_values"].clone();
     m.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), x.shape())).expect("fact");
     let plan = m.into_optimized().expect("optimize").into_runnable().expect("plan");
@@ -45,14 +48,20 @@ fn check_family(case: &str) {
             let err = max_relative_error(&run_at_batch(&out, &refs), &refs[&format!("logits_{name}")]);
             println!("tract {case} {name}: max relative error {err:.3e}");
             assert!(err <= 1e-4, "{case} {name}: tract relative error {err:e} > 1e-4");
-            // The plugin targets' graph (one BipartiteMerge a block) in
+            ort.push((out.clone(), case.to_string(), format!("logits_{name}")));
+            // The onnxruntime targets: every block's attention one
+            // onnxruntime `Attention`, and with the plugin one
+            // BipartiteMerge a block; in tract (spelled out), and in
             // onnxruntime and OpenVINO with the plugins loaded.
-            let plugged = out.with_extension("ops.onnx");
-            let target = tome_compile::Target::OnnxRuntimeOps;
-            let fused = tome_compile::compile_file_with(&source, &plugged, &options(r, prop == 1), target, tome_compile::Format::Onnx).expect("compile");
-            assert_eq!(fused.fused_merges, report.blocks.iter().filter(|b| b.step.r > 0).count(), "{case} {name}: fused merges");
-            ort.push((out, case.to_string(), format!("logits_{name}")));
-            ort.push((plugged, case.to_string(), format!("logits_{name}")));
+            for (target, ext) in [(tome_compile::Target::OnnxRuntime, "ort.onnx"), (tome_compile::Target::OnnxRuntimeOps, "ortops.onnx")] {
+                let twin = out.with_extension(ext);
+                let fused = tome_compile::compile_file_with(&source, &twin, &options(r, prop == 1), target, tome_compile::Format::Onnx).expect("compile");
+                let merges = if target == tome_compile::Target::OnnxRuntimeOps { report.blocks.iter().filter(|b| b.step.r > 0).count() } else { 0 };
+                assert_eq!((fused.fused_merges, fused.fused_attentions), (merges, report.blocks.len()), "{case} {name} {ext}: fused merges and attentions");
+                let err = max_relative_error(&run_at_batch(&twin, &refs), &refs[&format!("logits_{name}")]);
+                assert!(err <= 1e-4, "{case} {name} {ext}: tract relative error {err:e} > 1e-4");
+                ort.push((twin, case.to_string(), format!("logits_{name}")));
+            }
         }
     }
     let out = dir.path().join("r0.onnx");

@@ -113,8 +113,18 @@ fn onnxruntime_twins(source: &Path, default: &Path, plugged: &Path, opts: &tome_
 }
 
 /// Exports whose every attention becomes onnxruntime's `Attention`
-/// (`lower::ort_attention`): timm's and the Hugging Face eager ones.
-const ATTENTION_FORMS: &[&str] = &["timm_vit/model.onnx", "timm_deit_distilled/model.onnx", "timm_vit_gap/model.onnx", "hf_vit_eager/model.onnx", "clip_vision/model.onnx"];
+/// (`lower::ort_attention`): timm's (torchscript and torch.export), and
+/// Hugging Face's eager and SDPA ones.
+const ATTENTION_FORMS: &[&str] = &[
+    "timm_vit/model.onnx",
+    "timm_vit/model_dynamo.onnx",
+    "timm_deit_distilled/model.onnx",
+    "timm_vit_gap/model.onnx",
+    "hf_vit_eager/model.onnx",
+    "hf_vit_sdpa/model.onnx",
+    "dinov2_registers/model.onnx",
+    "clip_vision/model.onnx",
+];
 
 /// Compiles `source` for tract next to `default`: the merge fused
 /// (`fused_twin`), each attention one `FusedAttention` and each float32

@@ -216,19 +216,24 @@ pub const ORT_DOMAIN: &str = "com.microsoft";
 ///  x ─ MatMul(W) ─ Add(b) ─ Reshape [B,N,3,H,D] ─ Transpose [3,B,H,N,D] ─ q, k, v
 ///  q[·s] ─┐
 ///  kᵀ[·s] ─ MatMul ─ [·scale] ─ [+ bias] ─ Softmax ─ [Cast to float]* ─┐
-///                                                      v ─ MatMul ─ Transpose ─ Reshape ─ out
+///                                     v ─ MatMul ─ [Reshape] ─ Transpose ─ Reshape ─ out
 ///    ⇒  x, W, b[, Expand(bias)] ─ Attention(num_heads, scale) ─ out, present ─ BipartiteMerge (its keys)
 /// ```
-/// Seen in timm's exports (classic, dynamo, the SDPA split scale); the
-/// other families keep their nodes.
+/// Seen in timm's exports (torchscript, and torch.export's, whose kᵀ goes
+/// through [B·H,N,D] and whose merge reads the scaled kᵀ), and in
+/// transformers' eager and SDPA ones (three projections; SDPA's split
+/// scale, and its Reshape of P·V to its own shape): ViT, DeiT, DINOv2,
+/// CLIP, SigLIP, VideoMAE, AST. torchvision's (sequence first) and
+/// float16 graphs keep their nodes.
 pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMap<String, Value>) -> Option<Patch> {
     let softmax = g.node(block.attention);
     if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
         return None;
     }
     // Scales are constants or computed from shapes (SDPA's √scale).
-    let known = |t: &str| match values.get(t).and_then(Value::known).as_deref() {
-        Some(&[c]) if c.is_finite() && c != 0.0 => Some(c as f32),
+    let known = |t: &str| match (g.constant_f32(t).as_deref(), values.get(t).and_then(Value::known).as_deref()) {
+        (Some(&[c]), _) if c.is_finite() && c != 0.0 => Some(c),
+        (_, Some(&[c])) if c.is_finite() && c != 0.0 => Some(c as f32),
         _ => None,
     };
     let scaled = |id: NodeIndex| scalar_scale(g, id, &known);
@@ -254,31 +259,46 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     let qk = g.node(id);
     chain.push(id);
     let (mut q, mut kt) = (qk.input(0)?, qk.input(1)?);
-    // SDPA's split scale: q and kᵀ each times √scale.
-    for side in [&mut q, &mut kt] {
-        if let Some((p, (unscaled, factor))) = sole_producer(g, side).and_then(|p| Some((p, scaled(p)?))) {
-            chain.push(p);
-            scale *= factor;
-            *side = unscaled;
+    // SDPA's split scale: q and kᵀ each times √scale. The merge may read
+    // the scaled kᵀ too (torch.export's exports): `scaled_kt` keeps its
+    // other readers and the factor.
+    let mut scaled_kt = (vec![], 1.0);
+    for (side, is_kt) in [(&mut q, false), (&mut kt, true)] {
+        let Some((p, (unscaled, factor))) = g.producer(side).and_then(|p| Some((p, scaled(p)?))) else { continue };
+        let others: Vec<_> = g.consumers(side).into_iter().filter(|&(c, _)| c != id).collect();
+        if g.is_output(side) || (!others.is_empty() && !is_kt) {
+            continue;
         }
+        scaled_kt = if is_kt { (others, factor) } else { scaled_kt };
+        chain.push(p);
+        scale *= factor;
+        *side = unscaled;
     }
     let transpose_k = g.producer(kt)?;
     let (av_id, _) = probabilities_reader(g, softmax.output(), &mut chain)?;
     let av = g.node(av_id);
-    let heads_out = sole_consumer(g, av.output())?;
+    let mut heads_out = sole_consumer(g, av.output())?;
+    // transformers' SDPA exports reshape P·V to its own shape first.
+    let same_shape = g.node(heads_out).op() == "Reshape" && g.ty(g.node(heads_out).output()).is_some_and(|t| Some(t) == g.ty(av.output()) && (1..4).all(|a| t.dim(a).is_some()));
+    let reshaped = same_shape.then_some(heads_out);
+    if let Some(id) = reshaped {
+        heads_out = sole_consumer(g, g.node(id).output())?;
+    }
     transposed(g, heads_out, &[0, 2, 1, 3])?;
     let out_id = sole_consumer(g, g.node(heads_out).output())?;
-    // Shapes of the replaced tensors feed only the replaced Reshape's shape
+    let replaced: Vec<NodeIndex> = reshaped.into_iter().chain([out_id]).collect();
+    // Shapes of the replaced tensors feed only the replaced Reshapes' shapes
     // (Hugging Face's exports); `canon::remove_dead` takes them after.
-    let shapes: Vec<NodeIndex> = [av.output(), g.node(heads_out).output()].into_iter().flat_map(|t| g.consumers(t)).map(|(c, _)| c).filter(|&c| g.node(c).op() == "Shape").collect();
-    if !shapes.iter().all(|&s| feeds_only(g, s, out_id)) {
+    let tensors = std::iter::once(av_id).chain(reshaped).chain([heads_out]).map(|id| g.node(id).output());
+    let shapes: Vec<NodeIndex> = tensors.flat_map(|t| g.consumers(t)).map(|(c, _)| c).filter(|&c| g.node(c).op() == "Shape").collect();
+    if !shapes.iter().all(|&s| feeds_only(g, s, &replaced)) {
         return None;
     }
     let out = g.node(out_id);
     if qk.op() != "MatMul" || av.op() != "MatMul" || out.op() != "Reshape" || g.ty(out.output())?.rank() != 3 {
         return None;
     }
-    chain.extend([av_id, heads_out, out_id]);
+    chain.extend(std::iter::once(av_id).chain(reshaped).chain([heads_out, out_id]));
     let (heads, dim) = (block.heads as i64, block.head_dim as i64);
     let qkv = qkv_projection(g, q, transpose_k, av.input(1)?, heads, dim)?;
     let x_ty = g.ty(qkv.x)?;
@@ -320,31 +340,42 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     let kt_readers: Vec<_> = g.consumers(kt).into_iter().filter(|(c, _)| !patch.removals.contains(c)).collect();
     let (merges, key_readers): (Vec<_>, Vec<_>) = key_readers.into_iter().partition(is_merge);
     let (kt_merges, kt_readers): (Vec<_>, Vec<_>) = kt_readers.into_iter().partition(is_merge);
+    let (scaled_merges, scaled_readers): (Vec<_>, Vec<_>) = scaled_kt.0.into_iter().partition(is_merge);
     if let Some(q) = g.ty(q) {
         let shape = std::iter::once(Dim::Fixed(2)).chain(q.shape.iter().cloned()).collect();
         patch.types.insert(present.clone(), TensorType { elem: FLOAT, shape });
     }
-    for (reader, slot) in merges.into_iter().chain(kt_merges) {
+    for (reader, slot) in merges.into_iter().chain(kt_merges).chain(scaled_merges) {
         let mut merge = g.node(reader).proto.clone();
         merge.input[slot] = present.clone();
         merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed").for_each(|a| a.i = 0);
         patch.removals.push(reader);
         patch.nodes.push(merge);
     }
-    if key_readers.is_empty() && kt_readers.is_empty() {
+    if key_readers.is_empty() && kt_readers.is_empty() && scaled_readers.is_empty() {
         return Some(patch);
     }
     let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
     let zero = e.const_i64("k_index", &[], &[0]);
     let keys = e.op("Gather", "k", &[&present, &zero], vec![int_attr("axis", 0)]);
-    let keys_t = (!kt_readers.is_empty()).then(|| e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]));
+    let transposes = !kt_readers.is_empty() || !scaled_readers.is_empty();
+    let keys_t = transposes.then(|| e.op("Transpose", "kt", &[&keys], vec![crate::patch::ints_attr("perm", &[0, 1, 3, 2])]));
+    let scaled_keys_t = match (&keys_t, scaled_readers.is_empty()) {
+        (Some(keys_t), false) => {
+            let factor = e.const_f32("kt_scale", &[], &[scaled_kt.1]);
+            Some(e.op("Mul", "kt_scaled", &[keys_t, &factor], vec![]))
+        }
+        _ => None,
+    };
     if let Some(ty) = g.ty(q) {
         patch.types.insert(keys.clone(), ty.clone());
     }
-    patch.rewires.extend(key_readers.into_iter().map(|(node, slot)| Rewire { node, slot, tensor: keys.clone() }));
-    if let Some(keys_t) = keys_t {
-        patch.rewires.extend(kt_readers.into_iter().map(|(node, slot)| Rewire { node, slot, tensor: keys_t.clone() }));
-    }
+    let rewire = |readers: Vec<(NodeIndex, usize)>, tensor: &Option<String>| -> Vec<Rewire> {
+        tensor.iter().flat_map(|t| readers.iter().map(|&(node, slot)| Rewire { node, slot, tensor: t.clone() })).collect()
+    };
+    patch.rewires.extend(rewire(key_readers, &Some(keys.clone())));
+    patch.rewires.extend(rewire(kt_readers, &keys_t));
+    patch.rewires.extend(rewire(scaled_readers, &scaled_keys_t));
     Some(patch)
 }
 
@@ -371,7 +402,7 @@ enum Weights<'g> {
 fn qkv_projection<'g>(g: &'g Graph, q: &'g str, transpose_k: NodeIndex, v: &'g str, heads: i64, dim: i64) -> Option<QkvProjection<'g>> {
     let width = heads * dim;
     let float = |t: &str, dims: &[i64]| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == dims.len() && dims.iter().enumerate().all(|(a, &d)| t.dim(a) == Some(d)));
-    if let Some(k) = transposed(g, transpose_k, &[0, 1, 3, 2]) {
+    if let Some(k) = key_source(g, transpose_k, heads, dim) {
         let picked = [(q, 0), (k, 1), (v, 2)].map(|(t, i)| pick(g, t).filter(|p| p.1 == i).map(|p| p.0));
         let heads_first = picked[0]?;
         if picked.iter().any(|t| *t != Some(heads_first)) {
@@ -412,6 +443,24 @@ fn qkv_projection<'g>(g: &'g Graph, q: &'g str, transpose_k: NodeIndex, v: &'g s
     Some(QkvProjection { x, weights: Weights::Split(w, b), k: None })
 }
 
+/// k [B,H,N,D] whose kᵀ `transpose_k` writes: a Transpose of its last two
+/// axes, or (torch.export's exports) a Reshape to [B,H,D,N] of k reshaped
+/// to [B·H,N,D] and transposed there.
+fn key_source(g: &Graph, transpose_k: NodeIndex, heads: i64, dim: i64) -> Option<&str> {
+    if let Some(k) = transposed(g, transpose_k, &[0, 1, 3, 2]) {
+        return Some(k);
+    }
+    let reshape = g.node(transpose_k);
+    let batched = transposed(g, g.producer(reshape.input(0)?)?, &[0, 2, 1])?;
+    let flat = g.producer_node(batched).filter(|n| n.op() == "Reshape")?;
+    let k = flat.input(0)?;
+    let (kt_ty, k_ty, flat_ty) = (g.ty(reshape.output())?, g.ty(k)?, g.ty(batched)?);
+    let n = k_ty.dim(2)?;
+    let fits = reshape.op() == "Reshape" && k_ty.rank() == 4 && k_ty.dim(1) == Some(heads) && k_ty.dim(3) == Some(dim);
+    let fits = fits && kt_ty.rank() == 4 && kt_ty.shape[0] == k_ty.shape[0] && kt_ty.shape[1..] == k_ty.shape[1..2].iter().chain([&k_ty.shape[3], &k_ty.shape[2]]).cloned().collect::<Vec<_>>()[..];
+    (fits && flat_ty.rank() == 3 && flat_ty.dim(1) == Some(n) && flat_ty.dim(2) == Some(dim)).then_some(k)
+}
+
 /// The P·V node reading the attention probabilities `probs` (a Softmax's
 /// output) and the tensor it reads, through float-to-float Casts (Hugging
 /// Face's eager exports cast them to the query's type, twice), which join
@@ -443,9 +492,9 @@ fn sole_consumer(g: &Graph, tensor: &str) -> Option<NodeIndex> {
     }
 }
 
-/// Whether everything `from` computes is read by `to` alone, within a few
-/// nodes (a shape vector built for one Reshape).
-fn feeds_only(g: &Graph, from: NodeIndex, to: NodeIndex) -> bool {
+/// Whether everything `from` computes is read by nodes of `to` alone,
+/// within a few nodes (a shape vector built for the Reshapes there).
+fn feeds_only(g: &Graph, from: NodeIndex, to: &[NodeIndex]) -> bool {
     let mut todo = vec![(from, 0)];
     while let Some((id, depth)) = todo.pop() {
         for out in &g.node(id).proto.output {
@@ -456,7 +505,7 @@ fn feeds_only(g: &Graph, from: NodeIndex, to: NodeIndex) -> bool {
             if readers.is_empty() {
                 return false;
             }
-            todo.extend(readers.into_iter().filter(|&(c, _)| c != to).map(|(c, _)| (c, depth + 1)));
+            todo.extend(readers.into_iter().filter(|(c, _)| !to.contains(c)).map(|(c, _)| (c, depth + 1)));
         }
     }
     true
@@ -474,6 +523,16 @@ fn pick<'g>(g: &'g Graph, tensor: &str) -> Option<(&'g str, i64)> {
             Some((node.input(0)?, index[0]))
         }
         "Squeeze" if axes(node).as_deref() == Some(&[0]) => {
+            // torch.export's exports: a Slice [i, i + 1) of axis 0.
+            if let Some(slice) = g.producer_node(node.input(0)?).filter(|n| n.op() == "Slice") {
+                let ints = |k: usize| slice.input(k).filter(|t| !t.is_empty()).map(|t| g.constant_i64(t));
+                let axes_ok = ints(3).is_none_or(|a| a.as_deref() == Some(&[0]));
+                let steps_ok = ints(4).is_none_or(|s| s.as_deref() == Some(&[1]));
+                return match (ints(1).flatten().as_deref(), ints(2).flatten().as_deref()) {
+                    (Some(&[i]), Some(&[end])) if i >= 0 && end == i + 1 && axes_ok && steps_ok => Some((slice.input(0)?, i)),
+                    _ => None,
+                };
+            }
             let split = g.producer_node(node.input(0)?).filter(|n| n.op() == "Split" && n.attr_int("axis").unwrap_or(0) == 0)?;
             let sizes = split.input(1).filter(|s| !s.is_empty()).and_then(|s| g.constant_i64(s)).or_else(|| split.attr_ints("split").map(<[i64]>::to_vec));
             if sizes.is_some_and(|s| s.iter().any(|&n| n != 1)) {
