@@ -269,7 +269,9 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
         if g.is_output(side) || (!others.is_empty() && !is_kt) {
             continue;
         }
-        scaled_kt = if is_kt { (others, factor) } else { scaled_kt };
+        if is_kt {
+            scaled_kt = (others, factor);
+        }
         chain.push(p);
         scale *= factor;
         *side = unscaled;
