@@ -58,6 +58,9 @@ cases = [
     ("stacked keys transposed", merge_model(1, 6, 3, [2, 1, 2, 4, 6], keys_transposed=1),
      {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((2, 1, 2, 4, 6), np.float32)},
      ["keys"]),
+    ("log_size_rows neither 0 nor 1", merge_model(1, 6, 3, [1, 2, 6, 4], log_size=True, log_size_rows=2),
+     {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 2, 6, 4), np.float32)},
+     ["log_size_rows"]),
     ("scores of the wrong shape", merge_model(1, 6, 3, [1, 3, 2]),
      {"x": rng.standard_normal((1, 6, 3), np.float32), "metric": rng.standard_normal((1, 3, 2), np.float32)},
      ["scores"]),
@@ -100,4 +103,10 @@ for runtime, run in [("ort", run_ort), ("ov", run_ov)]:
     ok = ok and float(y[2].max()) > 0.69 and all(np.array_equal(a, b) for a, b in zip(y[:2], outs[0]))
     failed += not ok
     print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} log(size) as the third output: {[v.ravel().tolist() for v in y[1:]]}")
+    # Spread over query rows (log_size_rows=1): [1,1,4,4], every row the logs.
+    y = run(merge_model(2, 6, 3, [1, 2, 6, 4], log_size=True, log_size_rows=1), {"x": x, "metric": keys})
+    ok = len(y) == 3 and y[2].shape == (1, 1, 4, 4) and all(np.array_equal(row, np.log(y[1][0, :, 0])) for row in y[2][0, 0])
+    ok = ok and all(np.array_equal(a, b) for a, b in zip(y[:2], outs[0]))
+    failed += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {runtime:3s} log(size) spread over rows: shape {y[2].shape}")
 sys.exit(1 if failed else 0)

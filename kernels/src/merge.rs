@@ -96,6 +96,21 @@ pub fn log_of(size: &[f32], out: &mut [f32]) {
     out.iter_mut().zip(size).for_each(|(o, s)| *o = s.ln());
 }
 
+/// The third output spread over query rows (attribute `log_size_rows`):
+/// each image's n log sizes written n times, [n, n] an image, the
+/// proportional bias as onnxruntime's `Attention` takes it
+/// (`attention_bias` [B,1,N,N]; it broadcasts no rows).
+pub fn log_rows_of(size: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    for (image, rows) in size.chunks_exact(n).zip(out.chunks_exact_mut(n * n)) {
+        let (first, rest) = rows.split_at_mut(n);
+        log_of(image, first);
+        rest.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(first));
+    }
+}
+
 /// Why a merge cannot run on its inputs, in words naming the input.
 pub fn check(r: usize, prefix: usize, n: usize) -> Result<(), String> {
     // At most half of the unprotected tokens can merge away (`r_eff`).
@@ -522,6 +537,15 @@ mod tests {
         let in_present = Metric::of(&present, &[2, b, h, n, d], false).expect("keys in present");
         assert!(merged(in_present) == reference, "keys read from present");
         assert!(Metric::of(&present, &[2, b, h, d, n], true).is_none(), "present holds k untransposed");
+        // The sizes' logs spread over rows: every row of an image the same.
+        let sizes = merged(Metric::dense_keys(&dense, h, n, d, false)).1;
+        let out_n = n - 4;
+        let mut rows = vec![f32::NAN; b * out_n * out_n];
+        log_rows_of(&sizes, out_n, &mut rows);
+        for (image, block) in sizes.chunks_exact(out_n).zip(rows.chunks_exact(out_n * out_n)) {
+            let logs: Vec<f32> = image.iter().map(|s| s.ln()).collect();
+            assert!(block.chunks_exact(out_n).all(|row| row == logs.as_slice()), "log sizes spread over rows");
+        }
         let short = Merge { x: &x, metric: Metric::dense_keys(&dense[1..], h, n, d, false), size: None, batch: b, n, c, r: 4, prefix: 1 };
         assert!(short.check_lengths().unwrap_err().contains("span 468 values, have 467"));
     }

@@ -404,6 +404,13 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                 patch::apply(g, p)?;
             }
         }
+        let merges: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).collect();
+        for id in merges {
+            if let Some(p) = lower::merge_bias_rows(g, id) {
+                labels.push(p.label.clone());
+                patch::apply(g, p)?;
+            }
+        }
         canon::remove_dead(g)?;
     }
     let blocks = vit

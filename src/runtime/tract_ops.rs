@@ -97,9 +97,14 @@ fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infere
     if !(2..=3).contains(&node.input.len()) || !(2..=3).contains(&node.output.len()) {
         bail!("{}: {FUSED_MERGE_OP} takes inputs (x, keys or scores[, size]) and gives outputs (x, size[, log_size])", node.name);
     }
+    let log_size_rows: i64 = node.get_attr_opt("log_size_rows")?.unwrap_or(0);
+    if !(0..=1).contains(&log_size_rows) || (log_size_rows == 1 && node.output.len() != 3) {
+        bail!("{}: {FUSED_MERGE_OP} needs log_size_rows 0, or 1 with a third output, has {log_size_rows} and {} outputs", node.name, node.output.len());
+    }
     let keys_layout = if keys_transposed == 1 { [0, 1, 3, 2] } else { [0, 1, 2, 3] };
     let log_size = node.output.len() == 3;
-    Ok((expand(BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout, pick: None, log_size }), vec![]))
+    let op = BipartiteMerge { r: r as usize, prefix: prefix as usize, keys_layout, pick: None, log_size, log_size_rows: log_size_rows == 1 };
+    Ok((expand(op), vec![]))
 }
 
 /// Bipartite soft matching on the block's keys or given scores, then the
@@ -119,6 +124,8 @@ pub struct BipartiteMerge {
     pub pick: Option<(usize, usize)>,
     /// Whether a third output gives `log(size)`.
     pub log_size: bool,
+    /// Whether that output is spread over query rows, [B,1,N-r,N-r].
+    pub log_size_rows: bool,
 }
 
 impl Expansion for BipartiteMerge {
@@ -132,8 +139,10 @@ impl Expansion for BipartiteMerge {
 
     fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
         check_output_arity(outputs, 2 + self.log_size as usize)?;
-        // Input 1 is keys (rank 4, or 5 stacked with others), or scores (rank 3).
-        for (i, t) in inputs.iter().chain(outputs).enumerate() {
+        // Input 1 is keys (rank 4, or 5 stacked with others), or scores
+        // (rank 3); log(size) spread over rows is [B,1,N-r,N-r].
+        let (per_token, rows) = outputs.split_at(if self.log_size_rows { 2 } else { outputs.len() });
+        for (i, t) in inputs.iter().chain(per_token).enumerate() {
             s.equals(&t.datum_type, f32::datum_type())?;
             if i != 1 {
                 s.equals(&t.rank, 3)?;
@@ -143,16 +152,25 @@ impl Expansion for BipartiteMerge {
             s.equals(&out.shape[0], &inputs[0].shape[0])?;
         }
         s.equals(&outputs[0].shape[2], &inputs[0].shape[2])?;
-        for size in &outputs[1..] {
+        for size in &per_token[1..] {
             s.equals(&size.shape[2], 1.to_dim())?;
+        }
+        for row in rows {
+            s.equals(&row.datum_type, f32::datum_type())?;
+            s.equals(&row.rank, 4)?;
+            s.equals(&row.shape[1], 1.to_dim())?;
         }
         let r = self.r;
         s.given(&inputs[0].shape[1], move |s, n| {
             if let Ok(n) = n.to_usize() {
                 self.check_tokens(n)?;
             }
-            for out in outputs {
+            for out in per_token {
                 s.equals(&out.shape[1], n.clone() - r)?;
+            }
+            for row in rows {
+                s.equals(&row.shape[2], n.clone() - r)?;
+                s.equals(&row.shape[3], n.clone() - r)?;
             }
             Ok(())
         })
@@ -212,8 +230,12 @@ impl TypedOp for BipartiteMerge {
         }
         let (batch, n, c) = (x.shape[0].clone(), x.shape[1].clone() - self.r, x.shape[2].clone());
         let size = f32::fact([batch.clone(), n.clone(), 1.to_dim()]);
-        let mut facts = tvec!(f32::fact([batch, n, c]), size.clone());
-        facts.extend(self.log_size.then_some(size));
+        let log_size = match self.log_size_rows {
+            true => f32::fact([batch.clone(), 1.to_dim(), n.clone(), n.clone()]),
+            false => size.clone(),
+        };
+        let mut facts = tvec!(f32::fact([batch, n, c]), size);
+        facts.extend(self.log_size.then_some(log_size));
         Ok(facts)
     }
 
@@ -285,13 +307,18 @@ impl EvalOp for BipartiteMerge {
             });
         };
         merge.run_on(&pool, x_view.as_slice_mut::<f32>()?, size_view.as_slice_mut::<f32>()?);
-        let log_size = match self.log_size {
-            true => {
+        let log_size = match (self.log_size, self.log_size_rows) {
+            (true, false) => {
                 let mut log_size = unsafe { Tensor::uninitialized::<f32>(&[batch, out_n, 1])? };
                 merge::log_of(size_view.as_slice::<f32>()?, log_size.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
                 Some(log_size.into_tvalue())
             }
-            false => None,
+            (true, true) => {
+                let mut rows = unsafe { Tensor::uninitialized::<f32>(&[batch, 1, out_n, out_n])? };
+                merge::log_rows_of(size_view.as_slice::<f32>()?, out_n, rows.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+                Some(rows.into_tvalue())
+            }
+            (false, _) => None,
         };
         let mut outputs = tvec!(out_x.into_tvalue(), out_size.into_tvalue());
         outputs.extend(log_size);
@@ -430,7 +457,7 @@ mod tests {
             let mut axes = [0; 5];
             perm.iter().enumerate().for_each(|(i, &a)| axes[a] = i);
             let pick = Some((axes[0], 1));
-            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [axes[1], axes[2], axes[3], axes[4]], pick, log_size: false };
+            let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [axes[1], axes[2], axes[3], axes[4]], pick, log_size: false, log_size_rows: false };
             let Ok(Metric::Keys { keys, heads, d, strides }) = op.metric(&physical) else { panic!("{perm:?}: keys") };
             assert_eq!((heads, d), (3, 4), "{perm:?}");
             for index in (0..120).map(|i| [i / 60, i / 20 % 3, i / 4 % 5, i % 4]) {
@@ -444,7 +471,7 @@ mod tests {
         assert_eq!([0, 1, 2, 3].map(|a| pick.input_axis(a)), [1, 0, 3, 4]);
         let pick = Pick { axis: 2, index: 1, removed: 2 };
         assert_eq!([0, 1, 2, 3].map(|a| pick.input_axis(a)), [0, 1, 3, 4]);
-        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 1, 2, 3], pick: None, log_size: false };
+        let op = BipartiteMerge { r: 1, prefix: 0, keys_layout: [0, 1, 2, 3], pick: None, log_size: false, log_size_rows: false };
         let keys = Tensor::from_shape(&dims, &(0..120).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let Ok(Metric::Keys { keys, strides, .. }) = op.metric(&keys) else { panic!("dense keys") };
         assert_eq!((keys.len(), strides), (120, [60, 20, 4, 1]));

@@ -96,6 +96,62 @@ pub fn merge_log_size(g: &Graph, id: NodeIndex) -> Option<Patch> {
     Some(patch)
 }
 
+/// A `FUSED_MERGE_OP` node writing `log(size)` spread over query rows
+/// (attribute `log_size_rows`, [B,1,N,N]) where every reader of its
+/// `log(size)` spreads it so for onnxruntime's `Attention` (`ort_attention`:
+/// a Reshape to [B,1,1,N], then an Expand to [1,1,N,N] read by `Attention`
+/// nodes as their `attention_bias`); `None` where anything else reads it
+/// (an attention pool's bias, say). The two nodes go (`canon::remove_dead`);
+/// onnxruntime ran them at 0.3 ms of ViT-S/16's 15 ms at batch 1.
+///
+/// ```text
+///  BipartiteMerge ─ log_size ─ Reshape ─ Expand ─ Attention   ⇒   BipartiteMerge(log_size_rows=1) ─ log_size ─ Attention
+/// ```
+pub fn merge_bias_rows(g: &Graph, id: NodeIndex) -> Option<Patch> {
+    let node = g.node(id);
+    if node.op() != FUSED_MERGE_OP || node.proto.domain != OPS_DOMAIN || node.proto.output.len() != 3 || node.attr_int("log_size_rows").unwrap_or(0) != 0 {
+        return None;
+    }
+    let log_size = node.proto.output[2].as_str();
+    let size_ty = g.ty(&node.proto.output[1])?;
+    let n = size_ty.dim(1)?;
+    let readers_of = |t: &str| (!g.is_output(t)).then(|| g.consumers(t));
+    let mut attentions = vec![];
+    for (reshape, slot) in readers_of(log_size)? {
+        let reshape = g.node(reshape);
+        let spread = reshape.input(1).and_then(|t| g.constant_i64(t));
+        if slot != 0 || reshape.op() != "Reshape" || spread.as_deref() != Some(&[0, 1, 1, -1]) {
+            return None;
+        }
+        for (expand, slot) in readers_of(reshape.output())? {
+            let expand = g.node(expand);
+            let rows = expand.input(1).and_then(|t| g.constant_i64(t));
+            if slot != 0 || expand.op() != "Expand" || rows.as_deref() != Some(&[1, 1, n, n]) {
+                return None;
+            }
+            for (attention, slot) in readers_of(expand.output())? {
+                let op = g.node(attention);
+                if slot != 5 || op.op() != ORT_ATTENTION_OP || op.proto.domain != ORT_DOMAIN {
+                    return None;
+                }
+                attentions.push(attention);
+            }
+        }
+    }
+    if attentions.is_empty() {
+        return None;
+    }
+    let mut patch = Patch::new(format!("{}: log(size) spread over rows by the merge", node.name()), id);
+    patch.removals.push(id);
+    let mut merge = node.proto.clone();
+    merge.attribute.push(int_attr("log_size_rows", 1));
+    patch.nodes.push(merge);
+    let shape = vec![size_ty.shape[0].clone(), Dim::Fixed(1), Dim::Fixed(n), Dim::Fixed(n)];
+    patch.types.insert(log_size.to_string(), TensorType { elem: FLOAT, shape });
+    patch.rewires.extend(attentions.into_iter().map(|node| Rewire { node, slot: 5, tensor: log_size.to_string() }));
+    Some(patch)
+}
+
 /// Replaces a block's Q·Kᵀ, scale, proportional bias, Softmax and P·V by
 /// one `FUSED_ATTENTION_OP` node writing the P·V output; `None` (the graph
 /// unchanged) where the block's attention has another shape.

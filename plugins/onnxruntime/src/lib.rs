@@ -180,7 +180,8 @@ struct CustomOp {
     get_end_version: unsafe extern "system" fn(*const CustomOp) -> i32,
 }
 
-/// Inputs (x, keys (or stacked keys, first of [S,B,H,N,D]) or scores[, size]), outputs (x, size[, log_size]), all float32.
+/// Inputs (x, keys (or stacked keys, first of [S,B,H,N,D]) or scores[, size]), outputs (x, size[, log_size, or
+/// [B,1,N-r,N-r] with `log_size_rows`]), all float32.
 static MERGE_OP: CustomOp = CustomOp {
     version: API_VERSION,
     create_kernel: None,
@@ -216,6 +217,8 @@ struct Kernel {
     r: usize,
     prefix: usize,
     keys_transposed: bool,
+    /// `log(size)` spread over query rows, [B,1,N-r,N-r].
+    log_size_rows: bool,
 }
 
 unsafe extern "system" fn create_kernel_v2(_: *const CustomOp, api: *const Api, info: *const c_void, kernel: *mut *mut c_void) -> Status {
@@ -227,15 +230,19 @@ unsafe extern "system" fn create_kernel_v2(_: *const CustomOp, api: *const Api, 
         api.succeeded(get(info, name.as_ptr(), &mut value)).then_some(value)
     };
     let (r, prefix, transposed) = (attribute(c"r"), attribute(c"prefix").unwrap_or(0), attribute(c"keys_transposed").unwrap_or(0));
+    let rows = attribute(c"log_size_rows").unwrap_or(0);
     match r {
-        Some(r) if r >= 1 && prefix >= 0 && (0..=1).contains(&transposed) => {
-            let kernel_data = Kernel { api, r: r as usize, prefix: prefix as usize, keys_transposed: transposed == 1 };
+        Some(r) if r >= 1 && prefix >= 0 && (0..=1).contains(&transposed) && (0..=1).contains(&rows) => {
+            let kernel_data = Kernel { api, r: r as usize, prefix: prefix as usize, keys_transposed: transposed == 1, log_size_rows: rows == 1 };
             *kernel = Box::into_raw(Box::new(kernel_data)) as *mut c_void;
             null_mut()
         }
         _ => api.status(
             ORT_INVALID_ARGUMENT,
-            &format!("{}: needs int attributes r >= 1, prefix >= 0 and keys_transposed 0 or 1, has r={r:?}, prefix={prefix}, keys_transposed={transposed}", op_name()),
+            &format!(
+                "{}: needs int attributes r >= 1, prefix >= 0, keys_transposed and log_size_rows 0 or 1, has r={r:?}, prefix={prefix}, keys_transposed={transposed}, log_size_rows={rows}",
+                op_name()
+            ),
         ),
     }
 }
@@ -289,7 +296,8 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     let mut outputs = 0usize;
     let get_output_count: unsafe extern "system" fn(*const c_void, *mut usize) -> Status = api.get(KERNEL_CONTEXT_GET_OUTPUT_COUNT);
     api.check(get_output_count(context, &mut outputs), "KernelContext_GetOutputCount")?;
-    let out_log_size = if outputs > 2 { Some(api.output(context, 2, &[batch, out_n, 1])?) } else { None };
+    let log_size_dims = if kernel.log_size_rows { vec![batch, 1, out_n, out_n] } else { vec![batch, out_n, 1] };
+    let out_log_size = if outputs > 2 { Some(api.output(context, 2, &log_size_dims)?) } else { None };
     // The work goes to onnxruntime's own pool (threads of our own would
     // contend with its spinning workers), an image per task.
     let parallel_for: unsafe extern "system" fn(*const c_void, unsafe extern "system" fn(*mut c_void, usize), usize, usize, *mut c_void) -> Status =
@@ -307,8 +315,10 @@ unsafe fn compute(kernel: &Kernel, api: &Api, context: *mut c_void) -> Result<()
     if let Some(status) = failed.take() {
         return Err(status);
     }
-    if let Some(out) = out_log_size {
-        tome_kernels::merge::log_of(out_size, out);
+    match (out_log_size, kernel.log_size_rows) {
+        (Some(out), false) => tome_kernels::merge::log_of(out_size, out),
+        (Some(out), true) => tome_kernels::merge::log_rows_of(out_size, out_n, out),
+        (None, _) => {}
     }
     match panicked.load(Ordering::Relaxed) {
         true => Err(api.status(ORT_FAIL, &format!("{}: the kernel panicked", op_name()))),

@@ -26,23 +26,27 @@ void parallel_for(size_t count, void (*task)(const void*, size_t), const void* d
 // Inputs x [B,N,C], keys [B,H,N,D] ([B,H,D,N] with keys_transposed = 1; or
 // stacked first of [S,B,H,N,D], as onnxruntime Attention's present) or
 // scores [B,ceil(N/2),floor(N/2)], optional size [B,N,1]; outputs x [B,N-r,C], size [B,N-r,1] and log(size)
-// [B,N-r,1] (a node of two outputs leaves the third unread); all float32.
+// [B,N-r,1], or [B,1,N-r,N-r] spread over query rows with log_size_rows = 1 (a node of two outputs leaves the
+// third unread); all float32.
 class BipartiteMerge : public ov::op::Op {
 public:
     OPENVINO_OP("BipartiteMerge", "ai.tome");
 
     BipartiteMerge() = default;
-    BipartiteMerge(const ov::OutputVector& args, int64_t r, int64_t prefix, int64_t keys_transposed)
-        : Op(args), m_r(r), m_prefix(prefix), m_keys_transposed(keys_transposed) {
+    BipartiteMerge(const ov::OutputVector& args, int64_t r, int64_t prefix, int64_t keys_transposed, int64_t log_size_rows)
+        : Op(args), m_r(r), m_prefix(prefix), m_keys_transposed(keys_transposed), m_log_size_rows(log_size_rows) {
         constructor_validate_and_infer_types();
     }
 
     void validate_and_infer_types() override {
         const auto inputs = get_input_size();
         NODE_VALIDATION_CHECK(this, inputs == 2 || inputs == 3, "BipartiteMerge takes inputs (x, keys[, size]), has ", inputs);
-        NODE_VALIDATION_CHECK(this, m_r >= 1 && m_prefix >= 0 && (m_keys_transposed == 0 || m_keys_transposed == 1),
-                              "BipartiteMerge needs r >= 1, prefix >= 0 and keys_transposed 0 or 1, has r=", m_r,
-                              ", prefix=", m_prefix, ", keys_transposed=", m_keys_transposed);
+        NODE_VALIDATION_CHECK(this,
+                              m_r >= 1 && m_prefix >= 0 && (m_keys_transposed == 0 || m_keys_transposed == 1) &&
+                                  (m_log_size_rows == 0 || m_log_size_rows == 1),
+                              "BipartiteMerge needs r >= 1, prefix >= 0, keys_transposed and log_size_rows 0 or 1, has r=",
+                              m_r, ", prefix=", m_prefix, ", keys_transposed=", m_keys_transposed,
+                              ", log_size_rows=", m_log_size_rows);
         for (size_t i = 0; i < inputs; ++i) {
             NODE_VALIDATION_CHECK(this, get_input_element_type(i).compatible(ov::element::f32), "BipartiteMerge input ", i,
                                   " must be float32");
@@ -68,17 +72,19 @@ public:
         out_size[2] = 1;
         set_output_type(0, ov::element::f32, out_x);
         set_output_type(1, ov::element::f32, out_size);
-        set_output_type(2, ov::element::f32, out_size);
+        set_output_type(2, ov::element::f32,
+                        m_log_size_rows ? ov::PartialShape{out_x[0], 1, out_x[1], out_x[1]} : out_size);
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
-        return std::make_shared<BipartiteMerge>(args, m_r, m_prefix, m_keys_transposed);
+        return std::make_shared<BipartiteMerge>(args, m_r, m_prefix, m_keys_transposed, m_log_size_rows);
     }
 
     bool visit_attributes(ov::AttributeVisitor& visitor) override {
         visitor.on_attribute("r", m_r);
         visitor.on_attribute("prefix", m_prefix);
         visitor.on_attribute("keys_transposed", m_keys_transposed);
+        visitor.on_attribute("log_size_rows", m_log_size_rows);
         return true;
     }
 
@@ -93,7 +99,7 @@ public:
         const size_t out_n = shape[1] - static_cast<size_t>(m_r);
         outputs[0].set_shape({shape[0], out_n, shape[2]});
         outputs[1].set_shape({shape[0], out_n, 1});
-        outputs[2].set_shape({shape[0], out_n, 1});
+        outputs[2].set_shape(m_log_size_rows ? ov::Shape{shape[0], 1, out_n, out_n} : ov::Shape{shape[0], out_n, 1});
         ov::Shape keys = inputs[1].get_shape();
         // Keys stacked [S,B,H,N,D] are the first of the stack, where the
         // input's data starts.
@@ -107,9 +113,9 @@ public:
                         ", are ", inputs[1].get_shape());
         OPENVINO_ASSERT(!scores || inputs[1].get_size() == shape[0] * ((shape[1] + 1) / 2) * (shape[1] / 2),
                         "BipartiteMerge: scores must be [B,ceil(N/2),floor(N/2)], are ", keys);
-        const size_t dims[8] = {shape[0], shape[1], shape[2], static_cast<size_t>(m_r), static_cast<size_t>(m_prefix),
+        const size_t dims[9] = {shape[0], shape[1], shape[2], static_cast<size_t>(m_r), static_cast<size_t>(m_prefix),
                                 scores ? 0 : keys[1], scores ? 0 : keys[5 - tokens_axis],
-                                static_cast<size_t>(m_keys_transposed)};
+                                static_cast<size_t>(m_keys_transposed), static_cast<size_t>(m_log_size_rows)};
         const float* size = inputs.size() > 2 ? inputs[2].data<const float>() : nullptr;
         OPENVINO_ASSERT(!size || inputs[2].get_size() == shape[0] * shape[1], "BipartiteMerge: size must be [B,N,1], is ",
                         inputs[2].get_shape());
@@ -129,13 +135,14 @@ private:
     int64_t m_r = 0;
     int64_t m_prefix = 0;
     int64_t m_keys_transposed = 0;
+    int64_t m_log_size_rows = 0;
 };
 
 }  // namespace
 
 // OpenVINO's entry point is `create_extensions`; src/lib.rs exports it and
 // calls this (a Rust library exports only its own symbols).
-// The ONNX node as the op: `prefix` and `keys_transposed` default to 0, as
+// The ONNX node as the op: `prefix`, `keys_transposed` and `log_size_rows` default to 0, as
 // in tract's and onnxruntime's readings of the node.
 ov::OutputVector from_onnx(const ov::frontend::NodeContext& node) {
     ov::OutputVector inputs;
@@ -144,7 +151,8 @@ ov::OutputVector from_onnx(const ov::frontend::NodeContext& node) {
     }
     const auto op = std::make_shared<BipartiteMerge>(inputs, node.get_attribute<int64_t>("r"),
                                                      node.get_attribute<int64_t>("prefix", 0),
-                                                     node.get_attribute<int64_t>("keys_transposed", 0));
+                                                     node.get_attribute<int64_t>("keys_transposed", 0),
+                                                     node.get_attribute<int64_t>("log_size_rows", 0));
     return op->outputs();
 }
 

@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tome_kernels::merge::{log_of, Merge, Metric, Task};
+use tome_kernels::merge::{log_of, log_rows_of, Merge, Metric, Task};
 
 #[cfg(openvino)]
 extern "C" {
@@ -40,7 +40,7 @@ pub unsafe extern "C" fn create_extensions(extensions: *mut c_void) {
 pub type ParallelFor = unsafe extern "C" fn(count: usize, task: unsafe extern "C" fn(*const c_void, usize), data: *const c_void);
 
 /// The merge of a batch for the C++ op: `dims` is [batch, n, c, r, prefix,
-/// heads, d, keys_transposed] (keys [batch, heads, n, d], or [batch, heads,
+/// heads, d, keys_transposed, log_size_rows] (keys [batch, heads, n, d], or [batch, heads,
 /// d, n] when keys_transposed is 1; heads 0 for scores [batch, ⌈n/2⌉,
 /// ⌊n/2⌋] in their place), `size` may be null (every token one patch).
 /// The images run on `parallel` (OpenVINO's TBB threads). 0 on success, else 1 with a NUL-ended message in `error` (cut to
@@ -49,7 +49,7 @@ pub type ParallelFor = unsafe extern "C" fn(count: usize, task: unsafe extern "C
 /// # Safety
 /// x, keys and size hold the values their shapes say; `out_x` [batch,
 /// n-r, c], `out_size` [batch, n-r] and `out_log_size` (the sizes' logs;
-/// may be null) [batch, n-r] are writable; `parallel` runs each
+/// may be null) [batch, n-r] ([batch, n-r, n-r] when log_size_rows is 1) are writable; `parallel` runs each
 /// task once and returns when all have run.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
@@ -65,7 +65,7 @@ pub unsafe extern "C" fn tome_bipartite_merge(
     error: *mut c_char,
     error_len: usize,
 ) -> i32 {
-    let [batch, n, c, r, prefix, heads, d, keys_transposed] = *(dims as *const [usize; 8]);
+    let [batch, n, c, r, prefix, heads, d, keys_transposed, log_size_rows] = *(dims as *const [usize; 9]);
     let slice = |p: *const f32, len: usize| if len == 0 { &[][..] } else { std::slice::from_raw_parts(p, len) };
     let merge = Merge {
         x: slice(x, batch * n * c),
@@ -94,7 +94,10 @@ pub unsafe extern "C" fn tome_bipartite_merge(
             return Err("the kernel panicked".to_string());
         }
         if !out_log_size.is_null() && out_n * batch > 0 {
-            log_of(out_size, std::slice::from_raw_parts_mut(out_log_size, batch * out_n));
+            match log_size_rows {
+                1 => log_rows_of(out_size, out_n, std::slice::from_raw_parts_mut(out_log_size, batch * out_n * out_n)),
+                _ => log_of(out_size, std::slice::from_raw_parts_mut(out_log_size, batch * out_n)),
+            }
         }
         Ok(())
     });
