@@ -373,13 +373,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         .collect();
     // After `changed`: a fused node writes a tensor whose token count changed.
     if opts.ops.fuses_merge() {
-        let merges: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).collect();
-        for id in merges {
-            if let Some(p) = lower::merge_log_size(g, id) {
-                labels.push(p.label.clone());
-                patch::apply(g, p)?;
-            }
-        }
+        lower_each(g, tome::FUSED_MERGE_OP, lower::merge_log_size, &mut labels)?;
     }
     if opts.ops == Ops::Tract {
         for block in &vit.blocks {
@@ -388,13 +382,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                 patch::apply(g, p)?;
             }
         }
-        let norms: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == "LayerNormalization").collect();
-        for id in norms {
-            if let Some(p) = lower::fuse_layer_norm(g, id) {
-                labels.push(p.label.clone());
-                patch::apply(g, p)?;
-            }
-        }
+        lower_each(g, "LayerNormalization", lower::fuse_layer_norm, &mut labels)?;
     }
     if opts.ops.onnxruntime_attention() {
         let values = values::evaluate(g);
@@ -404,13 +392,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                 patch::apply(g, p)?;
             }
         }
-        let merges: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == tome::FUSED_MERGE_OP).collect();
-        for id in merges {
-            if let Some(p) = lower::merge_bias_rows(g, id) {
-                labels.push(p.label.clone());
-                patch::apply(g, p)?;
-            }
-        }
+        lower_each(g, tome::FUSED_MERGE_OP, lower::merge_bias_rows, &mut labels)?;
         canon::remove_dead(g)?;
     }
     let blocks = vit
@@ -444,6 +426,19 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
 }
 
 /// The batch axis as the model's first input names it ("batch" if it does not).
+/// Applies `lower` to each node of `op` the graph has now, one patch at a
+/// time (each sees the graph the patches before it left), labels kept.
+fn lower_each(g: &mut Graph, op: &str, lower: fn(&Graph, petgraph::stable_graph::NodeIndex) -> Option<patch::Patch>, labels: &mut Vec<String>) -> Result<(), PassError> {
+    let ids: Vec<petgraph::stable_graph::NodeIndex> = g.nodes().filter(|id| g.node(*id).op() == op).collect();
+    for id in ids {
+        if let Some(p) = lower(g, id) {
+            labels.push(p.label.clone());
+            patch::apply(g, p)?;
+        }
+    }
+    Ok(())
+}
+
 fn batch_dim(graph: &pb::GraphProto) -> Dim {
     use pb::tensor_shape_proto::dimension::Value;
     let first = graph.input.iter().find(|i| !graph.initializer.iter().any(|t| t.name == i.name));

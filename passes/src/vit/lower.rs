@@ -189,7 +189,7 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
     }
     let mut scale = 1.0;
     let constant = |t: &str| match g.constant_f32(t).as_deref() {
-        Some(&[c]) if c.is_finite() && c != 0.0 => Some(c),
+        Some(&[c]) => Some(c),
         _ => None,
     };
     if let Some((logits, factor)) = scalar_scale(g, id, &constant) {
@@ -242,8 +242,9 @@ fn sole_producer(g: &Graph, tensor: &str) -> Option<NodeIndex> {
 }
 
 /// `(input, factor)` if `id` multiplies or divides its input by a scalar
-/// that `scalar` knows (finite, not zero).
+/// that `scalar` knows, finite and not zero.
 fn scalar_scale<'g>(g: &'g Graph, id: NodeIndex, scalar: &dyn Fn(&str) -> Option<f32>) -> Option<(&'g str, f32)> {
+    let scalar = |t: &str| scalar(t).filter(|c| c.is_finite() && *c != 0.0);
     let node = g.node(id);
     match (node.op(), node.input(0)?, node.input(1)?) {
         ("Mul", a, b) => scalar(b).map(|c| (a, c)).or_else(|| scalar(a).map(|c| (b, c))),
@@ -288,8 +289,8 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     }
     // Scales are constants or computed from shapes (SDPA's √scale).
     let known = |t: &str| match (g.constant_f32(t).as_deref(), values.get(t).and_then(Value::known).as_deref()) {
-        (Some(&[c]), _) if c.is_finite() && c != 0.0 => Some(c),
-        (_, Some(&[c])) if c.is_finite() && c != 0.0 => Some(c as f32),
+        (Some(&[c]), _) => Some(c),
+        (_, Some(&[c])) => Some(c as f32),
         _ => None,
     };
     let scaled = |id: NodeIndex| scalar_scale(g, id, &known);
