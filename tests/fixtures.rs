@@ -113,10 +113,11 @@ fn onnxruntime_twins(source: &Path, default: &Path, plugged: &Path, opts: &tome_
 }
 
 /// Exports whose every attention becomes onnxruntime's `Attention`
-/// (`lower::ort_attention`): timm's (torchscript and torch.export), and
-/// Hugging Face's eager and SDPA ones.
+/// (`lower::ort_attention`): timm's (torchscript and torch.export),
+/// torchvision's (sequence first), and Hugging Face's eager and SDPA ones.
 const ATTENTION_FORMS: &[&str] = &[
     "timm_vit/model.onnx",
+    "torchvision_vit/model.onnx",
     "timm_vit/model_dynamo.onnx",
     "timm_deit_distilled/model.onnx",
     "timm_vit_gap/model.onnx",

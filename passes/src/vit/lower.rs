@@ -226,11 +226,10 @@ pub fn fuse_attention(g: &Graph, block: &VitBlock) -> Option<Patch> {
 fn bias_row<'g>(g: &'g Graph, bias: &str) -> Option<(&'g str, [NodeIndex; 2])> {
     let unsqueeze_id = sole_producer(g, bias)?;
     let unsqueeze = g.node(unsqueeze_id);
-    let axes = unsqueeze.input(1).and_then(|a| g.constant_i64(a)).or_else(|| unsqueeze.attr_ints("axes").map(<[i64]>::to_vec));
     let row_id = sole_producer(g, unsqueeze.input(0)?)?;
     let row = g.node(row_id);
     let one = row.input(1).and_then(|t| g.constant_f32(t));
-    let fits = unsqueeze.op() == "Unsqueeze" && axes.as_deref() == Some(&[1, 2]) && row.op() == "MatMul" && one.as_deref() == Some(&[1.0]);
+    let fits = unsqueeze.op() == "Unsqueeze" && axes(g, unsqueeze).as_deref() == Some(&[1, 2]) && row.op() == "MatMul" && one.as_deref() == Some(&[1.0]);
     fits.then_some((row.input(0)?, [unsqueeze_id, row_id]))
 }
 
@@ -280,8 +279,10 @@ pub const ORT_DOMAIN: &str = "com.microsoft";
 /// through [B·H,N,D] and whose merge reads the scaled kᵀ), and in
 /// transformers' eager and SDPA ones (three projections; SDPA's split
 /// scale, and its Reshape of P·V to its own shape): ViT, DeiT, DINOv2,
-/// CLIP, SigLIP, VideoMAE, AST. torchvision's (sequence first) and
-/// float16 graphs keep their nodes.
+/// CLIP, SigLIP, VideoMAE, AST; and in torchvision's, which runs
+/// sequence first (x moved to [N,B,C] before the projection, the heads
+/// joined as [N,B,H,D]): there the op's output moved to [N,B,C] stands in
+/// for the joined heads. float16 graphs keep their nodes.
 pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMap<String, Value>) -> Option<Patch> {
     let softmax = g.node(block.attention);
     if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
@@ -343,8 +344,12 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     if let Some(id) = reshaped {
         heads_out = sole_consumer(g, g.node(id).output())?;
     }
-    transposed(g, heads_out, &[0, 2, 1, 3])?;
-    let out_id = sole_consumer(g, g.node(heads_out).output())?;
+    // The heads joined batch first ([B,N,H,D] viewed as [B,N,C]: the op's
+    // output), or sequence first (torchvision's [N,B,H,D], which the op's
+    // output moved to [N,B,C] stands in for).
+    let sequence_first = transposed(g, heads_out, &[0, 2, 1, 3]).is_none();
+    transposed(g, heads_out, if sequence_first { &[2, 0, 1, 3] } else { &[0, 2, 1, 3] })?;
+    let out_id = if sequence_first { heads_out } else { sole_consumer(g, g.node(heads_out).output())? };
     let replaced: Vec<NodeIndex> = reshaped.into_iter().chain([out_id]).collect();
     // Shapes of the replaced tensors feed only the replaced Reshapes' shapes
     // (Hugging Face's exports); `canon::remove_dead` takes them after.
@@ -354,10 +359,14 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
         return None;
     }
     let out = g.node(out_id);
-    if qk.op() != "MatMul" || av.op() != "MatMul" || out.op() != "Reshape" || g.ty(out.output())?.rank() != 3 {
+    let out_ok = sequence_first || (out.op() == "Reshape" && g.ty(out.output())?.rank() == 3);
+    if qk.op() != "MatMul" || av.op() != "MatMul" || !out_ok {
         return None;
     }
-    chain.extend(std::iter::once(av_id).chain(reshaped).chain([heads_out, out_id]));
+    chain.extend(std::iter::once(av_id).chain(reshaped).chain([heads_out]));
+    if !sequence_first {
+        chain.push(out_id);
+    }
     let (heads, dim) = (block.heads as i64, block.head_dim as i64);
     let qkv = qkv_projection(g, q, transpose_k, av.input(1)?, heads, dim)?;
     let x_ty = g.ty(qkv.x)?;
@@ -386,9 +395,17 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     }
     let attrs = vec![int_attr("num_heads", heads), crate::pb::AttributeProto { name: "scale".into(), r#type: 1, f: scale, ..Default::default() }];
     let present = e.name("present");
-    e.op_multi(ORT_ATTENTION_OP, "fused", &inputs, &[out.output(), &present], attrs);
+    let joined = if sequence_first { e.name("out") } else { out.output().to_string() };
+    e.op_multi(ORT_ATTENTION_OP, "fused", &inputs, &[&joined, &present], attrs);
     e.in_domain(ORT_DOMAIN);
-    patch.nodes.last_mut()?.output = vec![out.output().to_string(), present.clone()];
+    patch.nodes.last_mut()?.output = vec![joined.clone(), present.clone()];
+    if sequence_first {
+        let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
+        e.op("Transpose", "sequence_first", &[&joined], vec![crate::patch::ints_attr("perm", &[1, 0, 2])]);
+        patch.nodes.last_mut()?.output = vec![out.output().to_string()];
+        let x = g.ty(qkv.x)?;
+        patch.types.insert(out.output().to_string(), TensorType { elem: FLOAT, shape: vec![x.shape[1].clone(), x.shape[0].clone(), x.shape[2].clone()] });
+    }
     // The merge reads its keys in `present` (k first, [2,B,H,N,D]); other
     // readers of k or kᵀ read k picked out of it.
     let is_merge = |(reader, slot): &(NodeIndex, usize)| {
@@ -460,22 +477,8 @@ enum Weights<'g> {
 /// [B,H,N,D]; kᵀ to [B,H,D,N]), whose weights are inline.
 fn qkv_projection<'g>(g: &'g Graph, q: &'g str, transpose_k: NodeIndex, v: &'g str, heads: i64, dim: i64) -> Option<QkvProjection<'g>> {
     let width = heads * dim;
-    let float = |t: &str, dims: &[i64]| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == dims.len() && dims.iter().enumerate().all(|(a, &d)| t.dim(a) == Some(d)));
     if let Some(k) = key_source(g, transpose_k, heads, dim) {
-        let picked = [(q, 0), (k, 1), (v, 2)].map(|(t, i)| pick(g, t).filter(|p| p.1 == i).map(|p| p.0));
-        let heads_first = picked[0]?;
-        if picked.iter().any(|t| *t != Some(heads_first)) {
-            return None;
-        }
-        let split = g.producer_node(heads_first).filter(|n| n.op() == "Transpose" && n.attr_ints("perm") == Some(&[2, 0, 3, 1, 4]))?;
-        let reshape = g.producer_node(split.input(0)?).filter(|n| n.op() == "Reshape")?;
-        let five = g.ty(reshape.output())?;
-        if five.rank() != 5 || five.dim(2) != Some(3) || five.dim(3) != Some(heads) || five.dim(4) != Some(dim) {
-            return None;
-        }
-        let (x, w, b) = projection(g, reshape.input(0)?)?;
-        let ok = float(w, &[width, 3 * width]) && b.is_none_or(|b| float(b, &[3 * width]));
-        return ok.then_some(QkvProjection { x, weights: Weights::Packed(w, b), k: Some(k) });
+        return one_projection(g, [q, k, v], heads, dim);
     }
     // [B,N,C] ─ Reshape [B,N,H,D] ─ Transpose(perm), the projection before.
     let heads_of = |t: &'g str, perm: &[i64]| {
@@ -500,6 +503,58 @@ fn qkv_projection<'g>(g: &'g Graph, q: &'g str, transpose_k: NodeIndex, v: &'g s
         }
     }
     Some(QkvProjection { x, weights: Weights::Split(w, b), k: None })
+}
+
+/// q, k and v [B,H,N,D] picked (0, 1, 2) out of one projection of x
+/// [B,N,C]: timm's, [B,N,3,H,D] moved to [3,B,H,N,D], or torchvision's,
+/// which runs sequence first: x moved to [N,B,C], projected, [N,B,3,C]
+/// moved to [3,N,B,C] (an Unsqueeze, a Transpose, a Squeeze), and each
+/// pick [N,B,C] viewed as [N,B·H,D], moved to [B·H,N,D] and viewed as
+/// [B,H,N,D].
+fn one_projection<'g>(g: &'g Graph, qkv: [&'g str; 3], heads: i64, dim: i64) -> Option<QkvProjection<'g>> {
+    let width = heads * dim;
+    let float = |t: &str, dims: &[i64]| g.ty(t).is_some_and(|t| t.elem == FLOAT && t.rank() == dims.len() && dims.iter().enumerate().all(|(a, &d)| t.dim(a) == Some(d)));
+    let sequence_first = |t: &str| {
+        let view = g.producer_node(t).filter(|n| n.op() == "Reshape")?;
+        let moved = transposed(g, g.producer(view.input(0)?)?, &[1, 0, 2])?;
+        let split = g.producer_node(moved).filter(|n| n.op() == "Reshape")?;
+        pick(g, split.input(0)?)
+    };
+    let same_source = |picked: [Option<(&'g str, i64)>; 3]| {
+        let (source, _) = picked[0]?;
+        (0..3).all(|i| picked[i] == Some((source, i as i64))).then_some(source)
+    };
+    let (x, projected) = if let Some(source) = same_source(qkv.map(|t| pick(g, t))) {
+        let split = g.producer_node(source).filter(|n| n.op() == "Transpose" && n.attr_ints("perm") == Some(&[2, 0, 3, 1, 4]))?;
+        let reshape = g.producer_node(split.input(0)?).filter(|n| n.op() == "Reshape")?;
+        let five = g.ty(reshape.output())?;
+        if five.rank() != 5 || five.dim(2) != Some(3) || five.dim(3) != Some(heads) || five.dim(4) != Some(dim) {
+            return None;
+        }
+        let (x, w, b) = projection(g, reshape.input(0)?)?;
+        (x, (w, b))
+    } else {
+        let source = same_source(qkv.map(sequence_first))?;
+        let squeeze = g.producer_node(source).filter(|n| n.op() == "Squeeze" && axes(g, n).as_deref() == Some(&[3]))?;
+        let moved = g.producer_node(squeeze.input(0)?).filter(|n| n.op() == "Transpose" && n.attr_ints("perm") == Some(&[3, 1, 2, 0, 4]))?;
+        let unsqueeze = g.producer_node(moved.input(0)?).filter(|n| n.op() == "Unsqueeze" && axes(g, n).as_deref() == Some(&[0]))?;
+        let reshape = g.producer_node(unsqueeze.input(0)?).filter(|n| n.op() == "Reshape")?;
+        let four = g.ty(reshape.output())?;
+        if four.rank() != 4 || four.dim(2) != Some(3) || four.dim(3) != Some(width) {
+            return None;
+        }
+        let (x_moved, w, b) = projection(g, reshape.input(0)?)?;
+        (transposed(g, g.producer(x_moved)?, &[1, 0, 2])?, (w, b))
+    };
+    let (w, b) = projected;
+    let ok = float(w, &[width, 3 * width]) && b.is_none_or(|b| float(b, &[3 * width]));
+    ok.then_some(QkvProjection { x, weights: Weights::Packed(w, b), k: Some(qkv[1]) })
+}
+
+/// The axes of a Squeeze or Unsqueeze: its second input (opset 13 on) or
+/// its attribute.
+fn axes(g: &Graph, n: &crate::graph::Node) -> Option<Vec<i64>> {
+    n.input(1).and_then(|a| g.constant_i64(a)).or_else(|| n.attr_ints("axes").map(<[i64]>::to_vec))
 }
 
 /// k [B,H,N,D] whose kᵀ `transpose_k` writes: a Transpose of its last two
@@ -575,13 +630,12 @@ fn feeds_only(g: &Graph, from: NodeIndex, to: &[NodeIndex]) -> bool {
 /// one each along axis 0).
 fn pick<'g>(g: &'g Graph, tensor: &str) -> Option<(&'g str, i64)> {
     let node = g.producer_node(tensor)?;
-    let axes = |n: &crate::graph::Node| n.input(1).and_then(|a| g.constant_i64(a)).or_else(|| n.attr_ints("axes").map(<[i64]>::to_vec));
     match node.op() {
         "Gather" if node.attr_int("axis").unwrap_or(0) == 0 => {
             let index = g.constant(node.input(1)?).filter(|t| t.dims.is_empty()).and_then(crate::graph::tensor_i64)?;
             Some((node.input(0)?, index[0]))
         }
-        "Squeeze" if axes(node).as_deref() == Some(&[0]) => {
+        "Squeeze" if axes(g, node).as_deref() == Some(&[0]) => {
             // torch.export's exports: a Slice [i, i + 1) of axis 0.
             if let Some(slice) = g.producer_node(node.input(0)?).filter(|n| n.op() == "Slice") {
                 let ints = |k: usize| slice.input(k).filter(|t| !t.is_empty()).map(|t| g.constant_i64(t));
