@@ -388,3 +388,45 @@ fn onnxruntimes_optimizer_fuses_the_compiled_graph_and_keeps_its_numbers() {
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{text}");
 }
+
+/// The file declares each merge's merged tokens (value_info), so
+/// onnxruntime's session fuses past the merges as on the original
+/// (BiasGelu needs shapes; without them it fused no block after a merge),
+/// for every target onnxruntime runs, and the numbers hold.
+#[test]
+fn onnxruntime_fuses_past_the_merges_as_on_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("timm_vit/model.onnx");
+    let mut outs = vec![];
+    for target in ["portable", "onnxruntime", "onnxruntime-ops"] {
+        let out = dir.path().join(format!("{target}.onnx"));
+        let o = tome(&[source.to_str().unwrap(), "--r", "8", "--target", target, "-o", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let file = onnx::io::read(&out).unwrap();
+        let graph = file.proto.graph.as_ref().unwrap();
+        let declared: Vec<(String, Vec<i64>)> = graph
+            .value_info
+            .iter()
+            .filter(|v| v.name.contains(".tome.merge"))
+            .map(|v| {
+                let Some(pb::type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else { panic!("{}: no tensor type", v.name) };
+                let dims = t.shape.as_ref().unwrap().dim.iter().skip(1).map(|d| match d.value {
+                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => v,
+                    _ => -1,
+                });
+                (v.name.clone(), dims.collect())
+            })
+            .collect();
+        let xs: Vec<&Vec<i64>> = declared.iter().filter(|(n, _)| n.ends_with(".x")).map(|(_, d)| d).collect();
+        let want: Vec<Vec<i64>> = (1..=6).map(|b| vec![197 - 8 * b, 64]).collect();
+        assert_eq!(xs, want.iter().collect::<Vec<_>>(), "{target}: the merged tokens' declared shapes");
+        outs.push(out);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_session_check.py");
+    let (ort_ops, _) = plugins();
+    let npz = fixture("timm_vit/io.npz");
+    let o = Command::new("python3").arg(script).arg(ort_ops).arg(&npz).arg("logits_r8_prop1").arg(&source).args(&outs).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    println!("{text}");
+    assert!(o.status.success(), "{text}");
+}

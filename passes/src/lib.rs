@@ -234,13 +234,13 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     let mut g = Graph::take_from(model, types)?;
     let result = rewrite(&mut g, opts, expose);
     let changed = match &result {
-        Ok((_, changed)) => changed.clone(),
+        Ok((_, changed, _)) => changed.clone(),
         Err(_) => HashSet::new(),
     };
     let exposed = g.is_output(SOURCE_OUTPUT);
     let sized = g.is_output(SIZE_OUTPUT);
     g.write_into(model)?;
-    let (report, _) = result?;
+    let (report, _, declared) = result?;
     if let Some(graph) = model.graph.as_mut() {
         let batch = batch_dim(graph);
         let tokens_in = report.blocks.first().map(|b| b.step.tokens_in).unwrap_or(0) as i64;
@@ -258,6 +258,11 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     if let Some(graph) = model.graph.as_mut() {
         let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
         graph.value_info.retain(|v| !changed.contains(&v.name) && produced.contains(&v.name));
+        let batch = batch_dim(graph);
+        for (name, ty) in declared {
+            let shape = std::iter::once(batch.clone()).chain(ty.shape[1..].iter().cloned()).collect();
+            graph.value_info.push(output_info(&name, ty.elem, shape));
+        }
     }
     for domain in [tome::OPS_DOMAIN, lower::ORT_DOMAIN] {
         let used = model.graph.iter().flat_map(|g| &g.node).any(|n| n.domain == domain);
@@ -268,8 +273,9 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     Ok(report)
 }
 
-/// Runs the passes; returns the report and the tensors whose shapes changed.
-fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Report, HashSet<String>), PassError> {
+/// Runs the passes; returns the report, the tensors whose shapes changed
+/// and the merged tokens' types to declare.
+fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Report, HashSet<String>, Vec<(String, TensorType)>), PassError> {
     if g.opset < 13 {
         return Err(PassError::OldOpset(g.opset));
     }
@@ -299,6 +305,10 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
     let original: HashSet<_> = g.nodes().collect();
     let mut labels = vec![];
     let mut merged: Vec<tome::Merged> = vec![];
+    // The merged tokens' types, for the file's value_info: onnxruntime
+    // infers no shape past a merge, and fuses by shapes (BiasGelu) only
+    // where it knows them. The stream's own type with N - r tokens.
+    let mut declared = vec![];
     for (block, step) in vit.blocks.iter().zip(&steps) {
         let size = merged.last().map(|m| m.size.clone());
         if let (true, false, Some(size)) = (opts.prop_attn, opts.bound, &size) {
@@ -315,6 +325,10 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
                     tome::merge(g, block, at, merged.last(), track, opts.ops)?
                 }
             };
+            if let Some(ty) = g.ty(&block.residual).filter(|t| t.rank() == 3) {
+                let shape = vec![ty.shape[0].clone(), Dim::Fixed(m.tokens as i64), ty.shape[2].clone()];
+                declared.push((m.x.clone(), TensorType { elem: ty.elem, shape }));
+            }
             labels.push(p.label.clone());
             patch::apply(g, p)?;
             merged.push(m);
@@ -422,10 +436,10 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         first_block_input: vit.blocks.first().map(|b| b.block_input.clone()).unwrap_or_default(),
         family: vit.family.clone(),
     };
-    Ok((report, changed))
+    let declared = declared.into_iter().filter(|(t, _)| g.producer(t).is_some() && !g.is_output(t)).collect();
+    Ok((report, changed, declared))
 }
 
-/// The batch axis as the model's first input names it ("batch" if it does not).
 /// Applies `lower` to each node of `op` the graph has now, one patch at a
 /// time (each sees the graph the patches before it left), labels kept.
 fn lower_each(g: &mut Graph, op: &str, lower: fn(&Graph, petgraph::stable_graph::NodeIndex) -> Option<patch::Patch>, labels: &mut Vec<String>) -> Result<(), PassError> {
@@ -439,6 +453,7 @@ fn lower_each(g: &mut Graph, op: &str, lower: fn(&Graph, petgraph::stable_graph:
     Ok(())
 }
 
+/// The batch axis as the model's first input names it ("batch" if it does not).
 fn batch_dim(graph: &pb::GraphProto) -> Dim {
     use pb::tensor_shape_proto::dimension::Value;
     let first = graph.input.iter().find(|i| !graph.initializer.iter().any(|t| t.name == i.name));
