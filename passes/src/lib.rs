@@ -234,13 +234,13 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     let mut g = Graph::take_from(model, types)?;
     let result = rewrite(&mut g, opts, expose);
     let changed = match &result {
-        Ok((_, changed, _)) => changed.clone(),
+        Ok(done) => done.changed.clone(),
         Err(_) => HashSet::new(),
     };
     let exposed = g.is_output(SOURCE_OUTPUT);
     let sized = g.is_output(SIZE_OUTPUT);
     g.write_into(model)?;
-    let (report, _, declared) = result?;
+    let Rewritten { report, declared, .. } = result?;
     if let Some(graph) = model.graph.as_mut() {
         let batch = batch_dim(graph);
         let tokens_in = report.blocks.first().map(|b| b.step.tokens_in).unwrap_or(0) as i64;
@@ -273,9 +273,16 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     Ok(report)
 }
 
-/// Runs the passes; returns the report, the tensors whose shapes changed
-/// and the merged tokens' types to declare.
-fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Report, HashSet<String>, Vec<(String, TensorType)>), PassError> {
+/// What `rewrite` did: the report, the tensors whose shapes changed and
+/// the merged tokens' types to declare.
+struct Rewritten {
+    report: Report,
+    changed: HashSet<String>,
+    declared: Vec<(String, TensorType)>,
+}
+
+/// Runs the passes.
+fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<Rewritten, PassError> {
     if g.opset < 13 {
         return Err(PassError::OldOpset(g.opset));
     }
@@ -437,7 +444,7 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<(Repor
         family: vit.family.clone(),
     };
     let declared = declared.into_iter().filter(|(t, _)| g.producer(t).is_some() && !g.is_output(t)).collect();
-    Ok((report, changed, declared))
+    Ok(Rewritten { report, changed, declared })
 }
 
 /// Applies `lower` to each node of `op` the graph has now, one patch at a
