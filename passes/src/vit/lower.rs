@@ -518,6 +518,9 @@ fn one_projection<'g>(g: &'g Graph, qkv: [&'g str; 3], heads: i64, dim: i64) -> 
         let view = g.producer_node(t).filter(|n| n.op() == "Reshape")?;
         let moved = transposed(g, g.producer(view.input(0)?)?, &[1, 0, 2])?;
         let split = g.producer_node(moved).filter(|n| n.op() == "Reshape")?;
+        let (heads_ty, split_ty) = (g.ty(view.output())?, g.ty(moved)?);
+        let fits = heads_ty.rank() == 4 && heads_ty.dim(1) == Some(heads) && heads_ty.dim(3) == Some(dim);
+        (fits && split_ty.rank() == 3 && split_ty.dim(2) == Some(dim)).then_some(())?;
         pick(g, split.input(0)?)
     };
     let same_source = |picked: [Option<(&'g str, i64)>; 3]| {
