@@ -13,7 +13,9 @@ onnxruntime's "r16" is the `--target onnxruntime` graph (its own
 `Attention` op), OpenVINO's the standard-op graph. The "ops" columns time
 `--target onnxruntime-ops` and `openvino-ops` with tome-compile's plugins
 loaded (`cargo build --release -p tome-onnxruntime-ops -p
-tome-openvino-ops`; skipped, and said, without them).
+tome-openvino-ops`; skipped, and said, without them). onnxruntime runs
+every graph without its BiasGelu fusion (NO_BIAS_GELU, below), and the
+original with it too.
 
 Weights of the full-size graphs in ../shared/fixtures/bench are filled into
 --bench-dir with ../shared/tools/fill_weights.py when missing. Needs numpy,
