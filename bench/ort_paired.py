@@ -7,8 +7,9 @@ Models take turns as in perf_table.py (an untimed run, then up to four
 timed runs each); prints each model's median and the median of first /
 this over the paired runs with its 95% bootstrap interval (> 1: this one
 is faster), and each output's largest difference from the first's.
-onnxruntime's BiasGelu fusion is off (as in perf_table.py: its kernel is
-slower than the Add and Gelu it fuses) unless --bias-gelu.
+onnxruntime's BiasGelu fusion is off (as in perf_table.py: whether its
+kernel beats the Add and Gelu it fuses depends on the model and machine,
+and it is made only where shapes are known) unless --bias-gelu.
 """
 import argparse
 import time
