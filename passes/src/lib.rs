@@ -243,6 +243,13 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
     let Rewritten { report, declared, .. } = result?;
     if let Some(graph) = model.graph.as_mut() {
         let batch = batch_dim(graph);
+        let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
+        graph.value_info.retain(|v| !changed.contains(&v.name) && produced.contains(&v.name));
+        // The merged tokens in the residual stream's type, batch named as the input names it.
+        for (name, ty) in declared {
+            let shape = std::iter::once(batch.clone()).chain(ty.shape[1..].iter().cloned()).collect();
+            graph.value_info.push(output_info(&name, ty.elem, shape));
+        }
         let tokens_in = report.blocks.first().map(|b| b.step.tokens_in).unwrap_or(0) as i64;
         if exposed {
             graph.output.push(output_info(SOURCE_OUTPUT, graph::INT64, vec![batch.clone(), Dim::Fixed(tokens_in)]));
@@ -253,15 +260,6 @@ fn compile_with(model: &mut pb::ModelProto, types: HashMap<String, TensorType>, 
                 set_token_dim(out, report.tokens_out as i64);
             }
             graph.output.push(output_info(SIZE_OUTPUT, graph::FLOAT, vec![batch, tokens, Dim::Fixed(1)]));
-        }
-    }
-    if let Some(graph) = model.graph.as_mut() {
-        let produced: HashSet<&String> = graph.node.iter().flat_map(|n| &n.output).collect();
-        graph.value_info.retain(|v| !changed.contains(&v.name) && produced.contains(&v.name));
-        let batch = batch_dim(graph);
-        for (name, ty) in declared {
-            let shape = std::iter::once(batch.clone()).chain(ty.shape[1..].iter().cloned()).collect();
-            graph.value_info.push(output_info(&name, ty.elem, shape));
         }
     }
     for domain in [tome::OPS_DOMAIN, lower::ORT_DOMAIN] {
