@@ -281,8 +281,10 @@ pub const ORT_DOMAIN: &str = "com.microsoft";
 /// scale, and its Reshape of P·V to its own shape): ViT, DeiT, DINOv2,
 /// CLIP, SigLIP, VideoMAE, AST; and in torchvision's, which runs
 /// sequence first (x moved to [N,B,C] before the projection, the heads
-/// joined as [N,B,H,D]): there the op's output moved to [N,B,C] stands in
-/// for the joined heads. float16 graphs keep their nodes.
+/// joined as [N,B,H,D]): there the output projection runs on the op's
+/// output viewed as rows (`sequence_first_projection`), or, where it is
+/// not torchvision's, the op's output moved to [N,B,C] stands in for the
+/// joined heads. float16 graphs keep their nodes.
 pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMap<String, Value>) -> Option<Patch> {
     let softmax = g.node(block.attention);
     if softmax.op() != "Softmax" || !matches!(softmax.attr_int("axis").unwrap_or(-1), -1 | 3) {
@@ -401,10 +403,23 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     patch.nodes.last_mut()?.output = vec![joined.clone(), present.clone()];
     if sequence_first {
         let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
-        e.op("Transpose", "sequence_first", &[&joined], vec![crate::patch::ints_attr("perm", &[1, 0, 2])]);
-        patch.nodes.last_mut()?.output = vec![out.output().to_string()];
-        let x = g.ty(qkv.x)?;
-        patch.types.insert(out.output().to_string(), TensorType { elem: FLOAT, shape: vec![x.shape[1].clone(), x.shape[0].clone(), x.shape[2].clone()] });
+        if let Some(tail) = sequence_first_projection(g, out.output(), heads * dim) {
+            // The output projection on the op's [B,N,C] rows: no Transposes.
+            let gemm = g.node(tail[1]);
+            let rows_shape = e.const_i64("rows_shape", &[2], &[-1, heads * dim]);
+            let rows = e.op("Reshape", "rows", &[&joined, &rows_shape], vec![]);
+            let inputs: Vec<&str> = std::iter::once(rows.as_str()).chain(gemm.proto.input[1..].iter().map(String::as_str)).collect();
+            let projected = e.op("Gemm", "out_proj", &inputs, gemm.proto.attribute.clone());
+            let shape = e.op("Shape", "joined_shape", &[&joined], vec![]);
+            e.op("Reshape", "batch_first", &[&projected, &shape], vec![]);
+            patch.nodes.last_mut()?.output = vec![g.node(tail[3]).output().to_string()];
+            patch.removals.extend(tail);
+        } else {
+            e.op("Transpose", "sequence_first", &[&joined], vec![crate::patch::ints_attr("perm", &[1, 0, 2])]);
+            patch.nodes.last_mut()?.output = vec![out.output().to_string()];
+            let x = g.ty(qkv.x)?;
+            patch.types.insert(out.output().to_string(), TensorType { elem: FLOAT, shape: vec![x.shape[1].clone(), x.shape[0].clone(), x.shape[2].clone()] });
+        }
     }
     // The merge reads its keys in `present` (k first, [2,B,H,N,D]); other
     // readers of k or kᵀ read k picked out of it.
@@ -552,6 +567,27 @@ fn one_projection<'g>(g: &'g Graph, qkv: [&'g str; 3], heads: i64, dim: i64) -> 
     let (w, b) = projected;
     let ok = float(w, &[width, 3 * width]) && b.is_none_or(|b| float(b, &[3 * width]));
     ok.then_some(QkvProjection { x, weights: Weights::Packed(w, b), k: Some(qkv[1]) })
+}
+
+/// torchvision's output projection of the heads joined sequence first
+/// (`joined` [N,B,H,D]): Reshape [N·B,C] ─ Gemm ─ Reshape [N,B,C] ─
+/// Transpose [1,0,2] back to batch first, as those four nodes, where
+/// nothing else reads what they compute (the Shapes building their
+/// Reshapes' shapes aside). Gemm works row by row, so on the op's [B,N,C]
+/// output viewed as rows it gives the same [B,N,C] with no Transposes.
+fn sequence_first_projection(g: &Graph, joined: &str, width: i64) -> Option<[NodeIndex; 4]> {
+    let flat = sole_consumer(g, joined)?;
+    let gemm = sole_consumer(g, g.node(flat).output())?;
+    let unflat = sole_consumer(g, g.node(gemm).output())?;
+    let back = sole_consumer(g, g.node(unflat).output())?;
+    let tail = [flat, gemm, unflat, back];
+    let rows = g.ty(g.node(flat).output())?;
+    let fits = g.node(flat).op() == "Reshape" && rows.rank() == 2 && rows.dim(1) == Some(width);
+    let fits = fits && g.node(gemm).op() == "Gemm" && g.node(gemm).attr_int("transA").unwrap_or(0) == 0;
+    let fits = fits && g.node(unflat).op() == "Reshape" && g.ty(g.node(unflat).output())?.rank() == 3;
+    let fits = fits && transposed(g, back, &[1, 0, 2]).is_some();
+    let shapes = tail[..3].iter().flat_map(|&id| g.consumers(g.node(id).output())).filter(|&(c, _)| g.node(c).op() == "Shape");
+    (fits && shapes.into_iter().all(|(s, _)| feeds_only(g, s, &tail))).then_some(tail)
 }
 
 /// The axes of a Squeeze or Unsqueeze: its second input (opset 13 on) or
