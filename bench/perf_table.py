@@ -7,6 +7,7 @@ Usage:
     python3 bench/perf_table.py [--tome target/release/tome-compile]
         [--bench-dir /work/bench] [--threads 2] [--iters 10] [--quick]
         [--runtimes tract,ort,ortopt,openvino] [--cases vit_large_patch16_384:8,...]
+    python3 bench/perf_table.py --from-json ROWS.jsonl   (the table of a run's stderr)
 
 OpenVINO rows need the `openvino` package (skipped, and said, without it).
 onnxruntime's "r16" is the `--target onnxruntime` graph (its own
@@ -46,6 +47,9 @@ p.add_argument("--iters", type=int, default=10)
 p.add_argument("--quick", action="store_true", help="ViT-B/16 batch 1 only")
 p.add_argument("--cases", help="model:batch pairs to measure, comma-separated (default: every model at batch 1 and 8)")
 p.add_argument("--runtimes", default="tract,ort,ortopt,openvino", help="which runtimes' columns to measure")
+p.add_argument("--from-json", metavar="FILE",
+               help="measure nothing: print the table of the rows a run wrote to stderr (one JSON object a line; "
+                    "a run stopped part way keeps the rows it finished)")
 p.add_argument("--plugins", default=os.path.join(HERE, "..", "target", "release"),
                help="directory with libtome_ort_ops.so and libtome_ov_ops.so")
 args = p.parse_args()
@@ -195,6 +199,10 @@ if not args.quick:
               ("vit_large_patch16_384", 1), ("vit_large_patch16_384", 8)]
 if args.cases:
     cases = [(name, int(batch)) for name, batch in (case.split(":") for case in args.cases.split(","))]
+if args.from_json:
+    with open(args.from_json) as f:
+        rows = [json.loads(line) for line in f if line.startswith("{")]
+    cases = []
 unknown = [name for name, _ in cases if name not in ARCH]
 if unknown:
     sys.exit(f"--cases: no bench model {unknown[0]} (have {', '.join(ARCH)})")
