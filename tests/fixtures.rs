@@ -99,7 +99,6 @@ fn onnxruntime_twins(source: &Path, default: &Path, plugged: &Path, opts: &tome_
         let (file, base) = (tome_compile::onnx::io::read(&out).unwrap(), tome_compile::onnx::io::read(base_path).unwrap());
         let attentions = nodes(&file).iter().filter(|n| is_attention(n)).count();
         assert_eq!(attentions, report.fused_attentions, "{}: the report's attentions", out.display());
-        let count = |m: &tome_compile::onnx::io::OnnxFile, op: &str| nodes(m).iter().filter(|n| n.op_type == op).count();
         if every_block {
             assert_eq!(attentions, report.blocks.len(), "{}: every block's attention", out.display());
             // No block keeps an exported Transpose (torchvision's
@@ -108,6 +107,7 @@ fn onnxruntime_twins(source: &Path, default: &Path, plugged: &Path, opts: &tome_
             let exported = nodes(&file).iter().filter(|n| n.op_type == "Transpose" && !n.name.contains(".tome.")).count();
             assert!(exported <= 1, "{}: {exported} Transposes of the exporter's", out.display());
         }
+        let count = |m: &tome_compile::onnx::io::OnnxFile, op: &str| nodes(m).iter().filter(|n| n.op_type == op).count();
         for op in ["BipartiteMerge", "TopK", "LayerNormalization"] {
             assert_eq!(count(&file, op), count(&base, op), "{}: {op} as in {}", out.display(), base_path.display());
         }

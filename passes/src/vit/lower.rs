@@ -403,7 +403,7 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     patch.nodes.last_mut()?.output = vec![joined.clone(), present.clone()];
     if sequence_first {
         let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
-        if let Some(tail) = sequence_first_projection(g, out.output(), heads * dim) {
+        if let Some(tail) = sequence_first_projection(g, out.output(), g.ty(qkv.x)?) {
             // The output projection on the op's [B,N,C] rows: no Transposes.
             let gemm = g.node(tail[1]);
             let rows_shape = e.const_i64("rows_shape", &[2], &[-1, heads * dim]);
@@ -570,21 +570,27 @@ fn one_projection<'g>(g: &'g Graph, qkv: [&'g str; 3], heads: i64, dim: i64) -> 
 }
 
 /// torchvision's output projection of the heads joined sequence first
-/// (`joined` [N,B,H,D]): Reshape [N·B,C] ─ Gemm ─ Reshape [N,B,C] ─
-/// Transpose [1,0,2] back to batch first, as those four nodes, where
-/// nothing else reads what they compute (the Shapes building their
-/// Reshapes' shapes aside). Gemm works row by row, so on the op's [B,N,C]
-/// output viewed as rows it gives the same [B,N,C] with no Transposes.
-fn sequence_first_projection(g: &Graph, joined: &str, width: i64) -> Option<[NodeIndex; 4]> {
+/// (`joined` [N,B,H,D]; `x` the attention's input [B,N,C]): Reshape
+/// [N·B,C] ─ Gemm ─ Reshape [N,B,C] ─ Transpose [1,0,2] back to batch
+/// first, as those four nodes, where nothing else reads what they compute
+/// (the Shapes building their Reshapes' shapes aside). Gemm works row by
+/// row, so on the op's [B,N,C] output viewed as rows it gives the same
+/// [B,N,C] with no Transposes.
+fn sequence_first_projection(g: &Graph, joined: &str, x: &TensorType) -> Option<[NodeIndex; 4]> {
     let flat = sole_consumer(g, joined)?;
     let gemm = sole_consumer(g, g.node(flat).output())?;
     let unflat = sole_consumer(g, g.node(gemm).output())?;
     let back = sole_consumer(g, g.node(unflat).output())?;
     let tail = [flat, gemm, unflat, back];
     let rows = g.ty(g.node(flat).output())?;
-    let fits = g.node(flat).op() == "Reshape" && rows.rank() == 2 && rows.dim(1) == Some(width);
+    if x.rank() != 3 {
+        return None;
+    }
+    let sequence_first = [x.shape[1].clone(), x.shape[0].clone(), x.shape[2].clone()];
+    let fits = g.node(flat).op() == "Reshape" && rows.rank() == 2 && rows.shape[1] == x.shape[2];
     let fits = fits && g.node(gemm).op() == "Gemm" && g.node(gemm).attr_int("transA").unwrap_or(0) == 0;
-    let fits = fits && g.node(unflat).op() == "Reshape" && g.ty(g.node(unflat).output())?.rank() == 3;
+    // Back to the op's own shape: the Reshape after the Gemm reshapes to [N,B,C].
+    let fits = fits && g.node(unflat).op() == "Reshape" && g.ty(g.node(unflat).output())?.shape[..] == sequence_first[..];
     let fits = fits && transposed(g, back, &[1, 0, 2]).is_some();
     let shapes = tail[..3].iter().flat_map(|&id| g.consumers(g.node(id).output())).filter(|&(c, _)| g.node(c).op() == "Shape");
     (fits && shapes.into_iter().all(|(s, _)| feeds_only(g, s, &tail))).then_some(tail)
