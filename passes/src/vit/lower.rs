@@ -403,7 +403,7 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     patch.nodes.last_mut()?.output = vec![joined.clone(), present.clone()];
     if sequence_first {
         let mut e = Emitter::new(&mut patch, format!("{}.tome.attention", block.name), g.opset);
-        if let Some(tail) = sequence_first_projection(g, out.output(), g.ty(qkv.x)?) {
+        if let Some(tail) = sequence_first_projection(g, out.output(), x_ty) {
             // The output projection on the op's [B,N,C] rows: no Transposes.
             let gemm = g.node(tail[1]);
             let rows_shape = e.const_i64("rows_shape", &[2], &[-1, heads * dim]);
