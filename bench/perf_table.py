@@ -245,12 +245,14 @@ for name, batch in cases:
     paper = os.path.join(args.bench_dir, "paper_tome_r16_" + name + ".onnx")
     weights("paper_tome_r16_" + name)
     # onnxruntime: original, --target onnxruntime, the standard-op graph, bound, paper (, onnxruntime-ops);
-    # OpenVINO: original, the standard-op graph, bound, paper (, openvino-ops).
+    # OpenVINO: original, the standard-op graph, bound, paper (, openvino-ops, its bound).
     models = [src, ort_r16, default, ort_bound, paper, src]
     ov_models = [src, default, bound, paper]
     if HAS_OPS:
         models.append(compile_model(src, "ops", ["--target", "onnxruntime-ops"]))
-        ov_models.append(compile_model(src, "ovops", ["--target", "openvino-ops"]))
+        # Its bound in the same form (--target openvino-ops scales Q·Kᵀ after its MatMul).
+        ov_models += [compile_model(src, "ovops", ["--target", "openvino-ops"]),
+                      compile_model(src, "ovbound", ["--bound", "--target", "openvino-ops", "--verify", "off"])]
     if "ort" in RUNTIMES:
         times = in_child(ort_times, models, batch, runs, (5,))
         o = [float(m) for m in np.median(times, axis=0)]
@@ -288,7 +290,7 @@ for name, batch in cases:
                         f"{key}_paper_vs_r16_paired": paired(times[:, 3], times[:, 1]),
                         f"{key}_r16_vs_bound_paired": paired(times[:, 1], times[:, 2])})
             if HAS_OPS:
-                row.update({f"{key}_ops_speedup": o[0] / o[4], f"{key}_ops_vs_bound_paired": paired(times[:, 4], times[:, 2]),
+                row.update({f"{key}_ops_speedup": o[0] / o[4], f"{key}_ops_vs_bound_paired": paired(times[:, 4], times[:, 5]),
                             f"{key}_paper_vs_ops_paired": paired(times[:, 3], times[:, 4])})
             if precision is None:
                 # The default precision's own error: each model's output against its f32 output.

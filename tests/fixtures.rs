@@ -73,9 +73,23 @@ fn fused_twin(source: &Path, default: &Path, opts: &tome_compile::Options, targe
 fn plugin_twin(source: &Path, default: &Path, opts: &tome_compile::Options) -> PathBuf {
     let (report, out, [fused, portable]) = fused_twin(source, default, opts, Target::OpenVinoOps, "ops");
     let log_size = |n: &tome_passes::pb::NodeProto| n.op_type == "Log" && n.name.ends_with(".log_size");
-    let ops = |m: &tome_compile::onnx::io::OnnxFile| nodes(m).into_iter().filter(|n| !n.name.contains(".tome.merge") && !log_size(n)).map(|n| n.op_type).collect::<Vec<_>>();
-    assert_eq!(ops(&fused), ops(&portable), "{}: only the merges change", out.display());
+    // Only the merges change, and where Q·Kᵀ is scaled: after its MatMul
+    // (the scalar arithmetic that scaled q and kᵀ goes).
+    let scale_math = ["Mul", "Div", "Sqrt", "Cast", "Shape", "Slice", "Gather", "Constant"];
+    let ops = |m: &tome_compile::onnx::io::OnnxFile| {
+        let kept = nodes(m).into_iter().filter(|n| !n.name.contains(".tome.merge") && !log_size(n) && !scale_math.contains(&n.op_type.as_str()));
+        kept.map(|n| n.op_type).collect::<Vec<_>>()
+    };
+    assert_eq!(ops(&fused), ops(&portable), "{}: only the merges and the scales change", out.display());
     let merges = nodes(&fused).into_iter().filter(|n| n.op_type == "BipartiteMerge").collect::<Vec<_>>();
+    // Each merge reads k, not the kᵀ that Q·Kᵀ reads, where a Transpose of
+    // k's last two axes makes it (so OpenVINO folds that Transpose into
+    // Q·Kᵀ); Hugging Face's exports make kᵀ from [B,N,H,D] in one Transpose.
+    let swaps_last = |n: &tome_passes::pb::NodeProto| n.attribute.iter().any(|a| a.name == "perm" && a.ints == [0, 1, 3, 2]);
+    let transposes: Vec<_> = nodes(&fused).into_iter().filter(|n| n.op_type == "Transpose" && swaps_last(n)).flat_map(|n| n.output).collect();
+    for m in &merges {
+        assert!(!transposes.contains(&m.input[1]), "{}: {} reads kᵀ", out.display(), m.name);
+    }
     let logs_left = nodes(&fused).iter().filter(|n| log_size(n)).count();
     let logs_taken = merges.iter().filter(|n| n.output.len() == 3).count();
     assert_eq!(logs_left + logs_taken, nodes(&portable).iter().filter(|n| log_size(n)).count(), "{}: every log(size) once", out.display());

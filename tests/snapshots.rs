@@ -95,9 +95,9 @@ fn tract_target_block_rewrite() {
     insta::assert_snapshot!(tome_passes::dump_nodes(&file.proto, "blocks.1.tome"));
 }
 
-/// `--target openvino-ops`: one `BipartiteMerge` node
-/// reading the block's keys as the attention reads them, the attention and
-/// its proportional bias in standard ops.
+/// `--target openvino-ops`: one `BipartiteMerge` node reading the block's
+/// keys before their Transpose, the attention and its proportional bias in
+/// standard ops, with Q·Kᵀ scaled after its MatMul (`lower::scale_after_scores`).
 #[test]
 fn plugin_target_block_rewrite() {
     let mut file = onnx::io::read(&fixture("timm_deit_distilled/model.onnx")).unwrap();

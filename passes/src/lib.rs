@@ -22,7 +22,10 @@
 //!    last: it swallows the proportional bias the passes above add; then
 //!    `lower::fuse_layer_norm` on every float32 LayerNormalization. For
 //!    onnxruntime (`Ops::OnnxRuntime*`), `lower::ort_attention` per block,
-//!    likewise last, then `canon::remove_dead`.
+//!    likewise last, then `canon::remove_dead`. For OpenVINO (`Ops::Merge`),
+//!    `lower::scale_after_scores` per block and
+//!    `lower::merge_untransposed_keys` on every `BipartiteMerge`, then
+//!    `canon::remove_dead`.
 //! 9. `Graph::write_into`: topologically sorted nodes back into the model.
 
 pub mod canon;
@@ -113,10 +116,10 @@ pub enum Ops {
     #[default]
     Standard,
     /// Each block's similarity, matching and merge as one `BipartiteMerge`
-    /// node (`tome::FUSED_MERGE_OP`) reading the block's keys, except where
-    /// a block must track token sources; the rest standard. For onnxruntime
-    /// and OpenVINO with tome-compile's plugins (`--target onnxruntime-ops`,
-    /// `openvino-ops`).
+    /// node (`tome::FUSED_MERGE_OP`) reading the block's keys (k before
+    /// the Transpose that makes kᵀ), except where a block must track token
+    /// sources; the rest standard, with Q·Kᵀ scaled after its MatMul. For
+    /// OpenVINO with tome-compile's plugin (`--target openvino-ops`).
     Merge,
     /// For tract with tome-compile's ops registered (`--target tract`): the
     /// matching and merge as one `BipartiteMerge` node after the similarity
@@ -402,6 +405,17 @@ fn rewrite(g: &mut Graph, opts: &Options, expose_sources: bool) -> Result<Rewrit
             }
         }
         lower_each(g, "LayerNormalization", lower::fuse_layer_norm, &mut labels)?;
+    }
+    if opts.ops == Ops::Merge {
+        let values = values::evaluate(g);
+        for block in &vit.blocks {
+            if let Some(p) = lower::scale_after_scores(g, block, &values) {
+                labels.push(p.label.clone());
+                patch::apply(g, p)?;
+            }
+        }
+        lower_each(g, tome::FUSED_MERGE_OP, lower::merge_untransposed_keys, &mut labels)?;
+        canon::remove_dead(g)?;
     }
     if opts.ops.onnxruntime_attention() {
         let values = values::evaluate(g);

@@ -252,6 +252,103 @@ fn scalar_scale<'g>(g: &'g Graph, id: NodeIndex, scalar: &dyn Fn(&str) -> Option
     }
 }
 
+/// Q·Kᵀ scaled after its MatMul instead of q and kᵀ before it, for
+/// OpenVINO (`--target openvino-ops`): its CPU plugin takes a scale after
+/// the MatMul, and the Transpose making kᵀ, into its fused attention, but
+/// leaves a Multiply and that Transpose per block outside it where they
+/// come before (SDPA's split scale √s·√s in timm's exports, or q·s in
+/// timm's classic ones). A scale already after the MatMul takes the
+/// factors. `values` knows the scales computed from shapes (SDPA's).
+/// Changes rounding only: (q·√s)·(kᵀ·√s) and (q·kᵀ)·s differ in the last
+/// bits.
+///
+/// ```text
+///  q ─ [Mul s₁] ─┐
+///  kᵀ ─ [Mul s₂] ─ MatMul ─ [Mul|Div s₃] ─ logits   ⇒   q, kᵀ ─ MatMul ─ Mul(s₁·s₂·s₃) ─ logits
+/// ```
+/// `None` (unchanged) where nothing scales q or kᵀ, or the scores are not
+/// float32.
+pub fn scale_after_scores(g: &Graph, block: &VitBlock, values: &HashMap<String, Value>) -> Option<Patch> {
+    let softmax = g.node(block.attention);
+    if softmax.op() != "Softmax" {
+        return None;
+    }
+    let scaled = |id: NodeIndex| scalar_scale(g, id, &|t: &str| known_scalar(g, values, t));
+    // Softmax ← [Add bias] ← [scale] ← Q·Kᵀ.
+    let mut id = sole_producer(g, softmax.input(0)?)?;
+    if g.node(id).op() == "Add" {
+        id = sole_producer(g, g.node(id).input(0)?)?;
+    }
+    let (mut removals, mut factor, logits) = (vec![], 1.0f64, g.node(id).output().to_string());
+    if let Some((scores, c)) = scaled(id) {
+        removals.push(id);
+        factor *= c as f64;
+        id = sole_producer(g, scores)?;
+    }
+    let qk = g.node(id);
+    if qk.op() != "MatMul" || g.ty(qk.output()).is_none_or(|t| t.elem != FLOAT) {
+        return None;
+    }
+    removals.push(id);
+    let mut inputs = [qk.input(0)?, qk.input(1)?];
+    let mut moved = false;
+    for side in &mut inputs {
+        if let Some((p, (unscaled, c))) = sole_producer(g, side).and_then(|p| Some((p, scaled(p)?))) {
+            if g.ty(unscaled).is_some_and(|t| Some(t) == g.ty(side)) {
+                removals.push(p);
+                factor *= c as f64;
+                *side = unscaled;
+                moved = true;
+            }
+        }
+    }
+    if !moved {
+        return None;
+    }
+    let mut patch = Patch::new(format!("{}: Q·Kᵀ scaled after its MatMul", block.name), id);
+    patch.removals = removals;
+    let mut e = Emitter::new(&mut patch, format!("{}.tome.scores", block.name), g.opset);
+    let scores = e.op("MatMul", "qk", &inputs, vec![]);
+    let scale = e.const_f32("scale", &[], &[factor as f32]);
+    e.op("Mul", "scaled", &[&scores, &scale], vec![]);
+    patch.nodes.last_mut()?.output = vec![logits];
+    Some(patch)
+}
+
+/// A `FUSED_MERGE_OP` node reading k [B,H,N,D] (`keys_transposed` 0)
+/// where it read kᵀ from the Transpose (or torch.export's Reshapes) that
+/// makes it from k, so that Q·Kᵀ alone reads kᵀ and OpenVINO folds that
+/// Transpose into the MatMul (`scale_after_scores`); `None` (unchanged)
+/// otherwise.
+pub fn merge_untransposed_keys(g: &Graph, id: NodeIndex) -> Option<Patch> {
+    let node = g.node(id);
+    if node.op() != FUSED_MERGE_OP || node.proto.domain != OPS_DOMAIN || node.attr_int("keys_transposed") != Some(1) {
+        return None;
+    }
+    let kt = node.input(1)?;
+    let kt_ty = g.ty(kt).filter(|t| t.rank() == 4)?;
+    let k = key_source(g, g.producer(kt)?, kt_ty.dim(1)?, kt_ty.dim(2)?)?;
+    let mut patch = Patch::new(format!("{}: keys read before their Transpose", node.name()), id);
+    patch.removals.push(id);
+    let mut merge = node.proto.clone();
+    merge.input[1] = k.to_string();
+    for a in merge.attribute.iter_mut().filter(|a| a.name == "keys_transposed") {
+        a.i = 0;
+    }
+    patch.nodes.push(merge);
+    Some(patch)
+}
+
+/// The value of a scalar `tensor`: a constant, or computed from shapes
+/// (`values`).
+fn known_scalar(g: &Graph, values: &HashMap<String, Value>, tensor: &str) -> Option<f32> {
+    match (g.constant_f32(tensor).as_deref(), values.get(tensor).and_then(Value::known).as_deref()) {
+        (Some(&[c]), _) => Some(c),
+        (_, Some(&[c])) => Some(c as f32),
+        _ => None,
+    }
+}
+
 /// onnxruntime's fused attention (`com.microsoft` `Attention`), for
 /// `--target onnxruntime` and `onnxruntime-ops`: x [B,N,C], the qkv
 /// projection's weights [C,3C] and bias [3C], and `attention_bias`
@@ -291,12 +388,7 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
         return None;
     }
     // Scales are constants or computed from shapes (SDPA's √scale).
-    let known = |t: &str| match (g.constant_f32(t).as_deref(), values.get(t).and_then(Value::known).as_deref()) {
-        (Some(&[c]), _) => Some(c),
-        (_, Some(&[c])) => Some(c as f32),
-        _ => None,
-    };
-    let scaled = |id: NodeIndex| scalar_scale(g, id, &known);
+    let scaled = |id: NodeIndex| scalar_scale(g, id, &|t: &str| known_scalar(g, values, t));
     let mut chain = vec![block.attention];
     let mut id = sole_producer(g, softmax.input(0)?)?;
     let mut bias = None;
