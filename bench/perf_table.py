@@ -330,8 +330,8 @@ print("ort = onnxruntime without its BiasGelu fusion (slower than the Add and Ge
 print("ort r16 = the --target onnxruntime graph (standard-op merge, onnxruntime's Attention op), its bound likewise; "
       "ort portable = the standard-op graph (every runtime's) in onnxruntime; ov r16 = the standard-op graph")
 print("ops = each block's merge one BipartiteMerge node, with tome-compile's plugins loaded: the --target onnxruntime-ops "
-      "graph (and onnxruntime's Attention) with libtome_ort_ops in onnxruntime, the --target openvino-ops graph with "
-      "libtome_ov_ops in OpenVINO")
+      "graph (and onnxruntime's Attention) with libtome_ort_ops in onnxruntime, the --target openvino-ops graph (Q·Kᵀ "
+      "scaled after its MatMul) with libtome_ov_ops in OpenVINO; each ops graph's bound is its target's (--bound --target)")
 columns = [
     ("model", "model", str), ("batch", "batch", str), ("ideal (MACs)", "ideal", x),
     ("tract orig ms", "tract_orig_ms", ms), ("tract r16 ms", "tract_comp_ms", ms), ("tract r16", "tract_speedup", x),

@@ -104,7 +104,7 @@ pub fn render(i: &Inspection) -> String {
         i.target,
         match i.options.ops {
             Ops::Tract => "merge as one BipartiteMerge op and attention as one FusedAttention op per block (tract with tome-compile's ops only)",
-            Ops::Merge => "merge as one BipartiteMerge op per block (onnxruntime with libtome_ort_ops, OpenVINO with libtome_ov_ops)",
+            Ops::Merge => "merge as one BipartiteMerge op per block reading k, Q·Kᵀ scaled after its MatMul (OpenVINO with libtome_ov_ops; onnxruntime with libtome_ort_ops)",
             Ops::Standard => "merge as standard ops (gathers, no reducing scatter)",
             Ops::OnnxRuntime => "merge as standard ops, attention as onnxruntime's com.microsoft Attention op per block (onnxruntime only)",
             Ops::OnnxRuntimeMerge => "merge as one BipartiteMerge op, attention as onnxruntime's com.microsoft Attention op per block (onnxruntime with libtome_ort_ops)",
