@@ -48,6 +48,8 @@ p.add_argument("--iters", type=int, default=10)
 p.add_argument("--quick", action="store_true", help="ViT-B/16 batch 1 only")
 p.add_argument("--cases", help="model:batch pairs to measure, comma-separated (default: every model at batch 1 and 8)")
 p.add_argument("--runtimes", default="tract,ort,ortopt,openvino", help="which runtimes' columns to measure")
+p.add_argument("--ov-static-batch", action="store_true",
+               help="OpenVINO: fix each graph's batch before compiling it (README: give OpenVINO a static batch)")
 p.add_argument("--from-json", metavar="FILE",
                help="measure nothing: print the table of the rows a run wrote to stderr (one JSON object a line; "
                     "a run stopped part way keeps the rows it finished)")
@@ -184,7 +186,13 @@ def openvino_times(paths, batch, iters, precision):
     config = {"INFERENCE_NUM_THREADS": args.threads}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
-    models = [core.compile_model(p, "CPU", config) for p in paths]
+    def load(path):
+        model = core.read_model(path)
+        if args.ov_static_batch:  # every graph alike
+            model.reshape([batch] + [d.get_length() for d in model.input(0).get_partial_shape()[1:]])
+        return core.compile_model(model, "CPU", config)
+
+    models = [load(p) for p in paths]
     shape = [batch] + [d.get_length() for d in models[0].input(0).get_partial_shape()[1:]]
     x = np.random.RandomState(0).randn(*shape).astype(np.float32)
     outputs = [np.asarray(m(x)[0]) for m in models]
