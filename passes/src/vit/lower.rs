@@ -274,17 +274,17 @@ pub fn scale_after_scores(g: &Graph, block: &VitBlock, values: &HashMap<String, 
         return None;
     }
     let scaled = |id: NodeIndex| scalar_scale(g, id, &|t: &str| known_scalar(g, values, t));
-    // Softmax ← [Add bias] ← [scale] ← Q·Kᵀ.
-    let mut id = sole_producer(g, softmax.input(0)?)?;
-    if g.node(id).op() == "Add" {
-        id = sole_producer(g, g.node(id).input(0)?)?;
-    }
-    let (mut removals, mut factor, logits) = (vec![], 1.0f64, g.node(id).output().to_string());
-    if let Some((scores, c)) = scaled(id) {
-        removals.push(id);
-        factor *= c as f64;
-        id = sole_producer(g, scores)?;
-    }
+    let scores = scores_behind(g, softmax, &scaled)?;
+    let (mut removals, mut factor, id) = (vec![], 1.0f64, scores.qk);
+    // The new scale writes what the old one wrote, or Q·Kᵀ's output.
+    let logits = match scores.scale {
+        Some((scale, c)) => {
+            removals.push(scale);
+            factor *= c as f64;
+            g.node(scale).output().to_string()
+        }
+        None => g.node(id).output().to_string(),
+    };
     let qk = g.node(id);
     if qk.op() != "MatMul" || g.ty(qk.output()).is_none_or(|t| t.elem != FLOAT) {
         return None;
@@ -339,6 +339,36 @@ pub fn merge_untransposed_keys(g: &Graph, id: NodeIndex) -> Option<Patch> {
     Some(patch)
 }
 
+/// The nodes behind a Softmax's logits, each read by the next alone:
+/// `Softmax ← [Add bias] ← [Mul|Div by a scalar] ← MatMul` (not checked to
+/// be one).
+struct Scores<'g> {
+    /// The Add and its bias: any tensor the logits broadcast with.
+    bias: Option<(NodeIndex, &'g str)>,
+    /// The scale node and its factor (`scaled`).
+    scale: Option<(NodeIndex, f32)>,
+    qk: NodeIndex,
+}
+
+fn scores_behind<'g>(g: &'g Graph, softmax: &crate::graph::Node, scaled: &dyn Fn(NodeIndex) -> Option<(&'g str, f32)>) -> Option<Scores<'g>> {
+    let mut id = sole_producer(g, softmax.input(0)?)?;
+    let mut bias = None;
+    if g.node(id).op() == "Add" {
+        let add = g.node(id);
+        // The logits come from Q·Kᵀ, scaled or not; the bias is the other side.
+        let from_qk = |t: &str| g.producer(t).is_some_and(|p| g.node(p).op() == "MatMul" || scaled(p).is_some());
+        let (logits, b) = [(add.input(0)?, add.input(1)?), (add.input(1)?, add.input(0)?)].into_iter().find(|(l, _)| from_qk(l))?;
+        bias = Some((id, b));
+        id = sole_producer(g, logits)?;
+    }
+    let mut scale = None;
+    if let Some((logits, factor)) = scaled(id) {
+        scale = Some((id, factor));
+        id = sole_producer(g, logits)?;
+    }
+    Some(Scores { bias, scale, qk: id })
+}
+
 /// The value of a scalar `tensor`: a constant, or computed from shapes
 /// (`values`).
 fn known_scalar(g: &Graph, values: &HashMap<String, Value>, tensor: &str) -> Option<f32> {
@@ -390,24 +420,17 @@ pub fn ort_attention(g: &Graph, block: &VitBlock, tokens: usize, values: &HashMa
     // Scales are constants or computed from shapes (SDPA's √scale).
     let scaled = |id: NodeIndex| scalar_scale(g, id, &|t: &str| known_scalar(g, values, t));
     let mut chain = vec![block.attention];
-    let mut id = sole_producer(g, softmax.input(0)?)?;
-    let mut bias = None;
-    if g.node(id).op() == "Add" {
-        let add = g.node(id);
-        // The logits come from Q·Kᵀ, scaled or not; the bias (any tensor
-        // the logits broadcast with) is the other side.
-        let from_qk = |t: &str| g.producer(t).is_some_and(|p| g.node(p).op() == "MatMul" || scaled(p).is_some());
-        let (logits, b) = [(add.input(0)?, add.input(1)?), (add.input(1)?, add.input(0)?)].into_iter().find(|(l, _)| from_qk(l))?;
-        bias = Some(b);
-        chain.push(id);
-        id = sole_producer(g, logits)?;
-    }
+    let scores = scores_behind(g, softmax, &scaled)?;
+    let bias = scores.bias.map(|(add, bias)| {
+        chain.push(add);
+        bias
+    });
     let mut scale = 1.0;
-    if let Some((logits, factor)) = scaled(id) {
+    if let Some((id, factor)) = scores.scale {
         scale *= factor;
         chain.push(id);
-        id = sole_producer(g, logits)?;
     }
+    let id = scores.qk;
     let qk = g.node(id);
     chain.push(id);
     let (mut q, mut kt) = (qk.input(0)?, qk.input(1)?);
